@@ -1,0 +1,5 @@
+"""`python -m cifarflow` runs the CLI."""
+
+from cifarflow.cli import main
+
+raise SystemExit(main())

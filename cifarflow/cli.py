@@ -1,0 +1,129 @@
+"""The `cifarflow` command: thin wrappers that parse arguments, load params once, call a stage.
+
+Stage modules are imported inside their commands, so `cifarflow params --check` stays fast
+and never imports TensorFlow. Exit codes: 0 ok, 2 bad configuration or input, 1 anything else.
+When CIFARFLOW_STATUS_FILE is set, a failure also writes its class there as JSON, because
+`dvc repro` turns every stage failure into exit 255 and a driver needs to know which it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cifarflow.config import DEFAULT_PARAMS, Params, load_params
+from cifarflow.errors import CifarflowError
+
+log = logging.getLogger("cifarflow")
+STATUS_ENV = "CIFARFLOW_STATUS_FILE"
+
+
+def cmd_params(args: argparse.Namespace, params: Params) -> int:
+    if not args.check:
+        sys.stdout.write(params.to_yaml())
+    else:
+        print(f"{args.params}: ok (profile {params.profile})")
+    return 0
+
+
+def cmd_synth_archive(args: argparse.Namespace, params: Params | None) -> int:
+    from cifarflow.data.synth import write_synth_archive
+
+    write_synth_archive(args.out, args.train, args.test, args.seed)
+    print(args.out)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.data import download
+
+    download.run(params, args.out, args.cache, args.runinfo)
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.data import preprocess
+
+    manifest = preprocess.run(params, args.raw, args.out)
+    log.info("preprocess: %s", manifest["counts"])
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.data import validate
+
+    metrics = validate.run(params, args.shards, args.metrics, args.report)
+    log.info("validate: counts %s, leakage %s", metrics["counts"], metrics["leakage"]["total"])
+    return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifarflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("params", help="print the resolved configuration")
+    p.add_argument("--check", action="store_true", help="only validate; exit 0 if valid, 2 if not")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("synth-archive", help="write a small synthetic archive in the official binary layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--train", type=positive_int, required=True)
+    p.add_argument("--test", type=positive_int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_archive, needs_params=False)
+
+    p = sub.add_parser("download", help="obtain, verify and validate data.source")
+    p.add_argument("--out", type=Path, required=True, help="batches folder + manifest")
+    p.add_argument("--cache", type=Path, required=True, help="verified downloads, reused by later runs")
+    p.add_argument("--runinfo", type=Path, help="side file: which mirror served, timings")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("preprocess", help="split and write Parquet + TFRecord shards")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("validate", help="data-validation report of the shards")
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True)
+    p.add_argument("--report", type=Path, required=True)
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def write_status(error: BaseException, exit_code: int, failure_class: str) -> None:
+    path = os.environ.get(STATUS_ENV)
+    if path:
+        from cifarflow.fileio import write_json_atomic
+
+        write_json_atomic(Path(path), {"class": failure_class, "exit_code": exit_code, "message": str(error)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params) if getattr(args, "needs_params", True) else None
+        return args.func(args, params)
+    except CifarflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        write_status(exc, exc.exit_code, exc.failure_class)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug or an unexpected runtime failure: keep the traceback
+        write_status(exc, 1, "runtime")
+        raise

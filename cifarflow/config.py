@@ -1,0 +1,242 @@
+"""Typed, strict params: params.yaml parsed once into frozen pydantic models.
+
+params.yaml holds the `full` settings at top level and, under `profiles.<name>`, overlays
+that `profile: <name>` deep-merges on top. Every overlay is validated on every load, so a
+typo in the smoke overlay is caught even while the full profile is selected.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cifarflow.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+OFFICIAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+SYNTH_PREFIX = "synth:"
+
+
+class Strict(BaseModel):
+    """Base of every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SynthSpec(Strict):
+    """A generated source, written in params as `synth:train=2000,test=500,seed=0`."""
+
+    train: int = Field(ge=10)
+    test: int = Field(ge=10)
+    seed: int = Field(0, ge=0)
+
+    @classmethod
+    def parse(cls, text: str) -> SynthSpec:
+        body = text[len(SYNTH_PREFIX) :]
+        fields: dict[str, int] = {}
+        for part in filter(None, body.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or not value.strip().isdigit():
+                raise ValueError(f"bad synth source part {part!r}; expected key=integer, e.g. {SYNTH_EXAMPLE}")
+            if key.strip() not in cls.model_fields:
+                raise ValueError(f"unknown synth key {key.strip()!r}; valid: {', '.join(cls.model_fields)}")
+            fields[key.strip()] = int(value)
+        return cls(**fields)
+
+    def __str__(self) -> str:
+        return f"{SYNTH_PREFIX}train={self.train},test={self.test},seed={self.seed}"
+
+
+SYNTH_EXAMPLE = "synth:train=2000,test=500,seed=0"
+HEX = {"md5": re.compile(r"^[0-9a-f]{32}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
+
+
+class DataParams(Strict):
+    """The `download` and `preprocess` stages."""
+
+    source: str | list[str] = Field(
+        OFFICIAL_URL,
+        description="http(s):// or file:// URL, local archive path, image folder, or synth:...; "
+        "a list is tried in order as mirrors",
+    )
+    md5: str | None = OFFICIAL_MD5
+    sha256: str | None = None
+    allow_unverified: bool = False
+    retries: int = Field(5, ge=0, le=100, description="retries per mirror on transient errors")
+    timeout_s: float = Field(60.0, gt=0, description="socket timeout per request")
+    max_member_mb: int = Field(1024, ge=1, description="largest archive member accepted")
+    val_size: int = Field(5000, ge=1, description="validation examples carved from train")
+    shards: int = Field(8, ge=1, le=4096, description="shards per split, per format")
+    fail_on_leakage: bool = False
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @field_validator("source")
+    @classmethod
+    def _sources_parse(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("give at least one source")
+        for item in items:
+            if not item.strip():
+                raise ValueError("a source is empty")
+            if item.startswith(SYNTH_PREFIX):
+                SynthSpec.parse(item)
+        return value
+
+    @field_validator("md5", "sha256")
+    @classmethod
+    def _hex(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not HEX[info.field_name].match(value):
+            raise ValueError(f"not a lowercase hex {info.field_name} digest: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _checksums_fit_sources(self) -> DataParams:
+        # Local paths are checked at download time, once it is known whether they are
+        # an archive or an image folder; URLs and generated sources are known by syntax.
+        for source in self.sources:
+            kind = source_kind(source)
+            if kind in ("synth", "url"):
+                check_checksum_keys(self, kind, source)
+        return self
+
+    def checksum_keys_set(self) -> list[str]:
+        return [f"data.{k}" for k in ("md5", "sha256") if getattr(self, k) is not None]
+
+
+def source_kind(source: str) -> Literal["synth", "url", "local"]:
+    if source.startswith(SYNTH_PREFIX):
+        return "synth"
+    if re.match(r"^(https?|file)://", source):
+        return "url"
+    return "local"
+
+
+def check_checksum_keys(data: DataParams, kind: str, source: str) -> None:
+    """Archives need a checksum (or allow_unverified); generated or folder sources must have none."""
+    set_keys = data.checksum_keys_set()
+    if kind in ("synth", "image-folder") and set_keys:
+        raise ValueError(
+            f"checksums do not apply to {'a generated' if kind == 'synth' else 'an image-folder'} "
+            f"source ({source}); set {' and '.join(set_keys)} to null"
+        )
+    if kind in ("url", "archive") and not set_keys and not data.allow_unverified:
+        raise ValueError(
+            f"no checksum for the archive source {source}: set data.md5 or data.sha256, "
+            "or set data.allow_unverified: true"
+        )
+
+
+class Params(Strict):
+    """The whole resolved configuration, after the profile overlay."""
+
+    profile: str = "full"
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    data: DataParams = DataParams()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+FULL = "full"
+PROFILE_KEYS = ("profile", "profiles")
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `overlay`'s leaves set on top (dicts merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _has_path(tree: Any, path: tuple[Any, ...]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the key at `path`, for listing valid keys."""
+    model: type[BaseModel] = Params
+    for key in path[:-1]:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: dict[str, Any], source: str, overlay: dict[str, Any] | None, profile: str) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "str", "list["))))
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if overlay is not None and loc and _has_path(overlay, loc):
+        where = f"profiles.{profile}.{where}"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        valid = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return f"{source}: unknown key '{where}'{hint} Valid keys here: {', '.join(valid)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return f"{source}: {where}: {message}"
+
+
+def _validate(raw: dict[str, Any], source: str, overlay: dict[str, Any] | None, profile: str) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source, overlay, profile) for e in exc.errors()]
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def resolve(raw: dict[str, Any], source: str = str(DEFAULT_PARAMS)) -> Params:
+    """Validate the base and every profile overlay; return the selected profile's params."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at top level, got {type(raw).__name__}")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError(f"{source}: profiles: expected a mapping of profile name -> overlay mapping")
+    selected = raw.get("profile", FULL)
+    known = [FULL, *profiles]
+    if selected not in known:
+        raise ConfigError(f"{source}: profile: unknown profile {selected!r}; valid: {', '.join(known)}")
+    resolved = {FULL: _validate({**raw, "profile": FULL}, source, None, FULL)}
+    for name, overlay in profiles.items():
+        if any(key in overlay for key in PROFILE_KEYS):
+            raise ConfigError(f"{source}: profiles.{name}: an overlay cannot set profile or profiles")
+        resolved[name] = _validate(deep_merge({**raw, "profile": name}, overlay), source, overlay, name)
+    return resolved[selected]
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; every problem is a ConfigError (exit 2)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return resolve(raw, str(path))

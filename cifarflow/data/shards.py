@@ -1,0 +1,121 @@
+"""Shard formats: Parquet (pyarrow) and TFRecord (tf.train.Example), the same three columns.
+
+image: 3072 bytes, 32x32x3 uint8 in HWC order · label: class index · index: position in the
+source split (train or test) before the val split, so every example traces back to the archive.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cifarflow.data import cifar_binary as cb
+from cifarflow.data.cifar_binary import Split
+from cifarflow.errors import InputError
+
+SPLITS = ("train", "val", "test")
+FORMATS = {"parquet": "parquet", "tfrecord": "tfrecord"}  # format -> file extension
+SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary(cb.IMAGE_BYTES), nullable=False),
+        pa.field("label", pa.uint8(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),
+    ],
+    metadata={b"cifarflow.image": b"uint8 HWC 32x32x3"},
+)
+
+
+def shard_name(split: str, i: int, n: int, fmt: str) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.{FORMATS[fmt]}"
+
+
+def shard_paths(root: Path, split: str, fmt: str) -> list[Path]:
+    """The shards of one split in order (they are listed, so a manifest is not needed to read)."""
+    paths = sorted((Path(root) / fmt).glob(f"{split}-*-of-*.{FORMATS[fmt]}"))
+    if not paths:
+        raise InputError(f"{Path(root) / fmt}: no {split} shards; run the preprocess stage first")
+    return paths
+
+
+def write_parquet(path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+    # Uncompressed and without dictionaries: pixels barely compress, and the fixed-size column
+    # can then be read back as one contiguous buffer, straight into a numpy view.
+    table = pa.Table.from_arrays(
+        [
+            pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(cb.IMAGE_BYTES), len(labels), [None, pa.py_buffer(np.ascontiguousarray(images))]
+            ),
+            pa.array(labels, pa.uint8()),
+            pa.array(index, pa.int64()),
+        ],
+        schema=SCHEMA,
+    )
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=["label", "index"])
+
+
+def check_parquet_schema(path: Path, schema: pa.Schema) -> None:
+    """A schema violation names the shard and both schemas (exit 2)."""
+    if not schema.equals(SCHEMA, check_metadata=False):
+        raise InputError(f"{path}: schema violation: found\n{schema}\nexpected\n{SCHEMA}")
+
+
+def read_parquet_file(path: Path) -> Split:
+    """One Parquet shard -> Split; the images are a zero-copy view of the memory-mapped column."""
+    table = pq.read_table(path, memory_map=True)  # mmap: no allocation, steady speed
+    check_parquet_schema(path, table.schema)
+    column = table.column("image").combine_chunks()
+    images = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * cb.IMAGE_BYTES,
+                           offset=column.offset * cb.IMAGE_BYTES)
+    return Split(images.reshape(-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS),
+                 table.column("label").to_numpy(), table.column("index").to_numpy())
+
+
+def read_parquet(paths: list[Path]) -> Split:
+    """Parquet shards -> one Split (one copy when there are several shards, none for one)."""
+    parts = [read_parquet_file(p) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    return Split(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "labels", "index")))
+
+
+def write_tfrecord(path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+    import tensorflow as tf  # only the TFRecord side needs TensorFlow
+
+    Feature, Example, Features = tf.train.Feature, tf.train.Example, tf.train.Features
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image, label, idx in zip(images, labels, index, strict=True):
+            example = Example(features=Features(feature={
+                "image": Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+                "label": Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+                "index": Feature(int64_list=tf.train.Int64List(value=[int(idx)])),
+            }))
+            writer.write(example.SerializeToString())
+
+
+def tfrecord_features() -> dict:
+    import tensorflow as tf
+
+    return {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "index": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def read_tfrecord(paths: list[Path]) -> Split:
+    """TFRecord shards -> Split (for tests and tools; training streams them through tf.data)."""
+    import tensorflow as tf
+
+    features = tfrecord_features()
+    images, labels, index = [], [], []
+    for record in tf.data.TFRecordDataset([str(p) for p in paths]):
+        example = tf.io.parse_single_example(record, features)
+        images.append(np.frombuffer(example["image"].numpy(), np.uint8))
+        labels.append(int(example["label"]))
+        index.append(int(example["index"]))
+    shape = (-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS)
+    return Split(np.stack(images).reshape(shape) if images else np.empty((0, 32, 32, 3), np.uint8),
+                 np.array(labels, np.uint8), np.array(index, np.int64))

@@ -1,0 +1,65 @@
+"""A synthetic CIFAR-like archive for tests, CI and the smoke profile: learnable, tiny, offline.
+
+Each class has a fixed prototype (oriented colour stripes); an image is its class's prototype,
+randomly shifted, plus per-pixel noise. The same arguments always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from cifarflow.data import cifar_binary as cb
+
+NOISE_STD = 48.0  # pixel units; strong enough that one epoch does not reach 100%
+CHUNK = 4096  # images generated per step, to bound memory for large archives
+
+
+def prototypes() -> np.ndarray:
+    """(10, 32, 32, 3) float32: class c has stripes at angle c·18° with its own colour pair."""
+    yy, xx = np.mgrid[0 : cb.HEIGHT, 0 : cb.WIDTH].astype(np.float32)
+    protos = np.empty((cb.NUM_LABELS, cb.HEIGHT, cb.WIDTH, cb.CHANNELS), np.float32)
+    for c in range(cb.NUM_LABELS):
+        angle = np.pi * c / cb.NUM_LABELS
+        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / (6 + c % 3)))
+        hue = 2 * np.pi * c / cb.NUM_LABELS
+        colour = 0.5 + 0.5 * np.cos(hue + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3], np.float32))
+        protos[c] = 128 + 100 * wave[..., None] * (2 * colour - 1)
+    return protos
+
+
+def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n images (HWC uint8) with balanced, shuffled labels."""
+    labels = rng.permutation(np.arange(n) % cb.NUM_LABELS).astype(np.uint8)
+    protos = prototypes()
+    images = np.empty((n, cb.HEIGHT, cb.WIDTH, cb.CHANNELS), np.uint8)
+    for start in range(0, n, CHUNK):
+        lab = labels[start : start + CHUNK]
+        shifts = rng.integers(0, cb.WIDTH, size=(len(lab), 2))
+        noise = rng.normal(0.0, NOISE_STD, size=(len(lab), cb.HEIGHT, cb.WIDTH, cb.CHANNELS)).astype(np.float32)
+        for i, (c, (dy, dx)) in enumerate(zip(lab, shifts, strict=True)):
+            noise[i] += np.roll(protos[c], (dy, dx), axis=(0, 1))
+        images[start : start + len(lab)] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def synth_files(train: int, test: int, seed: int) -> dict[str, bytes]:
+    """The batches folder's files for a generated dataset."""
+    rng = np.random.default_rng(seed)
+    x_train, y_train = generate(train, rng)
+    x_test, y_test = generate(test, rng)
+    return cb.batch_files(x_train, y_train, x_test, y_test, cb.CIFAR10_CLASSES)
+
+
+def synth_archive_bytes(train: int, test: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    cb.write_archive(buffer, synth_files(train, test, seed))
+    return buffer.getvalue()
+
+
+def write_synth_archive(out: Path, train: int, test: int, seed: int) -> None:
+    from cifarflow.fileio import write_bytes_atomic
+
+    write_bytes_atomic(Path(out), synth_archive_bytes(train, test, seed))

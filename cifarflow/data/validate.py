@@ -1,0 +1,126 @@
+"""The `validate` stage: check the shards against the manifest and schema, and report class
+counts, per-channel pixel statistics, and exact duplicates within and across splits.
+
+The train/val/test leakage count (an image that appears in two splits) is the figure that
+matters: it fails the stage only when data.fail_on_leakage is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarflow.config import Params
+from cifarflow.data import cifar_binary as cb
+from cifarflow.data import shards
+from cifarflow.data.preprocess import MANIFEST
+from cifarflow.errors import InputError
+from cifarflow.fileio import sha256_file, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def check_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Every shard listed is present with its recorded sha256, and no unlisted shard exists."""
+    listed = set(manifest["shards"])
+    present = {f"{p.parent.name}/{p.name}" for fmt in shards.FORMATS for p in (root / fmt).glob("*")}
+    if present - listed:
+        raise InputError(f"{root}: shards not in {MANIFEST}: {sorted(present - listed)}")
+    for rel, expected in manifest["shards"].items():
+        if not (root / rel).is_file():
+            raise InputError(f"{root / rel}: listed in {MANIFEST} but missing")
+        if sha256_file(root / rel) != expected:
+            raise InputError(f"{root / rel}: sha256 differs from {MANIFEST}; rerun preprocess")
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel histograms (3, 256) of uint8 pixels: exact statistics with no float copy."""
+    return np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(cb.CHANNELS)])
+
+
+def mean_std(histogram: np.ndarray) -> tuple[list[float], list[float]]:
+    values = np.arange(256, dtype=np.float64)
+    n = histogram.sum(axis=1)
+    mean = histogram @ values / n
+    var = histogram @ values**2 / n - mean**2
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in np.sqrt(np.maximum(var, 0))]
+
+
+def image_hashes(images: np.ndarray) -> list[bytes]:
+    flat = images.reshape(len(images), -1)
+    return [hashlib.blake2b(row.data, digest_size=16).digest() for row in flat]
+
+
+def run(params: Params, root: Path, metrics_path: Path, report_path: Path) -> dict[str, Any]:
+    """Validate `root` (the preprocess output); write the metrics JSON and a markdown summary."""
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"{manifest_path}: not found; run the preprocess stage first")
+    manifest = json.loads(manifest_path.read_text())
+    check_manifest(root, manifest)
+    n_classes = len(manifest["classes"])
+    counts, class_counts, stats, within, hashes = {}, {}, {}, {}, {}
+    for split in shards.SPLITS:
+        histogram = np.zeros((cb.CHANNELS, 256), np.int64)
+        labels_seen = np.zeros(n_classes, np.int64)
+        split_hashes: list[bytes] = []
+        for path in shards.shard_paths(root, split, "parquet"):
+            part = shards.read_parquet_file(path)  # checks the schema; images are (n, 32, 32, 3)
+            if len(part) and int(part.labels.max()) >= n_classes:
+                raise InputError(f"{path}: schema violation: label {int(part.labels.max())} >= {n_classes} classes")
+            histogram += channel_stats(part.images)
+            labels_seen += np.bincount(part.labels, minlength=n_classes)
+            split_hashes += image_hashes(part.images)
+        if len(split_hashes) != manifest["counts"][split]:
+            raise InputError(f"{root}: {split} has {len(split_hashes)} examples, {MANIFEST} says {manifest['counts'][split]}")
+        counts[split] = len(split_hashes)
+        class_counts[split] = dict(zip(manifest["classes"], labels_seen.tolist(), strict=True))
+        mean, std = mean_std(histogram) if counts[split] else ([0.0] * 3, [0.0] * 3)
+        stats[split] = {"mean": mean, "std": std}
+        within[split] = sum(c - 1 for c in Counter(split_hashes).values() if c > 1)
+        hashes[split] = split_hashes
+    unique = {split: set(h) for split, h in hashes.items()}
+    leakage = {f"{a}_{b}": len(unique[a] & unique[b]) for a, b in combinations(shards.SPLITS, 2)}
+    leakage["total"] = sum(leakage.values())
+    metrics = {
+        "counts": counts, "class_counts": class_counts, "pixel": stats,
+        "duplicates_within": within, "leakage": leakage, "schema_ok": True,
+    }
+    write_json_atomic(metrics_path, metrics)
+    write_bytes_atomic(report_path, render_report(metrics, manifest).encode())
+    if leakage["total"]:
+        message = f"{leakage['total']} images appear in more than one split: {leakage}"
+        if params.data.fail_on_leakage:
+            raise InputError(f"{message} (data.fail_on_leakage is set)")
+        log.warning("%s; set data.fail_on_leakage: true to fail on this", message)
+    return metrics
+
+
+def render_report(metrics: dict[str, Any], manifest: dict[str, Any]) -> str:
+    lines = [
+        "# Data validation report", "",
+        f"Source: {manifest['source']['kind']}, content {json.dumps(manifest['source']['content'], sort_keys=True)}", "",
+        "| split | examples | duplicates within | pixel mean (R, G, B) | pixel std (R, G, B) |",
+        "|---|---:|---:|---|---|",
+    ]
+    for split in shards.SPLITS:
+        p = metrics["pixel"][split]
+        lines.append(f"| {split} | {metrics['counts'][split]} | {metrics['duplicates_within'][split]} | "
+                     f"{', '.join(f'{v:.2f}' for v in p['mean'])} | {', '.join(f'{v:.2f}' for v in p['std'])} |")
+    leak = metrics["leakage"]
+    lines += ["", "## Leakage (the same image in two splits)", "",
+              "| train-val | train-test | val-test | total |", "|---:|---:|---:|---:|",
+              f"| {leak['train_val']} | {leak['train_test']} | {leak['val_test']} | {leak['total']} |", "",
+              "## Class counts", "", "| class | " + " | ".join(shards.SPLITS) + " |",
+              "|---|" + "---:|" * len(shards.SPLITS)]
+    for name in manifest["classes"]:
+        lines.append(f"| {name} | " + " | ".join(str(metrics["class_counts"][s][name]) for s in shards.SPLITS) + " |")
+    return "\n".join(lines) + "\n"
