@@ -1,0 +1,1 @@
+"""Data stages: download (fetch, verify, extract), preprocess (split, shards), validate."""
