@@ -134,6 +134,80 @@ def tree_files(root: Path) -> dict[str, str]:
 
 
 def cli_env() -> dict[str, str]:
+    """The environment for subprocesses: this venv's tools (dvc, cifarflow) first on PATH."""
+    import sys
+
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+# --- DVC workspaces -----------------------------------------------------------------------------
+
+def project_files() -> list[str]:
+    """The files a clone of the project would have, including uncommitted edits being tested."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    return [f for f in listed if f and (REPO / f).is_file()]
+
+
+def run_in(workspace: Path, *cmd: str, check: bool = True) -> "subprocess.CompletedProcess[str]":
+    """Run a command in a workspace, with the workspace's own copy of the package importable."""
+    import subprocess
+
+    env = cli_env()
+    env["PYTHONPATH"] = str(workspace) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(list(cmd), cwd=workspace, env=env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def set_params(workspace: Path, **changes: Any) -> None:
+    """Edit params.yaml the way a user would; dotted keys, e.g. set_params(ws, **{"data.shards": 3})."""
+    path = workspace / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def new_workspace(root: Path) -> Path:
+    """A git + DVC workspace holding the project's files, as a fresh clone would."""
+    import shutil
+
+    root.mkdir(parents=True)
+    for rel in project_files():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    run_in(root, "git", "init", "-q")
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "workspace")
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One smoke-profile workspace per test session, after a full `dvc repro`. Do not modify:
+    use the `workspace` fixture for a private copy."""
+    root = new_workspace(tmp_path_factory.mktemp("smoke") / "ws")
+    set_params(root, profile="smoke")
+    run_in(root, "dvc", "repro")
+    return root
+
+
+@pytest.fixture
+def workspace(smoke_workspace: Path, tmp_path: Path) -> Path:
+    """A private copy of the smoke workspace (git, DVC cache and outputs included)."""
+    import shutil
+
+    copy = tmp_path / "ws"
+    shutil.copytree(smoke_workspace, copy, symlinks=True)
+    return copy

@@ -1,0 +1,70 @@
+"""The data stages run for real under DVC: repro, no-op second repro, clean status, reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_in, set_params, sha256
+
+from cifarflow.data.synth import write_synth_archive
+
+pytestmark = pytest.mark.slow
+ALWAYS = {"download": ["always changed"]}  # the download stage rehashes its source every run
+
+
+def status(ws: Path) -> dict:
+    return json.loads(run_in(ws, "dvc", "status", "--json").stdout or "{}")
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def test_smoke_pipeline_outputs(smoke_workspace: Path) -> None:
+    manifest = json.loads((smoke_workspace / "data/shards/manifest.json").read_text())
+    assert manifest["counts"] == {"train": 1800, "val": 200, "test": 500}
+    metrics = json.loads((smoke_workspace / "data/validation/metrics.json").read_text())
+    assert metrics["leakage"]["total"] == 0
+    assert status(smoke_workspace) == ALWAYS
+
+
+def test_second_repro_does_nothing(workspace: Path) -> None:
+    done = run_in(workspace, "dvc", "repro")
+    assert ran(done.stdout) == ["download"]
+    assert "Stage 'preprocess' didn't change, skipping" in done.stdout
+    assert status(workspace) == ALWAYS
+    assert run_in(workspace, "git", "status", "--porcelain", "data").stdout == ""
+
+
+def test_local_archive_source_and_editing_it(workspace: Path) -> None:
+    archive = workspace / "local.tgz"
+    write_synth_archive(archive, 300, 100, seed=1)
+    set_params(workspace, **{"profiles.smoke.data.source": str(archive), "profiles.smoke.data.sha256": None,
+                             "profiles.smoke.data.allow_unverified": True, "profiles.smoke.data.val_size": 50})
+    first = run_in(workspace, "dvc", "repro")
+    assert ran(first.stdout) == ["download", "preprocess", "validate"]
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download"]
+    before = (workspace / "data/shards/manifest.json").read_text()
+    write_synth_archive(archive, 300, 100, seed=2)  # same path, new content
+    edited = run_in(workspace, "dvc", "repro")
+    assert ran(edited.stdout) == ["download", "preprocess", "validate"]
+    after = json.loads((workspace / "data/shards/manifest.json").read_text())
+    assert after["source"]["content"]["sha256"] == sha256(archive.read_bytes()) and after != json.loads(before)
+    assert status(workspace) == ALWAYS
+
+
+def test_param_change_reruns_only_what_reads_it(workspace: Path) -> None:
+    set_params(workspace, **{"data.fail_on_leakage": True})
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "validate"]
+    set_params(workspace, **{"profiles.smoke.data.shards": 3})
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "preprocess", "validate"]
+    assert len(list((workspace / "data/shards/parquet").glob("train-*"))) == 3
+
+
+def test_bad_config_fails_the_stage_with_its_message(workspace: Path) -> None:
+    set_params(workspace, **{"profiles.smoke.data.val_szie": 3})
+    done = run_in(workspace, "dvc", "repro", check=False)
+    assert done.returncode != 0
+    assert "unknown key 'profiles.smoke.data.val_szie'" in done.stderr + done.stdout
