@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import os
+import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         data = self.server.files.get(self.path)
         entry: dict[str, Any] = {"path": self.path, "range": self.headers.get("Range")}
         self.server.log.append(entry)
@@ -147,14 +148,12 @@ def cli_env() -> dict[str, str]:
 
 def project_files() -> list[str]:
     """The files a clone of the project would have, including uncommitted edits being tested."""
-    import subprocess
-
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                             check=True, capture_output=True, text=True).stdout.split("\0")
     return [f for f in listed if f and (REPO / f).is_file()]
 
 
-def run_in(workspace: Path, *cmd: str, check: bool = True) -> "subprocess.CompletedProcess[str]":
+def run_in(workspace: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command in a workspace, with the workspace's own copy of the package importable."""
     import subprocess
 

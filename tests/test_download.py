@@ -232,7 +232,7 @@ def test_image_folder(tmp_path: Path) -> None:
     manifest = run(tmp_path, source=str(root), md5=None, allow_unverified=True)
     assert manifest["kind"] == "image-folder" and manifest["classes"] == ["cat", "dog", "frog"]
     assert manifest["counts"] == {"train": 9, "test": 9}
-    train, test, _ = cb.read_raw(tmp_path / "raw" / cb.FOLDER)
+    train, _, _ = cb.read_raw(tmp_path / "raw" / cb.FOLDER)
     first = np.asarray(Image.open(root / "train" / "cat" / "000.png"))
     assert np.array_equal(train.images[0], first) and train.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
 
