@@ -60,6 +60,14 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, params: Params) -> int:
+    params.recipe(args.arch)  # an unknown arch is a config error before TensorFlow loads
+    from cifarflow.training.trainer import train
+
+    train(params, args.arch, args.shards, args.out, args.runinfo)
+    return 0
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -100,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train one architecture (a key of train: in params.yaml)")
+    p.add_argument("arch")
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="model, weight digest, history, summary")
+    p.add_argument("--runinfo", type=Path, required=True, help="side folder: timings, hardware, TensorBoard")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

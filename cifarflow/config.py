@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +77,7 @@ class DataParams(Strict):
     val_size: int = Field(5000, ge=1, description="validation examples carved from train")
     shards: int = Field(8, ge=1, le=4096, description="shards per split, per format")
     fail_on_leakage: bool = False
+    format: Literal["parquet", "tfrecord"] = Field("parquet", description="the shards training reads")
 
     @property
     def sources(self) -> list[str]:
@@ -137,12 +140,103 @@ def check_checksum_keys(data: DataParams, kind: str, source: str) -> None:
         )
 
 
+MODELS = ("simple_cnn", "lenet", "resnet56", "densenet121")  # cifarflow.models.registry.FAMILIES
+
+
+class OptimizerParams(Strict):
+    name: Literal["adam", "adamax", "sgd"]
+    learning_rate: float = Field(gt=0, description="at `lr_reference_batch` examples per step")
+    lr_reference_batch: int | None = Field(
+        None, ge=1, description="scale the rate by batch_size / this (seed 002: 128); null: no scaling")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+
+
+class ScheduleParams(Strict):
+    """How the learning rate moves per epoch: constant, exponential (rate·decay^epoch),
+    step (×multiplier from each boundary epoch), or plateau (×factor after `patience`
+    epochs without improving the monitored validation metric)."""
+
+    kind: Literal["constant", "exponential", "step", "plateau"] = "constant"
+    decay: float = Field(0.9, gt=0, le=1, description="exponential")
+    boundaries: list[int] = Field(default_factory=list, description="step: epochs where a multiplier starts")
+    multipliers: list[float] = Field(default_factory=list, description="step: one per boundary")
+    monitor: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="plateau")
+    factor: float = Field(0.1, gt=0, lt=1, description="plateau")
+    patience: int = Field(10, ge=0, description="plateau")
+    min_lr: float = Field(1e-6, ge=0, description="plateau")
+
+    @model_validator(mode="after")
+    def _steps(self) -> ScheduleParams:
+        if len(self.boundaries) != len(self.multipliers):
+            raise ValueError("boundaries and multipliers need one entry each")
+        if self.boundaries != sorted(set(self.boundaries)):
+            raise ValueError(f"boundaries must be increasing epochs, got {self.boundaries}")
+        return self
+
+
+class MixupParams(Strict):
+    alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) mixing weights")
+    warmup: int = Field(1, ge=0, description="epochs without mixup first")
+
+
+class Recipe(Strict):
+    """One architecture's training recipe; defaults come from its seed tutorial."""
+
+    model: Literal["simple_cnn", "lenet", "resnet56", "densenet121"]
+    variant: Literal["full", "tiny"] = Field("full", description="tiny: a small model for tests and smoke")
+    stem: Literal["imagenet", "cifar"] | None = Field(None, description="densenet121 only")
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch: split across replicas")
+    optimizer: OptimizerParams
+    schedule: ScheduleParams = ScheduleParams()
+    normalization: Literal["center", "minmax", "standardize"] = Field(
+        description="center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std")
+    augmentation: Literal["none", "crop_flip"] = Field("none", description="crop_flip: pad 4, random 32x32 crop, h-flip")
+    drop_remainder: bool = False
+    mixup: MixupParams | None = None
+    monitor: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="which epoch is the best checkpoint")
+
+    @model_validator(mode="after")
+    def _stem(self) -> Recipe:
+        if self.model == "densenet121" and self.stem is None:
+            raise ValueError("densenet121 needs stem: imagenet (the seed) or cifar")
+        if self.model != "densenet121" and self.stem is not None:
+            raise ValueError(f"stem applies to densenet121 only; remove it from this {self.model} recipe")
+        return self
+
+
+class RuntimeParams(Strict):
+    """How training runs, not what it computes."""
+
+    deterministic: bool = Field(True, description="op determinism: bit-identical weights on CPU")
+
+
 class Params(Strict):
     """The whole resolved configuration, after the profile overlay."""
 
     profile: str = "full"
     seed: int = Field(42, ge=0, le=2**31 - 1)
     data: DataParams = DataParams()
+    archs: list[str] = Field(default_factory=list, description="what the DAG trains and export considers")
+    runtime: RuntimeParams = RuntimeParams()
+    train: dict[str, Recipe] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _archs_have_recipes(self) -> Params:
+        missing = [a for a in self.archs if a not in self.train]
+        if missing:
+            raise ValueError(f"archs {missing} have no recipe under train:; recipes: {', '.join(self.train)}")
+        if len(set(self.archs)) != len(self.archs):
+            raise ValueError(f"archs lists an architecture twice: {self.archs}")
+        return self
+
+    def recipe(self, arch: str) -> Recipe:
+        """The recipe of `arch`, or a ConfigError listing the valid names (exit 2)."""
+        if arch not in self.train:
+            close = difflib.get_close_matches(arch, list(self.train), n=1)
+            hint = f" did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown arch {arch!r}:{hint} valid: {', '.join(self.train)} (the keys of train:)")
+        return self.train[arch]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -174,9 +268,15 @@ def _has_path(tree: Any, path: tuple[Any, ...]) -> bool:
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class that holds the key at `path`, for listing valid keys."""
     model: type[BaseModel] = Params
-    for key in path[:-1]:
-        field = model.model_fields.get(str(key))
+    keys = list(path[:-1])
+    while keys:
+        field = model.model_fields.get(str(keys.pop(0)))
         annotation = getattr(field, "annotation", None)
+        if typing.get_origin(annotation) is dict and keys:  # train.<arch>: skip the arch name
+            keys.pop(0)
+            annotation = typing.get_args(annotation)[1]
+        members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+        annotation = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

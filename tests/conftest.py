@@ -210,3 +210,23 @@ def workspace(smoke_workspace: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "ws"
     shutil.copytree(smoke_workspace, copy, symlinks=True)
     return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of a tiny synthetic dataset (250 train / 50 val / 50 test), shared by the session."""
+    from cifarflow.data import download, preprocess
+
+    root = tmp_path_factory.mktemp("tiny")
+    params = make_params(source="synth:train=300,test=50,seed=4", md5=None, val_size=50, shards=2)
+    download.run(params, root / "raw", root / "cache")
+    preprocess.run(params, root / "raw", root / "shards")
+    return root / "shards"
+
+
+def train_params(arch: str = "lenet", **recipe: Any) -> Params:
+    """Params with one tiny recipe, `arch`, for trainer tests."""
+    base = {"model": "lenet", "variant": "tiny", "epochs": 2, "batch_size": 32, "optimizer": {"name": "adam",
+            "learning_rate": 0.002}, "normalization": "minmax"}
+    return resolve({"data": {"source": "synth:train=300,test=50", "md5": None}, "archs": [arch],
+                    "train": {arch: {**base, **recipe}}})

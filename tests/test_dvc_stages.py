@@ -12,6 +12,7 @@ from cifarflow.data.synth import write_synth_archive
 
 pytestmark = pytest.mark.slow
 ALWAYS = {"download": ["always changed"]}  # the download stage rehashes its source every run
+TRAIN = [f"train@{arch}" for arch in ("simple_cnn", "lenet", "lenet_mixup", "resnet56", "densenet121")]
 
 
 def status(ws: Path) -> dict:
@@ -43,13 +44,14 @@ def test_local_archive_source_and_editing_it(workspace: Path) -> None:
     write_synth_archive(archive, 300, 100, seed=1)
     set_params(workspace, **{"profiles.smoke.data.source": str(archive), "profiles.smoke.data.sha256": None,
                              "profiles.smoke.data.allow_unverified": True, "profiles.smoke.data.val_size": 50})
+    set_params(workspace, archs=["lenet"])  # one architecture keeps this test short
     first = run_in(workspace, "dvc", "repro")
-    assert ran(first.stdout) == ["download", "preprocess", "validate"]
+    assert ran(first.stdout) == ["download", "preprocess", "validate", "train@lenet"]
     assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download"]
     before = (workspace / "data/shards/manifest.json").read_text()
     write_synth_archive(archive, 300, 100, seed=2)  # same path, new content
     edited = run_in(workspace, "dvc", "repro")
-    assert ran(edited.stdout) == ["download", "preprocess", "validate"]
+    assert ran(edited.stdout) == ["download", "preprocess", "validate", "train@lenet"]
     after = json.loads((workspace / "data/shards/manifest.json").read_text())
     assert after["source"]["content"]["sha256"] == sha256(archive.read_bytes()) and after != json.loads(before)
     assert status(workspace) == ALWAYS
@@ -58,9 +60,32 @@ def test_local_archive_source_and_editing_it(workspace: Path) -> None:
 def test_param_change_reruns_only_what_reads_it(workspace: Path) -> None:
     set_params(workspace, **{"data.fail_on_leakage": True})
     assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "validate"]
-    set_params(workspace, **{"profiles.smoke.data.shards": 3})
-    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "preprocess", "validate"]
+    set_params(workspace, **{"profiles.smoke.train.simple_cnn.epochs": 2})
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "train@simple_cnn"]
+    set_params(workspace, **{"train.lenet.optimizer.learning_rate": 0.002})
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "train@lenet"]
+    set_params(workspace, archs=["lenet"], **{"profiles.smoke.data.shards": 3})
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "preprocess", "validate", "train@lenet"]
     assert len(list((workspace / "data/shards/parquet").glob("train-*"))) == 3
+
+
+def test_editing_code_reruns_only_the_stages_that_import_it(workspace: Path) -> None:
+    set_params(workspace, archs=["lenet"])
+    validate = workspace / "cifarflow/data/validate.py"
+    validate.write_text(validate.read_text() + "\n# an edit that changes nothing\n")
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "validate"]
+    lenet = workspace / "cifarflow/models/lenet.py"
+    lenet.write_text(lenet.read_text() + "\n# an edit\n")
+    assert ran(run_in(workspace, "dvc", "repro").stdout) == ["download", "train@lenet"]
+
+
+def test_smoke_trains_every_architecture(smoke_workspace: Path) -> None:
+    for stage in TRAIN:
+        arch = stage.split("@")[1]
+        summary = json.loads((smoke_workspace / f"data/models/{arch}/summary.json").read_text())
+        assert summary["variant"] == "tiny" and summary["epochs"] == 1
+        digest = (smoke_workspace / f"data/models/{arch}/weights.sha256").read_text().strip()
+        assert digest == summary["weights_sha256"]
 
 
 def test_bad_config_fails_the_stage_with_its_message(workspace: Path) -> None:

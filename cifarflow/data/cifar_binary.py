@@ -49,21 +49,27 @@ def encode_records(images: np.ndarray, labels: np.ndarray) -> bytes:
     return np.concatenate([labels.astype(np.uint8)[:, None], chw], axis=1).tobytes()
 
 
-def decode_records(data: bytes | memoryview, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The binary records -> (images HWC uint8, labels uint8), validating size and label range."""
+def check_records(data: bytes | memoryview, name: str) -> np.ndarray:
+    """Validate the binary records (whole records, labels 0-9) and return the labels (N,) uint8."""
     if len(data) == 0 or len(data) % RECORD_BYTES:
         raise InputError(
             f"{name}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte records "
             f"(truncated or not a CIFAR-10 binary batch)"
         )
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
-    labels = records[:, 0].copy()
+    labels = np.frombuffer(data, dtype=np.uint8)[::RECORD_BYTES].copy()
     bad = np.flatnonzero(labels >= NUM_LABELS)
     if bad.size:
         raise InputError(
             f"{name}: record {int(bad[0])} has label {int(labels[bad[0]])}, valid labels are 0-{NUM_LABELS - 1} "
             f"({bad.size} bad records)"
         )
+    return labels
+
+
+def decode_records(data: bytes | memoryview, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The binary records -> (images (N, 32, 32, 3) HWC uint8, labels uint8), validated."""
+    labels = check_records(data, name)
+    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
     images = records[:, 1:].reshape(-1, CHANNELS, HEIGHT, WIDTH).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
@@ -94,18 +100,18 @@ def read_raw(folder: Path) -> tuple[Split, Split, list[str]]:
     if missing:
         raise InputError(f"{folder}: missing {', '.join(missing)}")
     classes = parse_meta((folder / META_FILE).read_bytes(), str(folder / META_FILE))
-    train = _concat([decode_records((folder / f).read_bytes(), str(folder / f)) for f in TRAIN_FILES])
-    test = _concat([decode_records((folder / TEST_FILE).read_bytes(), str(folder / TEST_FILE))])
-    for split, name in ((train, "train"), (test, "test")):
-        if split.labels.max() >= len(classes):
-            raise InputError(f"{folder}: {name} has label {int(split.labels.max())} but {META_FILE} names {len(classes)} classes")
-    return train, test, classes
-
-
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> Split:
-    images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    return Split(images, labels, np.arange(len(labels), dtype=np.int64))
+    splits = []
+    for name, files in (("train", TRAIN_FILES), ("test", (TEST_FILE,))):
+        blobs = [(folder / f).read_bytes() for f in files]
+        for f, blob in zip(files, blobs, strict=True):  # validate each file, so an error names it
+            check_records(blob, str(folder / f))
+        # then decode the split in one piece: one HWC copy, no second copy to concatenate
+        images, labels = decode_records(b"".join(blobs), name)
+        del blobs
+        if labels.max() >= len(classes):
+            raise InputError(f"{folder}: {name} has label {int(labels.max())} but {META_FILE} names {len(classes)} classes")
+        splits.append(Split(images, labels, np.arange(len(labels), dtype=np.int64)))
+    return splits[0], splits[1], classes
 
 
 def batch_files(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,

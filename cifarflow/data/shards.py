@@ -62,23 +62,32 @@ def check_parquet_schema(path: Path, schema: pa.Schema) -> None:
         raise InputError(f"{path}: schema violation: found\n{schema}\nexpected\n{SCHEMA}")
 
 
-def read_parquet_file(path: Path) -> Split:
-    """One Parquet shard -> Split; the images are a zero-copy view of the memory-mapped column."""
-    table = pq.read_table(path, memory_map=True)  # mmap: no allocation, steady speed
-    check_parquet_schema(path, table.schema)
-    column = table.column("image").combine_chunks()
+def _images_view(column: pa.FixedSizeBinaryArray) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 view of a fixed-size binary column's data buffer (no copy)."""
     images = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * cb.IMAGE_BYTES,
                            offset=column.offset * cb.IMAGE_BYTES)
-    return Split(images.reshape(-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS),
+    return images.reshape(-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS)
+
+
+def _read_table(path: Path) -> pa.Table:
+    table = pq.read_table(path, memory_map=True)  # mmap: no read buffer, steady speed
+    check_parquet_schema(path, table.schema)
+    return table
+
+
+def read_parquet_file(path: Path) -> Split:
+    """One Parquet shard -> Split; the images are a zero-copy view of the memory-mapped column."""
+    table = _read_table(path)
+    return Split(_images_view(table.column("image").combine_chunks()),
                  table.column("label").to_numpy(), table.column("index").to_numpy())
 
 
 def read_parquet(paths: list[Path]) -> Split:
-    """Parquet shards -> one Split (one copy when there are several shards, none for one)."""
-    parts = [read_parquet_file(p) for p in paths]
-    if len(parts) == 1:
-        return parts[0]
-    return Split(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "labels", "index")))
+    """Parquet shards -> one Split. The shards' columns are joined once in Arrow's memory pool
+    (which reuses its pages, unlike a fresh numpy array) and viewed from numpy without a copy."""
+    tables = [_read_table(p) for p in paths]
+    columns = {name: pa.concat_arrays([c for t in tables for c in t.column(name).chunks]) for name in SCHEMA.names}
+    return Split(_images_view(columns["image"]), columns["label"].to_numpy(), columns["index"].to_numpy())
 
 
 def write_tfrecord(path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:

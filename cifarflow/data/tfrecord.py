@@ -17,6 +17,7 @@ import numpy as np
 
 LEN = 2  # protobuf wire type: length-delimited
 MASK_DELTA = 0xA282EAD8  # TFRecord's CRC mask
+WRITE_BUFFER = 4 << 20  # records are ~3 KB: a big buffer turns 1,000 writes into one syscall
 
 
 def _varint(value: int) -> bytes:
@@ -86,7 +87,7 @@ def write_tfrecord(path: Path, images: np.ndarray, labels: np.ndarray, index: np
     flat = np.ascontiguousarray(images).reshape(len(labels), -1)
     head = _image_entry_head(flat.shape[1])
     tag = _varint(1 << 3 | LEN)
-    with open(path, "wb") as out:
+    with open(path, "wb", buffering=WRITE_BUFFER) as out:
         for image, label, idx in zip(flat, labels.tolist(), index.tolist(), strict=True):
             tail = _small_int_entry(b"index", idx) + _small_int_entry(b"label", label)
             features_len = len(head) + flat.shape[1] + len(tail)

@@ -1,0 +1,142 @@
+"""The tf.data input pipeline: shards -> normalized (and, for train, augmented) batches.
+
+The split is held once in memory as uint8 (CIFAR-10 is 150 MB); batches are gathered from it.
+Every random choice is a stateless function of (seed, epoch, batch): epoch k sees the same
+order, crops, flips and mixup weights however the run got there (fresh, resumed, parallel).
+Augmentation works on whole batches (one gather for crop + flip), not per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from cifarflow.config import Recipe
+from cifarflow.data import shards
+from cifarflow.data.cifar_binary import Split
+from cifarflow.models.normalization import normalize
+
+PAD = 4  # seed 002: pad 4 black pixels, then crop back to 32x32
+SIZE = 32
+# Independent streams: a new stream never shifts the numbers of an existing one.
+STREAM_SHUFFLE, STREAM_AUGMENT, STREAM_MIXUP = 1, 2, 3
+
+
+def load_split(root: Path, split: str, fmt: str) -> Split:
+    """One split's shards, read into uint8 arrays (the same arrays whichever the format)."""
+    paths = shards.shard_paths(root, split, fmt)
+    return shards.read_parquet(paths) if fmt == "parquet" else read_tfrecords(paths)
+
+
+def read_tfrecords(paths: list[Path]) -> Split:
+    """TFRecord shards -> Split, parsed in batches of 1024 records by tf.data."""
+    features = shards.tfrecord_features()
+    images, labels, index = [], [], []
+    dataset = tf.data.TFRecordDataset([str(p) for p in paths]).batch(1024)
+    for batch in dataset.map(lambda r: tf.io.parse_example(r, features)):
+        images.append(tf.io.decode_raw(batch["image"], tf.uint8).numpy())
+        labels.append(batch["label"].numpy().astype(np.uint8))
+        index.append(batch["index"].numpy())
+    if not images:
+        return Split(np.empty((0, SIZE, SIZE, 3), np.uint8), np.empty(0, np.uint8), np.empty(0, np.int64))
+    return Split(np.concatenate(images).reshape(-1, SIZE, SIZE, 3), np.concatenate(labels), np.concatenate(index))
+
+
+def stream_seed(seed: int, epoch: int, stream: int) -> np.ndarray:
+    """A stateless-op seed (2 int32s) for one random stream of one epoch."""
+    return np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint32).astype(np.int64) % (2**31 - 1)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The full-dataset shuffle of one epoch."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, STREAM_SHUFFLE])).permutation(n)
+
+
+def crop_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """(B, 32, 32, C) -> the same after zero-padding by 4, a random 32x32 crop per image and a
+    random horizontal flip, all as one gather per axis."""
+    batch = tf.shape(images)[0]
+    offsets = tf.random.stateless_uniform([batch, 2], seed, minval=0, maxval=2 * PAD + 1, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([batch], tf.random.experimental.stateless_fold_in(seed, 1)) < 0.5
+    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])
+    steps = tf.range(SIZE)
+    rows = offsets[:, :1] + steps  # (B, 32)
+    cols = offsets[:, 1:] + tf.where(flip[:, None], SIZE - 1 - steps, steps)  # a flip reverses the columns
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)  # (B, 32, 40, C)
+    return tf.gather(out, cols, axis=2, batch_dims=1)  # (B, 32, 32, C)
+
+
+def mixup(x: tf.Tensor, y: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """FastEstimator's MixUpBatch + MixUpLoss: one lambda ~ Beta(alpha, alpha) per batch, each
+    example mixed with its neighbour (roll by 1). Mixing the one-hot labels gives the mixed loss,
+    since cross-entropy is linear in the labels."""
+    g1 = tf.random.stateless_gamma([], seed, alpha=alpha)
+    g2 = tf.random.stateless_gamma([], tf.random.experimental.stateless_fold_in(seed, 1), alpha=alpha)
+    lam = g1 / (g1 + g2)
+    return lam * x + (1 - lam) * tf.roll(x, 1, axis=0), lam * y + (1 - lam) * tf.roll(y, 1, axis=0)
+
+
+def mixup_on(recipe: Recipe, epoch: int) -> bool:
+    """Mixup is a training-only op, switched on from epoch `mixup.warmup` (0-based)."""
+    return recipe.mixup is not None and epoch >= recipe.mixup.warmup
+
+
+@dataclass
+class InputPipeline:
+    """Builds one epoch's datasets for a recipe. The split tensors are made once per run."""
+
+    split: Split
+    recipe: Recipe
+    num_classes: int
+    seed: int
+    batch_size: int  # the global batch
+
+    def __post_init__(self) -> None:
+        self.images = tf.constant(self.split.images)  # (N, 32, 32, 3) uint8: the one copy TF holds
+        self.labels = tf.one_hot(tf.constant(self.split.labels, tf.int32), self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def steps(self, training: bool) -> int:
+        n, b = len(self.split), self.batch_size
+        return n // b if training and self.recipe.drop_remainder else -(-n // b)
+
+    def train(self, epoch: int) -> tf.data.Dataset:
+        """Epoch `epoch`: shuffled, augmented (and mixed, after warm-up) batches of (x, y)."""
+        order = tf.constant(epoch_order(len(self.split), self.seed, epoch))
+        augment_seed = tf.constant(stream_seed(self.seed, epoch, STREAM_AUGMENT))
+        mixup_seed = tf.constant(stream_seed(self.seed, epoch, STREAM_MIXUP))
+        mix = mixup_on(self.recipe, epoch)
+        b, n = self.batch_size, len(self.split)
+
+        def make(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            rows = order[step * b : tf.minimum((step + 1) * b, n)]
+            images, labels = tf.gather(self.images, rows), tf.gather(self.labels, rows)
+            if self.recipe.augmentation == "crop_flip":
+                images = crop_flip(images, tf.random.experimental.stateless_fold_in(augment_seed, step))
+            x = normalize(images, self.recipe.normalization)
+            if mix:
+                x, labels = mixup(x, labels, self.recipe.mixup.alpha,
+                                  tf.random.experimental.stateless_fold_in(mixup_seed, step))
+            return x, labels
+
+        return self._batches(make, self.steps(training=True))
+
+    def evaluation(self) -> tf.data.Dataset:
+        """All examples in order, normalized, no augmentation or mixup."""
+        b, n = self.batch_size, len(self.split)
+
+        def make(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            rows = tf.range(step * b, tf.minimum((step + 1) * b, n))
+            return normalize(tf.gather(self.images, rows), self.recipe.normalization), tf.gather(self.labels, rows)
+
+        return self._batches(make, self.steps(training=False))
+
+    @staticmethod
+    def _batches(make, steps: int) -> tf.data.Dataset:
+        dataset = tf.data.Dataset.range(steps).map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return dataset.prefetch(tf.data.AUTOTUNE)

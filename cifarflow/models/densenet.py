@@ -1,0 +1,65 @@
+"""DenseNet-121 as keras.applications builds it (seed 000: weights=None, include_top=False,
+pooling="avg", then Dense(10, softmax)), written out flat so every layer is named after its block
+and the stem can change. 7,047,754 parameters with the seed's ImageNet stem.
+
+`stem="imagenet"` (the seed): 7x7/2 conv and a 3x3/2 max-pool, which shrink 32x32 inputs to
+1x1 in the last block; that is why the seed stops near 75%. `stem="cifar"`: one 3x3/1 conv and
+no pooling, the option that should beat it.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from cifarflow.models.registry import INPUT_SHAPE
+
+BN_EPSILON = 1.001e-5  # as in keras.applications.densenet
+CONFIGS = {"full": ((6, 12, 24, 16), 32, 64), "tiny": ((1, 1, 1, 1), 8, 16)}  # blocks, growth, stem width
+STEMS = ("imagenet", "cifar")
+
+
+def _bn_relu(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
+    x = layers.BatchNormalization(axis=3, epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def _conv_block(x: keras.KerasTensor, growth: int, name: str) -> keras.KerasTensor:
+    y = _bn_relu(x, f"{name}_0")
+    y = layers.Conv2D(4 * growth, 1, use_bias=False, name=f"{name}_1_conv")(y)
+    y = _bn_relu(y, f"{name}_1")
+    y = layers.Conv2D(growth, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(y)
+    return layers.Concatenate(axis=3, name=f"{name}_concat")([x, y])
+
+
+def _transition(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
+    channels = x.shape[3]
+    x = _bn_relu(x, name)
+    x = layers.Conv2D(int(channels * 0.5), 1, use_bias=False, name=f"{name}_conv")(x)
+    return layers.AveragePooling2D(2, strides=2, name=f"{name}_pool")(x)
+
+
+def build(num_classes: int = 10, variant: str = "full", stem: str = "imagenet") -> keras.Model:
+    if stem not in STEMS:
+        raise KeyError(f"unknown densenet stem {stem!r}; valid: {', '.join(STEMS)}")
+    blocks, growth, width = CONFIGS[variant]
+    inputs = keras.Input(INPUT_SHAPE, name="image")
+    if stem == "imagenet":
+        x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
+        x = layers.Conv2D(width, 7, strides=2, use_bias=False, name="conv1_conv")(x)
+        x = _bn_relu(x, "conv1")
+        x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+        x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
+    else:
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="conv1_conv")(inputs)
+        x = _bn_relu(x, "conv1")
+    for stage, count in enumerate(blocks, start=2):
+        for i in range(count):
+            x = _conv_block(x, growth, f"conv{stage}_block{i + 1}")
+        if stage < 1 + len(blocks):
+            x = _transition(x, f"pool{stage}")
+    x = layers.BatchNormalization(axis=3, epsilon=BN_EPSILON, name="bn")(x)
+    x = layers.Activation("relu", name="relu")(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name=f"densenet121_{stem}_{variant}")
