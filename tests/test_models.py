@@ -30,7 +30,7 @@ def test_densenet_matches_keras_applications() -> None:
     ours = build_model("densenet121", stem="imagenet")
     assert sorted(tuple(w.shape) for w in ours.weights) == sorted(tuple(w.shape) for w in reference.weights)
     cifar = build_model("densenet121", stem="cifar")
-    assert cifar.get_layer("conv1_conv").kernel.shape == (3, 3, 3, 64) and "pool1" not in [l.name for l in cifar.layers]
+    assert cifar.get_layer("conv1_conv").kernel.shape == (3, 3, 3, 64) and "pool1" not in [layer.name for layer in cifar.layers]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -163,8 +163,8 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path)
         rate = schedule.rate(epoch)
         model.optimizer.learning_rate.assign(rate)
         reseed_layers(model, params.seed, epoch)
-        fit = model.fit(train_inputs.train(epoch), validation_data=validation, initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
-                        callbacks=callbacks, verbose=2)
+        fit = model.fit(train_inputs.train(epoch), validation_data=validation, initial_epoch=epoch, epochs=epoch + 1,
+                        shuffle=False, callbacks=callbacks, verbose=2)
         logs = {k: float(v[-1]) for k, v in fit.history.items()}
         schedule.update(logs)
         state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
@@ -189,5 +189,6 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path)
     write_bytes_atomic(out / HISTORY_FILE, history_csv(state.history).encode())
     write_json_atomic(out / SUMMARY_FILE, summary)
     write_json_atomic(runinfo / "run.json", run_info(arch, recipe, timings, None))
-    log.info("train@%s: best epoch %d, %s %.4f, weights %s", arch, state.best_epoch, recipe.monitor, state.best, digest[:12])
+    log.info("train@%s: best epoch %d, %s %.4f, weights %s", arch, state.best_epoch, recipe.monitor, state.best,
+             digest[:12])
     return summary
