@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     params.recipe(args.arch)  # an unknown arch is a config error before TensorFlow loads
     from cifarflow.training.trainer import train
 
-    train(params, args.arch, args.shards, args.out, args.runinfo)
+    train(params, args.arch, args.shards, args.out, args.runinfo, args.checkpoints)
     return 0
 
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="model, weight digest, history, summary")
     p.add_argument("--runinfo", type=Path, required=True, help="side folder: timings, hardware, TensorBoard")
+    p.add_argument("--checkpoints", type=Path, required=True, help="resume state (kept until the run completes)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -209,6 +209,12 @@ class RuntimeParams(Strict):
     """How training runs, not what it computes."""
 
     deterministic: bool = Field(True, description="op determinism: bit-identical weights on CPU")
+    distribution: Literal["auto", "none", "mirrored"] = Field(
+        "auto", description="auto: MirroredStrategy when more than one GPU is visible")
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    jit_compile: bool = Field(False, description="XLA")
+    logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")
+    oom_min_micro_batch: int = Field(4, ge=1, description="out of memory below this micro-batch: give up")
 
 
 class Params(Strict):

@@ -92,7 +92,8 @@ class InputPipeline:
     recipe: Recipe
     num_classes: int
     seed: int
-    batch_size: int  # the global batch
+    batch_size: int  # the global batch: randomness, mixup pairs and order are decided per global batch
+    micro_batch: int | None = None  # train only: split each global batch for gradient accumulation
 
     def __post_init__(self) -> None:
         self.images = tf.constant(self.split.images)  # (N, 32, 32, 3) uint8: the one copy TF holds
@@ -124,7 +125,10 @@ class InputPipeline:
                                   tf.random.experimental.stateless_fold_in(mixup_seed, step))
             return x, labels
 
-        return self._batches(make, self.steps(training=True))
+        dataset = self._batches(make, self.steps(training=True))
+        if self.micro_batch and self.micro_batch < self.batch_size:
+            dataset = dataset.rebatch(self.micro_batch)
+        return dataset
 
     def evaluation(self) -> tf.data.Dataset:
         """All examples in order, normalized, no augmentation or mixup."""

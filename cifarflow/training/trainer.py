@@ -1,14 +1,15 @@
 """`cifarflow train <arch>`: the recipe's model, optimizer and schedule, trained with Keras `fit`
-one epoch at a time.
+one epoch at a time, checkpointed at every epoch end so a killed run resumes where it stopped.
 
 Why one epoch at a time: every random stream is re-derived from (seed, epoch) at each epoch
 start (data order, augmentation, mixup, and each layer's dropout seed), so an epoch's result
-depends only on the weights and state it starts from; that is what makes a resumed run end
+depends only on the weights and state it starts from; a resumed run therefore ends
 bit-identical to an uninterrupted one.
 
 Outputs (deterministic, DVC-tracked) in `out/`: `model.keras` (the best epoch on the recipe's
 monitor), `weights.sha256`, `history.csv` (per-epoch metrics, no timings) and `summary.json`.
-Run-dependent facts (times, img/s, hardware, versions, TensorBoard logs) go to `runinfo/`.
+Run-dependent facts (times, img/s, hardware, versions, resumed_from_epoch, TensorBoard logs) go
+to `runinfo/`. Resume state lives in `checkpoints/` and is deleted when the run completes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,25 @@ from cifarflow.config import Params, Recipe
 from cifarflow.data.inputs import InputPipeline, load_split
 from cifarflow.data.preprocess import MANIFEST
 from cifarflow.digest import weights_digest
-from cifarflow.errors import InputError
+from cifarflow.errors import CifarflowError, InputError
 from cifarflow.fileio import write_bytes_atomic, write_json_atomic
 from cifarflow.models import build_model
+from cifarflow.training import runtime
+from cifarflow.training.faults import FaultInjector
+from cifarflow.training.resume import ResumeStore, RunState, fingerprint
 from cifarflow.training.schedule import LearningRate
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy")
 MODEL_FILE, DIGEST_FILE, HISTORY_FILE, SUMMARY_FILE = "model.keras", "weights.sha256", "history.csv", "summary.json"
+ACCUMULATOR = "gradient_accumulator"  # optimizer variables that restart from zero after an adaptation
+
+
+class OutOfMemoryError(CifarflowError):
+    """The device ran out of memory; the next attempt (a fresh process) uses a smaller micro-batch."""
+
+    exit_code = 3
+    failure_class = "oom"
 
 
 def configure_determinism(seed: int, deterministic: bool) -> None:
@@ -57,26 +69,56 @@ def reseed_layers(model: keras.Model, seed: int, epoch: int) -> None:
             generator.state.assign(np.array([state, 0], dtype=generator.state.dtype))
 
 
-def make_optimizer(recipe: Recipe, rate: float) -> keras.optimizers.Optimizer:
+def make_optimizer(recipe: Recipe, rate: float, accumulation: int = 1) -> keras.optimizers.Optimizer:
     o = recipe.optimizer
+    extra = {"gradient_accumulation_steps": accumulation} if accumulation > 1 else {}
     if o.name == "adam":
-        return keras.optimizers.Adam(learning_rate=rate)
+        return keras.optimizers.Adam(learning_rate=rate, **extra)
     if o.name == "adamax":
-        return keras.optimizers.Adamax(learning_rate=rate)
-    return keras.optimizers.SGD(learning_rate=rate, momentum=o.momentum)
+        return keras.optimizers.Adamax(learning_rate=rate, **extra)
+    return keras.optimizers.SGD(learning_rate=rate, momentum=o.momentum, **extra)
 
 
-def build_compiled(recipe: Recipe, num_classes: int, rate: float) -> keras.Model:
+def build_compiled(recipe: Recipe, num_classes: int, rate: float, accumulation: int = 1,
+                   jit_compile: bool = False) -> keras.Model:
     options = {"stem": recipe.stem} if recipe.stem else {}
     model = build_model(recipe.model, num_classes, recipe.variant, **options)
-    model.compile(optimizer=make_optimizer(recipe, rate), loss=keras.losses.CategoricalCrossentropy(),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    model.compile(optimizer=make_optimizer(recipe, rate, accumulation), loss=keras.losses.CategoricalCrossentropy(),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
     return model
+
+
+def _unprefixed(path: str) -> str:
+    return path.split("/", 1)[-1]  # optimizer variables are "<optimizer name>/<variable>"
+
+
+def restore(model: keras.Model, checkpoint: Path) -> list[str]:
+    """Weights and optimizer state from a checkpoint, copied by name, so that a model compiled
+    with a different gradient accumulation still gets its moments and step count (Keras itself
+    skips all optimizer variables on load when their number differs). Returns the names of the
+    optimizer variables copied."""
+    saved = keras.models.load_model(checkpoint, compile=True)
+    model.set_weights(saved.get_weights())
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    source = {_unprefixed(v.path): v for v in saved.optimizer.variables}
+    copied = []
+    for variable in optimizer.variables:
+        name = _unprefixed(variable.path)
+        if name not in source or ACCUMULATOR in name:
+            continue
+        value = source[name]
+        if name == "iteration":  # counts micro-steps under accumulation: keep the optimizer steps
+            value = int(saved.optimizer.iterations) * (optimizer.gradient_accumulation_steps or 1)
+        variable.assign(value)
+        copied.append(name)
+    return copied
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
     """model.save needs a .keras name: save beside the target, then rename over it."""
     partial = path.with_name(f".{path.stem}.partial.keras")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         model.save(partial)
         os.replace(partial, path)
@@ -104,17 +146,6 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-@dataclass
-class RunState:
-    """What the loop carries from epoch to epoch."""
-
-    epoch: int = 0  # the next epoch to run
-    best: float | None = None
-    best_epoch: int | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    schedule: dict | None = None
-
-
 def history_csv(rows: list[dict[str, float]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, HISTORY_FIELDS, lineterminator="\n")
@@ -123,10 +154,11 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def run_info(arch: str, recipe: Recipe, timings: list[dict[str, float]], resumed_from: int | None) -> dict[str, Any]:
+def run_info(arch: str, state: RunState, resumed_from: int | None, devices: dict) -> dict[str, Any]:
+    rates = [t["images_per_second"] for t in state.timings]
     return {
-        "arch": arch, "resumed_from_epoch": resumed_from, "epochs": timings,
-        "train_images_per_second": round(float(np.median([t["images_per_second"] for t in timings])), 1) if timings else None,
+        "arch": arch, "resumed_from_epoch": resumed_from, "adaptations": state.adaptations, "epochs": state.timings,
+        "train_images_per_second": round(float(np.median(rates)), 1) if rates else None, "runtime": devices,
         "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
                      "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]},
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
@@ -134,49 +166,94 @@ def run_info(arch: str, recipe: Recipe, timings: list[dict[str, float]], resumed
     }
 
 
-def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path) -> dict[str, Any]:
-    """Train `arch` on the shards; write the outputs described in the module docstring."""
+def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: int, epoch: int) -> RunState:
+    """The state the next attempt starts from: the last checkpoint, with half the micro-batch."""
+    half = micro // 2
+    if micro % 2 or half < floor or recipe.batch_size % half:
+        raise CifarflowError(f"train@{arch}: out of memory at micro-batch {micro} (batch_size {recipe.batch_size}); "
+                             f"halving would go below runtime.oom_min_micro_batch={floor} or not divide the batch. "
+                             "Use a smaller model variant, precision: mixed_float16, or a bigger device.")
+    state.micro_batch = half
+    state.adaptations.append({"epoch": epoch, "micro_batch": half, "accumulation": recipe.batch_size // half})
+    return state
+
+
+def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path) -> dict[str, Any]:
+    """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short."""
     recipe = params.recipe(arch)
     manifest_path = Path(shards_dir) / MANIFEST
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: not found; run the preprocess stage first")
     classes = json.loads(manifest_path.read_text())["classes"]
+    strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
     configure_determinism(params.seed, params.runtime.deterministic)
+    runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
+
+    store = ResumeStore(checkpoints, fingerprint(params, arch, manifest_path))
+    state = store.load() or RunState()
+    resumed_from = state.epoch if state.checkpoint else None
+    micro = state.micro_batch or recipe.batch_size
+    accumulation = recipe.batch_size // micro
+    if accumulation > 1 and strategy.num_replicas_in_sync > 1:
+        raise CifarflowError(f"train@{arch}: out-of-memory adaptation needs gradient accumulation, which Keras "
+                             "3.15 does not support under a multi-device strategy; a single device is required")
+    schedule = LearningRate(recipe, state.schedule)
+    with strategy.scope():
+        model = build_compiled(recipe, len(classes), schedule.rate(state.epoch), accumulation, params.runtime.jit_compile)
+        if state.checkpoint:
+            restore(model, store.path(state.checkpoint))
+            log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, state.epoch, micro)
 
     train_inputs = InputPipeline(load_split(shards_dir, "train", params.data.format), recipe, len(classes),
-                                 params.seed, recipe.batch_size)
+                                 params.seed, recipe.batch_size, micro)
     val_inputs = InputPipeline(load_split(shards_dir, "val", params.data.format), recipe, len(classes),
                                params.seed, recipe.batch_size)
     if train_inputs.steps(training=True) == 0:
         raise InputError(f"train has {len(train_inputs)} examples, fewer than one batch of "
                          f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder")
-    state = RunState()
-    schedule = LearningRate(recipe, state.schedule)
-    model = build_compiled(recipe, len(classes), schedule.rate(state.epoch))
     out, runinfo = Path(out), Path(runinfo)
-    out.mkdir(parents=True, exist_ok=True)
+    devices = runtime.describe(strategy, params.runtime) | {"micro_batch": micro, "accumulation": accumulation}
     timer = EpochTimer()
-    callbacks = [timer, keras.callbacks.TensorBoard(log_dir=str(runinfo / "tensorboard"), write_graph=False)]
+    callbacks = [timer, FaultInjector(checkpoints),
+                 keras.callbacks.TensorBoard(log_dir=str(runinfo / "tensorboard"), write_graph=False)]
     validation = val_inputs.evaluation()
-    timings = []
     for epoch in range(state.epoch, recipe.epochs):
         rate = schedule.rate(epoch)
         model.optimizer.learning_rate.assign(rate)
         reseed_layers(model, params.seed, epoch)
-        fit = model.fit(train_inputs.train(epoch), validation_data=validation, initial_epoch=epoch, epochs=epoch + 1,
-                        shuffle=False, callbacks=callbacks, verbose=2)
+        try:
+            fit = model.fit(train_inputs.train(epoch), validation_data=validation, initial_epoch=epoch,
+                            epochs=epoch + 1, shuffle=False, callbacks=callbacks, verbose=2)
+        except tf.errors.ResourceExhaustedError as exc:
+            committed = store.load() or RunState()  # the last completed epoch, not this half-done one
+            store.commit(adapt_to_oom(committed, recipe, arch, micro, params.runtime.oom_min_micro_batch, epoch))
+            raise OutOfMemoryError(f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
+                                   f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}") from None
         logs = {k: float(v[-1]) for k, v in fit.history.items()}
         schedule.update(logs)
+        state.schedule = schedule.to_dict()
         state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
         seen = train_inputs.steps(training=True) * recipe.batch_size
-        timings.append({"epoch": epoch, "train_seconds": round(timer.seconds, 3),
-                        "images_per_second": round(seen / max(timer.seconds, 1e-9), 1)})
+        state.timings.append({"epoch": epoch, "train_seconds": round(timer.seconds, 3),
+                              "images_per_second": round(seen / max(timer.seconds, 1e-9), 1)})
+        state.checkpoint = f"epoch-{epoch}.keras"
+        save_model_atomic(model, store.path(state.checkpoint))
         if improved(recipe, logs[recipe.monitor], state.best):
-            state.best, state.best_epoch = logs[recipe.monitor], epoch
-            save_model_atomic(model, out / MODEL_FILE)
+            state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
         state.epoch = epoch + 1
+        store.commit(state)
     if state.best_epoch is None:
-        raise RuntimeError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
+        raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
+    return finish(arch, recipe, state, store, out, runinfo, resumed_from, devices)
+
+
+def finish(arch: str, recipe: Recipe, state: RunState, store: ResumeStore, out: Path, runinfo: Path,
+           resumed_from: int | None, devices: dict) -> dict[str, Any]:
+    """Write the outputs from the best checkpoint, then drop the resume state."""
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f".{MODEL_FILE}.partial"
+    shutil.copyfile(store.path(state.best_checkpoint), partial)
+    os.replace(partial, out / MODEL_FILE)
     best = keras.models.load_model(out / MODEL_FILE, compile=False)
     digest = weights_digest(best)
     best_row = state.history[state.best_epoch]
@@ -184,11 +261,13 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path)
         "arch": arch, "model": recipe.model, "variant": recipe.variant, "params": int(best.count_params()),
         "epochs": recipe.epochs, "monitor": recipe.monitor, "best_epoch": state.best_epoch,
         "val_accuracy": best_row["val_accuracy"], "val_loss": best_row["val_loss"], "weights_sha256": digest,
+        "adaptations": state.adaptations,
     }
     write_bytes_atomic(out / DIGEST_FILE, f"{digest}\n".encode())
     write_bytes_atomic(out / HISTORY_FILE, history_csv(state.history).encode())
     write_json_atomic(out / SUMMARY_FILE, summary)
-    write_json_atomic(runinfo / "run.json", run_info(arch, recipe, timings, None))
-    log.info("train@%s: best epoch %d, %s %.4f, weights %s", arch, state.best_epoch, recipe.monitor, state.best,
-             digest[:12])
-    return summary
+    write_json_atomic(runinfo / "run.json", run_info(arch, state, resumed_from, devices))
+    store.clear()
+    log.info("train@%s: best epoch %d, %s %.4f, weights %s, resumed_from_epoch %s", arch, state.best_epoch,
+             recipe.monitor, state.best, digest[:12], resumed_from)
+    return summary | {"resumed_from_epoch": resumed_from}
