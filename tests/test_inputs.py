@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tensorflow as tf
-from conftest import make_params
 
 from cifarflow.config import Recipe
-from cifarflow.data import download, preprocess
 from cifarflow.data.cifar_binary import Split
 from cifarflow.data.inputs import InputPipeline, crop_flip, load_split, mixup, mixup_on
 from cifarflow.models.normalization import normalize
@@ -93,17 +90,8 @@ def test_evaluation_keeps_every_example_in_order() -> None:
     assert np.array_equal(ys, data.labels)
 
 
-@pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    params = make_params(source="synth:train=120,test=30,seed=2", md5=None, val_size=20, shards=2)
-    download.run(params, root / "raw", root / "cache")
-    preprocess.run(params, root / "raw", root / "shards")
-    return root / "shards"
-
-
-def test_both_shard_formats_give_the_same_batches(shards_dir: Path) -> None:
-    a, b = load_split(shards_dir, "train", "parquet"), load_split(shards_dir, "train", "tfrecord")
+def test_both_shard_formats_give_the_same_batches(tiny_shards: Path) -> None:
+    a, b = load_split(tiny_shards, "train", "parquet"), load_split(tiny_shards, "train", "tfrecord")
     assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
     r = recipe(augmentation="crop_flip")
     xa = [x.numpy() for x, _ in InputPipeline(a, r, 10, 1, 16).train(0)]
