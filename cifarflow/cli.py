@@ -68,6 +68,44 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
+    params.recipe(args.arch)
+    from cifarflow import evaluate
+
+    metrics = evaluate.run(params, args.arch, args.shards, args.model, args.out)
+    log.info("evaluate@%s: val %.4f, test %.4f", args.arch, metrics["val"]["accuracy"], metrics["test"]["accuracy"])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow import export
+
+    card = export.run(params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo)
+    log.info("export: %s, blessed=%s (%s)", card["arch"], card["blessed"], "; ".join(card["blessing_reasons"]))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.promote import promote
+
+    promote(args.export, args.champion or Path(params.export.champion_dir), args.force)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow import predict
+
+    model = args.model or predict.default_model(Path(params.export.champion_dir), Path("data/export"))
+    return predict.run(args.paths, model, args.format)
+
+
+def cmd_report(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow import report
+
+    report.run(params, args.models, args.evals, args.export, args.runinfo, args.out)
+    return 0
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -116,6 +154,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runinfo", type=Path, required=True, help="side folder: timings, hardware, TensorBoard")
     p.add_argument("--checkpoints", type=Path, required=True, help="resume state (kept until the run completes)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score one architecture's best checkpoint on val and test")
+    p.add_argument("arch")
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True, help="the train stage's output folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="select the best of archs on val, bless it, write the servable export")
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--models", type=Path, required=True)
+    p.add_argument("--evals", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--runinfo", type=Path, help="side file for run-dependent facts")
+    p.add_argument("--train-runinfo", type=Path, help="the train stages' run-info folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("promote", help="copy a blessed export to the champion folder (keeps a backup)")
+    p.add_argument("--export", type=Path, default=Path("data/export"))
+    p.add_argument("--champion", type=Path, help="default: export.champion_dir")
+    p.add_argument("--force", action="store_true", help="promote even if not blessed")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("predict", help="classify PNG/JPEG files and folders")
+    p.add_argument("paths", type=Path, nargs="+")
+    p.add_argument("--model", type=Path, help="an export folder (default: the champion, else data/export)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="the leaderboard as markdown and JSON")
+    p.add_argument("--models", type=Path, required=True)
+    p.add_argument("--evals", type=Path, required=True)
+    p.add_argument("--export", type=Path, required=True)
+    p.add_argument("--runinfo", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -217,6 +217,23 @@ class RuntimeParams(Strict):
     oom_min_micro_batch: int = Field(4, ge=1, description="out of memory below this micro-batch: give up")
 
 
+class EvaluateParams(Strict):
+    """The `evaluate@<arch>` stages."""
+
+    tta: bool = Field(False, description="also report horizontal-flip test-time augmentation (separate fields)")
+    batch_size: int = Field(500, ge=1, description="inference batch")
+
+
+class ExportParams(Strict):
+    """The `export` stage: selection, blessing, and where the champion lives."""
+
+    metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="selects the best arch")
+    min_accuracy: float = Field(0.5, ge=0, le=1, description="test accuracy a model needs to be blessed")
+    tolerance: float = Field(0.01, ge=0, le=1, description="how far below the champion's test accuracy is still blessed")
+    significance: float = Field(0.05, gt=0, lt=1, description="McNemar p-value that makes the winner significantly better")
+    champion_dir: str = Field("champion", description="where `cifarflow promote` puts a blessed export (not a DVC output)")
+
+
 class Params(Strict):
     """The whole resolved configuration, after the profile overlay."""
 
@@ -226,6 +243,8 @@ class Params(Strict):
     archs: list[str] = Field(default_factory=list, description="what the DAG trains and export considers")
     runtime: RuntimeParams = RuntimeParams()
     train: dict[str, Recipe] = Field(default_factory=dict)
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
     @model_validator(mode="after")
     def _archs_have_recipes(self) -> Params:

@@ -1,0 +1,172 @@
+"""`cifarflow evaluate <arch>`: score the best checkpoint on val and test.
+
+Writes, in `out/`: `metrics.json` (accuracy with a 95% Wilson interval, loss, per-class
+accuracy, for val and test; flip-TTA figures as separate fields when `evaluate.tta` is set),
+`predictions_{val,test}.csv` (per-class probabilities; the plain predictions are the serving
+reference), `confusion_test.csv` (one row per example, for `dvc plots`), `confusion_test.png`
+and `predictions_grid.png` (16 test images with predicted label, score and true label).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarflow.config import Params
+from cifarflow.data.preprocess import MANIFEST
+from cifarflow.errors import InputError
+from cifarflow.fileio import write_bytes_atomic, write_json_atomic
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+EPSILON = 1e-7  # Keras' clip in cross-entropy
+SPLITS = ("val", "test")
+GRID = 16
+
+
+def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion: sane at 0%, 100% and small n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy with its interval, mean cross-entropy, per-class accuracy and counts."""
+    predicted = probs.argmax(axis=1)
+    correct = predicted == labels
+    low, high = wilson(int(correct.sum()), len(labels))
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0)))) if len(labels) else 0.0
+    per_class = {name: round(float(correct[labels == c].mean()), 6) if (labels == c).any() else None
+                 for c, name in enumerate(classes)}
+    return {"accuracy": round(float(correct.mean()), 6), "ci95": [round(low, 6), round(high, 6)],
+            "correct": int(correct.sum()), "n": len(labels), "loss": round(loss, 6), "per_class_accuracy": per_class}
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """(true, predicted) counts."""
+    matrix = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def predictions_csv(index: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "label", "predicted", "confidence", *(f"p_{c}" for c in classes)])
+    for i, label, row in zip(index.tolist(), labels.tolist(), probs, strict=True):
+        writer.writerow([i, label, int(row.argmax()), f"{row.max():.9g}", *(f"{p:.9g}" for p in row)])
+    return buffer.getvalue()
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) from a predictions CSV."""
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    body = np.array(rows[1:], dtype=object)
+    return body[:, 1].astype(np.int64), body[:, 4:].astype(np.float64)
+
+
+def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > matrix.max() / 2 else "black")
+    fig.colorbar(image)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def grid_png(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols, rows = 8, 2
+    fig = plt.figure(figsize=(2 * cols - 1, 3 * rows - 1))
+    for k in range(min(len(images), cols * rows)):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.axis("off")
+        ax.imshow(images[k])
+        ax.set_title(f"pred: {classes[probs[k].argmax()]}\nscore: {probs[k].max():.3}\ntrue: {classes[labels[k]]}",
+                     fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})  # no version stamp in the bytes
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
+    """Class probabilities (N, classes) float32 in example order; with `tta`, the mean over the
+    image and its horizontal flip."""
+    import tensorflow as tf
+
+    parts = []
+    for x, _ in pipeline.evaluation():
+        probs = model(x, training=False)
+        if tta:
+            probs = (probs + model(tf.reverse(x, axis=[2]), training=False)) / 2
+        parts.append(np.asarray(probs, np.float32))
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+
+
+def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path) -> dict[str, Any]:
+    import keras
+
+    from cifarflow.data.inputs import InputPipeline, load_split
+
+    recipe = params.recipe(arch)
+    manifest_path, model_path = Path(shards_dir) / MANIFEST, Path(model_dir) / "model.keras"
+    for path, stage in ((manifest_path, "preprocess"), (model_path, f"train@{arch}")):
+        if not path.is_file():
+            raise InputError(f"{path}: not found; run the {stage} stage first")
+    classes = json.loads(manifest_path.read_text())["classes"]
+    model = keras.models.load_model(model_path, compile=False)
+    out = Path(out)
+    metrics: dict[str, Any] = {"arch": arch}
+    for split in SPLITS:
+        data = load_split(shards_dir, split, params.data.format)
+        pipeline = InputPipeline(data, recipe, len(classes), params.seed, params.evaluate.batch_size)
+        probs = predict(model, pipeline)
+        labels = data.labels.astype(np.int64)
+        metrics[split] = scores(probs, labels, classes)
+        if params.evaluate.tta:
+            metrics[f"{split}_tta"] = scores(predict(model, pipeline, tta=True), labels, classes)
+        write_bytes_atomic(out / f"predictions_{split}.csv", predictions_csv(data.index, labels, probs, classes).encode())
+        if split == "test":
+            predicted = probs.argmax(axis=1)
+            rows = "actual,predicted\n" + "".join(f"{classes[a]},{classes[p]}\n" for a, p in zip(labels, predicted, strict=True))
+            write_bytes_atomic(out / "confusion_test.csv", rows.encode())
+            matrix = confusion(labels, predicted, len(classes))
+            write_bytes_atomic(out / "confusion_test.png", confusion_png(matrix, classes, f"{arch}: test confusion"))
+            pick = np.sort(np.random.default_rng(params.seed).choice(len(labels), min(GRID, len(labels)), replace=False))
+            write_bytes_atomic(out / "predictions_grid.png", grid_png(data.images[pick], labels[pick], probs[pick], classes))
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,258 @@
+"""`cifarflow export`: select the best architecture on validation, gate it (blessing), and write a
+servable export with a reproducible model card.
+
+Selection: `export.metric` on val (ties: fewer parameters). McNemar's exact test on the paired
+val predictions says whether the winner is significantly better than the runner-up. Blessing:
+test accuracy >= `export.min_accuracy`, and not below the champion's (re-scored now, on this
+test split) by more than `export.tolerance`. An unblessed export is still written, with
+`blessed: false` and the reasons. The serving check loads the SavedModel in a fresh process
+with no project code and must reproduce evaluate's test predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarflow.config import Params
+from cifarflow.data.preprocess import MANIFEST
+from cifarflow.errors import CifarflowError, InputError
+from cifarflow.evaluate import read_predictions
+from cifarflow.fileio import atomic_dir, dumps_json, sha256_file, write_json_atomic
+
+SAVED_MODEL = "saved_model"
+PROB_TOLERANCE = 1e-5  # SavedModel vs evaluate, per probability
+TIE_MARGIN = 1e-6  # top-two probabilities this close may swap their argmax
+
+
+@dataclass
+class Entry:
+    """One architecture's line of the leaderboard."""
+
+    arch: str
+    params: int
+    epochs: int
+    val_accuracy: float
+    val_ci95: list[float]
+    val_loss: float
+    test_accuracy: float
+    test_ci95: list[float]
+    test_loss: float
+
+
+def leaderboard(params: Params, evals: Path, models: Path) -> list[Entry]:
+    rows = []
+    for arch in params.archs:
+        metrics_path, summary_path = evals / arch / "metrics.json", models / arch / "summary.json"
+        for path, stage in ((metrics_path, f"evaluate@{arch}"), (summary_path, f"train@{arch}")):
+            if not path.is_file():
+                raise InputError(f"{path}: not found; run the {stage} stage first")
+        m, s = json.loads(metrics_path.read_text()), json.loads(summary_path.read_text())
+        rows.append(Entry(arch, s["params"], s["epochs"], m["val"]["accuracy"], m["val"]["ci95"], m["val"]["loss"],
+                          m["test"]["accuracy"], m["test"]["ci95"], m["test"]["loss"]))
+    if not rows:
+        raise InputError("archs is empty: nothing to export; list at least one architecture in params.yaml archs:")
+    return rows
+
+
+def rank(rows: list[Entry], metric: str) -> list[Entry]:
+    """Best first by `metric` on val; ties go to fewer parameters, then to the name."""
+    sign = -1 if metric == "val_accuracy" else 1
+    return sorted(rows, key=lambda r: (sign * getattr(r, metric), r.params, r.arch))
+
+
+def mcnemar(first_correct: np.ndarray, second_correct: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test on paired predictions: only the discordant pairs count."""
+    from scipy.stats import binomtest
+
+    only_first = int(np.sum(first_correct & ~second_correct))
+    only_second = int(np.sum(~first_correct & second_correct))
+    n = only_first + only_second
+    p_value = 1.0 if n == 0 else float(binomtest(min(only_first, only_second), n, 0.5).pvalue)
+    return {"only_winner_right": only_first, "only_runner_up_right": only_second, "p_value": float(f"{p_value:.6g}")}
+
+
+def bless(accuracy: float, champion: float | None, min_accuracy: float, tolerance: float) -> tuple[bool, list[str]]:
+    """The verdict and its reasons, one per check."""
+    reasons = []
+    ok_threshold = accuracy >= min_accuracy
+    reasons.append(f"test accuracy {accuracy:.4f} {'>=' if ok_threshold else '<'} export.min_accuracy {min_accuracy}")
+    ok_champion = True
+    if champion is None:
+        reasons.append("no champion to compare with")
+    else:
+        ok_champion = accuracy >= champion - tolerance
+        reasons.append(f"test accuracy {accuracy:.4f} is {'within' if ok_champion else 'more than'} export.tolerance "
+                       f"{tolerance} of the champion's {champion:.4f} (re-scored on this test split)")
+    return ok_threshold and ok_champion, reasons
+
+
+def save_serving_model(model: Any, normalization: str, path: Path) -> None:
+    """A SavedModel whose serving signature takes raw uint8 [N, 32, 32, 3] and returns class
+    probabilities: the recipe's normalization lives inside the graph."""
+    import keras
+    import tensorflow as tf
+
+    from cifarflow.models.normalization import normalize
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name="serving_default",
+        fn=lambda images: model(normalize(images, normalization), training=False),
+        input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+# Runs in a fresh interpreter: TensorFlow, numpy and pyarrow only, nothing from this project.
+SERVING_CHECK = """
+import sys, numpy as np, pyarrow.parquet as pq, tensorflow as tf
+saved_model, out, shards = sys.argv[1], sys.argv[2], sys.argv[3:]
+serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+images = np.concatenate([np.frombuffer(b"".join(pq.read_table(s, columns=["image"]).column("image").to_pylist()),
+                                       np.uint8).reshape(-1, 32, 32, 3) for s in shards])  # uint8 HWC
+probs = [list(serve(images=tf.constant(images[i:i + 500])).values())[0].numpy() for i in range(0, len(images), 500)]
+np.save(out, np.concatenate(probs))
+"""
+
+
+def serving_check(saved_model: Path, shards_dir: Path, expected: np.ndarray) -> dict[str, Any]:
+    """Load the SavedModel in a fresh process and compare with evaluate's test predictions."""
+    from cifarflow.data import shards
+
+    test_shards = [str(p.resolve()) for p in shards.shard_paths(shards_dir, "test", "parquet")]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probs.npy"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+        done = subprocess.run([sys.executable, "-c", SERVING_CHECK, str(saved_model.resolve()), str(out), *test_shards],
+                              capture_output=True, text=True, env=env, cwd=tmp)
+        if done.returncode != 0:
+            raise CifarflowError(f"serving check: loading or running the SavedModel failed:\n{done.stderr[-3000:]}")
+        served = np.load(out)
+    if served.shape != expected.shape:
+        raise CifarflowError(f"serving check: SavedModel gave {served.shape} probabilities, evaluate {expected.shape}")
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    near_tie = (top2[:, 1] - top2[:, 0]) <= TIE_MARGIN
+    disagree = (served.argmax(axis=1) != expected.argmax(axis=1)) & ~near_tie
+    max_diff = float(np.max(np.abs(served - expected))) if len(expected) else 0.0
+    if disagree.any() or max_diff > PROB_TOLERANCE:
+        raise CifarflowError(f"serving check failed: {int(disagree.sum())} argmax disagreements (near-ties excluded), "
+                             f"max probability difference {max_diff:.2e} (allowed {PROB_TOLERANCE})")
+    return {"images": len(expected), "argmax_disagreements": 0, "near_ties": int(near_tie.sum()),
+            "max_probability_difference": max_diff}
+
+
+def champion_accuracy(champion_dir: Path, shards_dir: Path) -> float | None:
+    """The current champion's accuracy on this test split, or None if there is no champion."""
+    saved = champion_dir / SAVED_MODEL
+    if not saved.is_dir():
+        return None
+    import tensorflow as tf
+
+    from cifarflow.data import shards
+
+    test = shards.read_parquet(shards.shard_paths(shards_dir, "test", "parquet"))
+    serve = tf.saved_model.load(str(saved)).signatures["serving_default"]
+    predicted = np.concatenate([next(iter(serve(images=tf.constant(test.images[i:i + 500])).values())).numpy().argmax(1)
+                                for i in range(0, len(test), 500)])
+    return round(float(np.mean(predicted == test.labels)), 6)
+
+
+def git_commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(dumps_json(params.model_dump(mode="json")).encode()).hexdigest()
+
+
+def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, runinfo: Path | None = None,
+        train_runinfo: Path | None = None) -> dict:
+    import keras
+    import tensorflow as tf
+
+    shards_dir, models, evals, out = Path(shards_dir), Path(models), Path(evals), Path(out)
+    manifest = json.loads((shards_dir / MANIFEST).read_text())
+    classes = manifest["classes"]
+    ranked = rank(leaderboard(params, evals, models), params.export.metric)
+    winner = ranked[0]
+    comparison = None
+    if len(ranked) > 1:
+        runner = ranked[1]
+        labels, winner_probs = read_predictions(evals / winner.arch / "predictions_val.csv")
+        _, runner_probs = read_predictions(evals / runner.arch / "predictions_val.csv")
+        test = mcnemar(winner_probs.argmax(1) == labels, runner_probs.argmax(1) == labels)
+        comparison = {"runner_up": runner.arch, **test,
+                      "significant": test["p_value"] < params.export.significance}
+    champion = champion_accuracy(Path(params.export.champion_dir), shards_dir)
+    blessed, reasons = bless(winner.test_accuracy, champion, params.export.min_accuracy, params.export.tolerance)
+    metric = params.export.metric
+    tied = len(ranked) > 1 and getattr(ranked[1], metric) == getattr(winner, metric)
+    why = (f"best {metric} on val ({getattr(winner, metric):.4f}) among {len(ranked)} architectures"
+           + (", fewest parameters among the tied" if tied else ""))
+    card = {
+        "arch": winner.arch, "why": why, "selection_metric": params.export.metric,
+        "leaderboard": [asdict(r) for r in ranked], "comparison": comparison,
+        "val": json.loads((evals / winner.arch / "metrics.json").read_text())["val"],
+        "test": json.loads((evals / winner.arch / "metrics.json").read_text())["test"],
+        "blessed": blessed, "blessing_reasons": reasons, "champion_test_accuracy": champion,
+        "data_manifest_sha256": sha256_file(shards_dir / MANIFEST), "params_sha256": params_hash(params),
+        "git_commit": git_commit(), "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "classes": classes,
+    }
+    _, expected = read_predictions(evals / winner.arch / "predictions_test.csv")
+    with atomic_dir(out) as tmp:
+        model = keras.models.load_model(models / winner.arch / "model.keras", compile=False)
+        save_serving_model(model, params.recipe(winner.arch).normalization, tmp / SAVED_MODEL)
+        card["serving_check"] = serving_check(tmp / SAVED_MODEL, shards_dir, expected)
+        shutil.copyfile(models / winner.arch / "model.keras", tmp / "model.keras")
+        (tmp / "labels.txt").write_text("\n".join(classes) + "\n")
+        (tmp / "model_card.json").write_text(dumps_json(card))
+        (tmp / "MODEL_CARD.md").write_text(model_card_md(card))
+    if runinfo is not None:  # run-dependent facts stay out of the card, which must be reproducible
+        info = Path(train_runinfo or "") / winner.arch / "run.json"
+        write_json_atomic(runinfo, {"arch": winner.arch, "train_run": json.loads(info.read_text())
+                                    if train_runinfo and info.is_file() else None})
+    return card
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def model_card_md(card: dict[str, Any]) -> str:
+    verdict = "**blessed**" if card["blessed"] else "**not blessed**"
+    lines = [f"# Model card: {card['arch']}", "", f"Chosen: {card['why']}.", "",
+             f"Verdict: {verdict}", *[f"- {r}" for r in card["blessing_reasons"]], "",
+             "## Leaderboard (selection on val; test reported, not used to choose)", "",
+             "| arch | params | epochs | val accuracy (95% CI) | val loss | test accuracy (95% CI) |",
+             "|---|---:|---:|---|---:|---|"]
+    for r in card["leaderboard"]:
+        lines.append(f"| {r['arch']} | {r['params']:,} | {r['epochs']} | {_pct(r['val_accuracy'])} "
+                     f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {r['val_loss']:.4f} | "
+                     f"{_pct(r['test_accuracy'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) |")
+    c = card["comparison"]
+    if c:
+        lines += ["", f"Winner vs runner-up ({c['runner_up']}), McNemar exact test on val: only the winner right "
+                      f"{c['only_winner_right']}, only the runner-up right {c['only_runner_up_right']}, "
+                      f"p = {c['p_value']:.4g}: {'significantly better' if c['significant'] else 'not significantly better'}."]
+    lines += ["", "## Provenance", "",
+              f"- data manifest sha256: `{card['data_manifest_sha256']}`",
+              f"- params sha256: `{card['params_sha256']}`",
+              f"- git commit: `{card['git_commit']}`",
+              f"- TensorFlow {card['versions']['tensorflow']}, Keras {card['versions']['keras']}",
+              f"- serving check: {card['serving_check']['images']} test images, max probability difference "
+              f"{card['serving_check']['max_probability_difference']:.1e}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""`cifarflow report`: the leaderboard as markdown and JSON, one row per architecture, with the
+seeds' reported accuracies beside ours. Speeds come from the run-info side files (this machine,
+this run) and are labelled so; everything else comes from DVC-tracked outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cifarflow.config import Params
+from cifarflow.errors import InputError
+from cifarflow.fileio import write_bytes_atomic, write_json_atomic
+
+# What each seed tutorial reports (../shared/seeds/README.md), on the official CIFAR-10.
+SEED_REPORTED = {
+    "simple_cnn": (None, "seed 003 shows its accuracy only as an image"),
+    "lenet": (0.72, "seed 001: ~72% peak eval accuracy"),
+    "lenet_mixup": (0.75, "seed 001: ~75% with mixup"),
+    "resnet56": (None, "seed 002 states none; He et al. 2016 report 93.03% at ~164 epochs"),
+    "densenet121": (0.7518, "seed 000: 75.18% eval accuracy"),
+}
+PLOTS = "dvc_plots/index.html"  # where `dvc plots show` writes the curves
+
+
+def _read(path: Path, stage: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run the {stage} stage first")
+    return json.loads(path.read_text())
+
+
+def rows(params: Params, models: Path, evals: Path, runinfo: Path) -> list[dict[str, Any]]:
+    table = []
+    for arch in params.archs:
+        metrics = _read(evals / arch / "metrics.json", f"evaluate@{arch}")
+        summary = _read(models / arch / "summary.json", f"train@{arch}")
+        run = runinfo / "train" / arch / "run.json"
+        speed = json.loads(run.read_text()).get("train_images_per_second") if run.is_file() else None
+        seed_value, seed_note = SEED_REPORTED.get(arch, (None, "no seed"))
+        table.append({
+            "arch": arch, "model": summary["model"], "variant": summary["variant"], "params": summary["params"],
+            "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+            "val_accuracy": metrics["val"]["accuracy"], "val_ci95": metrics["val"]["ci95"],
+            "test_accuracy": metrics["test"]["accuracy"], "test_ci95": metrics["test"]["ci95"],
+            "seed_reported_accuracy": seed_value, "seed_note": seed_note,
+            "runinfo_train_images_per_second": speed,
+        })
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str) -> str:
+    lines = ["# Leaderboard", "", f"Profile `{profile}`. Selection on val; test is the honest final figure. "
+             "Intervals are 95% Wilson. Seed figures are what the tutorials report on the official CIFAR-10.", "",
+             "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported | "
+             "train img/s (run info) |", "|---|---:|---:|---|---|---|---:|"]
+    for r in table:
+        speed = "–" if r["runinfo_train_images_per_second"] is None else f"{r['runinfo_train_images_per_second']:,.0f}"
+        lines.append(f"| {r['arch']} | {r['params']:,} | {r['epochs']} ({r['best_epoch']}) | {_pct(r['val_accuracy'])} "
+                     f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {_pct(r['test_accuracy'])} "
+                     f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {_pct(r['seed_reported_accuracy'])} | "
+                     f"{speed} |")
+    if card:
+        verdict = "blessed" if card["blessed"] else "not blessed"
+        lines += ["", f"Exported: **{card['arch']}** ({card['why']}), {verdict}:",
+                  *[f"- {reason}" for reason in card["blessing_reasons"]]]
+        if card.get("comparison"):
+            c = card["comparison"]
+            lines.append(f"- vs runner-up {c['runner_up']}: McNemar p = {c['p_value']:.4g} "
+                         f"({'significant' if c['significant'] else 'not significant'})")
+    lines += ["", "Seed notes: " + "; ".join(f"{r['arch']}: {r['seed_note']}" for r in table), "",
+              f"Curves: `dvc plots show` writes [{PLOTS}]({PLOTS}); confusion matrices and prediction grids are in "
+              "`data/eval/<arch>/`. Speeds are run-info figures from the machine that trained, not tracked outputs."]
+    return "\n".join(lines) + "\n"
+
+
+def run(params: Params, models: Path, evals: Path, export: Path, runinfo: Path, out: Path) -> dict[str, Any]:
+    table = rows(params, Path(models), Path(evals), Path(runinfo))
+    card_path = Path(export) / "model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    report = {"profile": params.profile, "rows": table,
+              "exported": None if card is None else {"arch": card["arch"], "blessed": card["blessed"],
+                                                     "reasons": card["blessing_reasons"],
+                                                     "comparison": card.get("comparison")}}
+    write_json_atomic(Path(out) / "leaderboard.json", report)
+    write_bytes_atomic(Path(out) / "leaderboard.md", render(table, card, params.profile).encode())
+    return report
