@@ -106,6 +106,15 @@ def cmd_report(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_flow_run(args: argparse.Namespace, params: Params) -> int:
+    sys.path.insert(0, str(Path.cwd()))  # flows/ and tasks/ live in the project, beside params.yaml
+    from flows.pipeline import main as run_flow
+
+    run_flow([*(["--archs", args.archs] if args.archs else []), *(["--profile", args.profile] if args.profile else []),
+              *(["--webhook-url", args.webhook_url] if args.webhook_url else [])])
+    return 0
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -190,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runinfo", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("flow", help="run the Prefect flow locally (ephemeral server)")
+    flow_sub = p.add_subparsers(dest="flow_command", required=True)
+    p = flow_sub.add_parser("run", help="the whole pipeline as the cifar10-pipeline flow")
+    p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
+    p.add_argument("--profile", help="params profile, e.g. smoke")
+    p.add_argument("--webhook-url", help="where alerts go (Slack-compatible JSON)")
+    p.set_defaults(func=cmd_flow_run)
     return parser
 
 

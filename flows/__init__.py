@@ -1,1 +1,1 @@
-"""Prefect flows that drive the DVC stages (see the Prefect orchestration issue)."""
+"""Prefect flows that drive the DVC stages, and their deployment entry points."""

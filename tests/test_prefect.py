@@ -1,0 +1,238 @@
+"""Prefect orchestration against a real `prefect server start` on 127.0.0.1: the deployment with
+its cron schedule, a worker running the smoke pipeline, artifacts and the alert webhook; then
+the fault cases: a killed training resumed by a retry, a transient failure retried, a config
+error not retried, and a timeout that kills a stage with all its children."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import REPO, cli_env, run_in, set_params
+
+pytestmark = pytest.mark.slow
+ARCH = "lenet"  # one architecture keeps these tests short
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_env(api_url: str, home: Path) -> dict[str, str]:
+    return {**cli_env(), "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite); stopped after."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(api, home) | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    bin_dir = Path(sys.executable).parent
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{api}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise AssertionError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+    try:
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook endpoint that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:
+                length = int(handler.headers.get("Content-Length", 0))
+                self.received.append(json.loads(handler.rfile.read(length)))
+                handler.send_response(200)
+                handler.end_headers()
+
+            def log_message(handler, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def prefect_cli(env: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def api(env: dict[str, str], method: str, path: str, **body: Any) -> Any:
+    response = requests.request(method, env["PREFECT_API_URL"] + path, json=body or None, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], workspace: Path,
+                                               receiver: Receiver) -> None:
+    env = prefect_server | {"CIFARFLOW_WORKSPACE": str(workspace)}
+    set_params(workspace, **{"profiles.smoke.export.min_accuracy": 0.99})  # force the unblessed alert
+    run_in(workspace, "git", "commit", "-qam", "smoke threshold")
+    prefect_cli(env, workspace, "work-pool", "create", "gpu-pool", "--type", "process")
+    prefect_cli(env, workspace, "concurrency-limit", "create", "gpu", "1")
+    prefect_cli(env, workspace, "--no-prompt", "deploy", "--all")
+
+    deployment = api(env, "GET", "/deployments/name/cifar10-pipeline/nightly")
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+    assert deployment["work_pool_name"] == "gpu-pool"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the scheduler creates the upcoming nightly runs
+        scheduled = api(env, "POST", "/flow_runs/filter", flow_runs={"deployment_id": {"any_": [deployment["id"]]},
+                                                                     "state": {"type": {"any_": ["SCHEDULED"]}}})
+        if scheduled:
+            break
+        time.sleep(1)
+    assert scheduled and all(run["expected_start_time"].endswith(("T02:00:00Z", "T02:00:00+00:00")) for run in scheduled)
+
+    run = api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", parameters={
+        "archs": [ARCH], "profile": "smoke", "webhook_url": receiver.url, "workspace": "."})
+    prefect_cli(env, workspace, "worker", "start", "--pool", "gpu-pool", "--run-once", timeout=900)
+    final = api(env, "GET", f"/flow_runs/{run['id']}")
+    assert final["state"]["type"] == "COMPLETED", final["state"]
+
+    card = json.loads((workspace / "data/export/model_card.json").read_text())
+    assert card["arch"] == ARCH and card["blessed"] is False
+    assert (workspace / "data/reports/leaderboard.md").is_file()
+    status = json.loads(run_in(workspace, "dvc", "status", "--json").stdout)
+    assert set(status) <= {"download"}, status
+    artifacts = api(env, "POST", "/artifacts/filter", artifacts={"flow_run_id": {"any_": [run["id"]]}})
+    assert {a["key"] for a in artifacts} >= {"leaderboard", "report", "blessing"}
+    table = next(a for a in artifacts if a["key"] == "leaderboard")
+    assert table["type"] == "table" and ARCH in json.dumps(table["data"])
+    assert [m["event"] for m in receiver.received] == ["not_blessed"]
+    assert ARCH in receiver.received[0]["text"] and "min_accuracy" in receiver.received[0]["text"]
+
+
+# --- faults, with the flow called in-process against the same server ------------------------------
+
+def run_flow(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, workspace: Path, **kwargs: Any) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import cifar10_pipeline
+
+    for key in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("PYTHONPATH", f"{workspace}{os.pathsep}{env['PYTHONPATH']}")
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return cifar10_pipeline(archs=[ARCH], profile="smoke", workspace=str(workspace), promote=False,
+                                return_state=True, **kwargs)
+
+
+def task_runs(env: dict[str, str], state: Any) -> dict[str, dict[str, Any]]:
+    runs = api(env, "POST", "/task_runs/filter", task_runs={"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}})
+    return {r["name"]: r for r in runs}
+
+
+def retrain(workspace: Path) -> None:
+    """Make train@lenet out of date (2 epochs), so that the flow really trains."""
+    set_params(workspace, **{f"profiles.smoke.train.{ARCH}.epochs": 2})
+
+
+def test_killed_training_is_retried_and_resumes_bit_identically(prefect_server: dict[str, str], workspace: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    reference = tmp_path / "reference"
+    shutil.copytree(workspace, reference, symlinks=True)
+    retrain(workspace)
+    retrain(reference)
+    run_in(reference, "dvc", "repro", f"train@{ARCH}")  # the uninterrupted run
+    monkeypatch.setenv("CIFARFLOW_FAULT_KILL_AT", "1:2")
+    state = run_flow(prefect_server, monkeypatch, workspace)
+    assert state.is_completed(), state.message
+    assert task_runs(prefect_server, state)[f"train@{ARCH}"]["run_count"] == 2
+    info = json.loads((workspace / f"data/runinfo/train/{ARCH}/run.json").read_text())
+    assert info["resumed_from_epoch"] >= 1
+    digest = (workspace / f"data/models/{ARCH}/weights.sha256").read_text()
+    assert digest == (reference / f"data/models/{ARCH}/weights.sha256").read_text()
+
+
+def test_transient_failure_is_retried_once(prefect_server: dict[str, str], workspace: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    retrain(workspace)
+    monkeypatch.setenv("CIFARFLOW_FAULT_FAIL_AT", "0:1")
+    state = run_flow(prefect_server, monkeypatch, workspace)
+    assert state.is_completed(), state.message
+    assert task_runs(prefect_server, state)[f"train@{ARCH}"]["run_count"] == 2
+
+
+def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    set_params(workspace, **{"profiles.smoke.data.source": str(workspace / "missing.tgz"),
+                             "profiles.smoke.data.allow_unverified": True})  # valid params, bad input
+    state = run_flow(prefect_server, monkeypatch, workspace)
+    assert state.is_failed()
+    runs = task_runs(prefect_server, state)
+    assert runs["download"]["run_count"] == 1 and runs["download"]["state"]["type"] == "FAILED"
+    assert "missing.tgz" in runs["download"]["state"]["message"] and "no such file" in runs["download"]["state"]["message"]
+    set_params(workspace, **{"data.val_szie": 3})  # invalid params: the check stops the flow first
+    state = run_flow(prefect_server, monkeypatch, workspace)
+    assert state.is_failed() and "val_szie" in state.message
+    assert "download" not in task_runs(prefect_server, state)
+
+
+def test_timeout_kills_the_stage_with_its_children(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.stages import StageTimeout, run_dvc_stage
+
+    retrain(workspace)
+    monkeypatch.setenv("PYTHONPATH", f"{workspace}{os.pathsep}{REPO}")
+    monkeypatch.setenv("PATH", cli_env()["PATH"])
+    started = time.monotonic()
+    with pytest.raises(StageTimeout, match="exceeded its timeout"):
+        run_dvc_stage(f"train@{ARCH}", workspace, timeout_s=4)
+    assert time.monotonic() - started < 60
+    stray = subprocess.run(["pgrep", "-f", f"cifarflow train {ARCH} --shards"], capture_output=True, text=True)
+    assert [p for p in stray.stdout.split() if p] == [], "a stage process outlived the timeout"
+    done = run_in(workspace, "dvc", "status", "--json")  # the DVC lock is free again
+    assert f"train@{ARCH}" in json.loads(done.stdout)
