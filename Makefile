@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= full
+# Stage commands (`cifarflow ...`) run from dvc.yaml: the venv's tools must be on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup pipeline test lint lock clean
 
