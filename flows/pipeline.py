@@ -27,6 +27,7 @@ from tasks.stages import (
     params_check,
     promote_export,
     report_stage,
+    stale_stages,
     train_stage,
 )
 
@@ -76,6 +77,23 @@ def alert_if_unblessed(flow: Any, flow_run: Any, state: Any) -> None:
                f"blessed ({reasons})", event="not_blessed", flow_run=flow_run.name, arch=summary.get("arch"))
 
 
+class StageRunner:
+    """Calls the stage tasks in order, each told whether `dvc status` found it up to date, so DVC
+    starts only for stages with work to do. After a stage that really ran, the status is taken
+    again: its new outputs may have made later stages stale."""
+
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = str(workspace)
+        self.stale = stale_stages(workspace)
+        self.results: dict[str, Any] = {}
+
+    def __call__(self, stage: str, stage_task: Any, *args: Any, timeout_s: float | None) -> None:
+        result = stage_task(*args, self.workspace, timeout_s, up_to_date=stage not in self.stale)
+        self.results[stage] = result
+        if not result["skipped"]:
+            self.stale = stale_stages(self.workspace)
+
+
 def publish(workspace: Path) -> dict[str, Any]:
     """The leaderboard as a table artifact; the report and the verdict as markdown."""
     card = json.loads((workspace / "data/export/model_card.json").read_text())
@@ -102,19 +120,19 @@ def cifar10_pipeline(archs: list[str] | None = None, profile: str | None = None,
     ws = Path(workspace).resolve()
     selected = select(ws, archs, profile)
     params_check(str(ws))
-    ran: dict[str, Any] = {}
+    run = StageRunner(ws)
     for stage in DATA_STAGES:
-        ran[stage] = data_stage(stage, str(ws), stage_timeout_s)
+        run(stage, data_stage, stage, timeout_s=stage_timeout_s)
     for arch in selected:
-        ran[f"train@{arch}"] = train_stage(arch, str(ws), stage_timeout_s)
-        ran[f"evaluate@{arch}"] = evaluate_stage(arch, str(ws), stage_timeout_s)
-    ran["export"] = export_stage(str(ws), stage_timeout_s)
-    ran["report"] = report_stage(str(ws), stage_timeout_s)
+        run(f"train@{arch}", train_stage, arch, timeout_s=stage_timeout_s)
+        run(f"evaluate@{arch}", evaluate_stage, arch, timeout_s=stage_timeout_s)
+    run("export", export_stage, timeout_s=stage_timeout_s)
+    run("report", report_stage, timeout_s=stage_timeout_s)
     card = publish(ws)
     promoted = promote_export(str(ws)) if card["blessed"] and promote else None
     log.info("exported %s (blessed=%s)%s", card["arch"], card["blessed"], ", promoted" if promoted else "")
     return {"arch": card["arch"], "blessed": card["blessed"], "blessing_reasons": card["blessing_reasons"],
-            "promoted": bool(promoted), "archs": selected, "stages": ran,
+            "promoted": bool(promoted), "archs": selected, "stages": run.results,
             "test_accuracy": card["test"]["accuracy"], "val_accuracy": card["val"]["accuracy"]}
 
 

@@ -205,6 +205,13 @@ def test_transient_failure_is_retried_once(prefect_server: dict[str, str], works
     state = run_flow(prefect_server, monkeypatch, workspace)
     assert state.is_completed(), state.message
     assert task_runs(prefect_server, state)[f"train@{ARCH}"]["run_count"] == 2
+    stages = state.result()["stages"]  # the new model made evaluate stale only after training ran
+    assert not stages[f"train@{ARCH}"]["skipped"] and not stages[f"evaluate@{ARCH}"]["skipped"]
+
+    monkeypatch.delenv("CIFARFLOW_FAULT_FAIL_AT")
+    stages = run_flow(prefect_server, monkeypatch, workspace).result()["stages"]  # now up to date
+    assert [name for name, s in stages.items() if not s["skipped"]] == ["download"]  # always changed
+    assert all(s["seconds"] == 0.0 for name, s in stages.items() if name != "download")  # DVC not started
 
 
 def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: Path,
@@ -222,6 +229,20 @@ def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: 
     assert "download" not in task_runs(prefect_server, state)
 
 
+def stage_processes(workspace: Path) -> list[str]:
+    """Processes working in `workspace` (a DVC or a stage command), found by their cwd, so that
+    other trainings on the machine do not count."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(workspace):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{proc.name}: {command[:200]}")
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+    return found
+
+
 def test_timeout_kills_the_stage_with_its_children(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.stages import StageTimeout, run_dvc_stage
 
@@ -232,7 +253,6 @@ def test_timeout_kills_the_stage_with_its_children(workspace: Path, monkeypatch:
     with pytest.raises(StageTimeout, match="exceeded its timeout"):
         run_dvc_stage(f"train@{ARCH}", workspace, timeout_s=4)
     assert time.monotonic() - started < 60
-    stray = subprocess.run(["pgrep", "-f", f"cifarflow train {ARCH} --shards"], capture_output=True, text=True)
-    assert [p for p in stray.stdout.split() if p] == [], "a stage process outlived the timeout"
+    assert stage_processes(workspace) == [], "a stage process outlived the timeout"
     done = run_in(workspace, "dvc", "status", "--json")  # the DVC lock is free again
     assert f"train@{ARCH}" in json.loads(done.stdout)
