@@ -209,8 +209,9 @@ class RuntimeParams(Strict):
     """How training runs, not what it computes."""
 
     deterministic: bool = Field(True, description="op determinism: bit-identical weights on CPU")
-    distribution: Literal["auto", "none", "mirrored"] = Field(
-        "auto", description="auto: MirroredStrategy when more than one GPU is visible")
+    distribution: Literal["auto", "none", "mirrored", "multi_worker"] = Field(
+        "auto", description="auto: MirroredStrategy when more than one GPU is visible; multi_worker: "
+        "MultiWorkerMirroredStrategy, one process per node, each given the cluster and its task in TF_CONFIG")
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = Field(False, description="XLA")
     logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")

@@ -10,6 +10,9 @@ Outputs (deterministic, DVC-tracked) in `out/`: `model.keras` (the best epoch on
 monitor), `weights.sha256`, `history.csv` (per-epoch metrics, no timings) and `summary.json`.
 Run-dependent facts (times, img/s, hardware, versions, resumed_from_epoch, TensorBoard logs) go
 to `runinfo/`. Resume state lives in `checkpoints/` and is deleted when the run completes.
+
+`runtime.distribution: multi_worker` (one process per node) runs the custom loop of
+`multi_worker.py` instead of `fit`, with the same model, inputs, checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cifarflow import keras_archive
 from cifarflow.config import Params, Recipe
 from cifarflow.data.inputs import InputPipeline, load_split
 from cifarflow.data.preprocess import MANIFEST
@@ -116,11 +120,13 @@ def restore(model: keras.Model, checkpoint: Path) -> list[str]:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """model.save needs a .keras name: save beside the target, then rename over it."""
+    """model.save needs a .keras name: save beside the target, then rename over it. The
+    archive's time stamps are fixed, so the same weights give the same bytes (and dvc.lock)."""
     partial = path.with_name(f".{path.stem}.partial.keras")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         model.save(partial)
+        keras_archive.normalise(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -178,6 +184,20 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
     return state
 
 
+def record_epoch(state: RunState, schedule: LearningRate, recipe: Recipe, epoch: int, rate: float,
+                 logs: dict[str, float], seconds: float, images: int) -> None:
+    """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next."""
+    schedule.update(logs)
+    state.schedule = schedule.to_dict()
+    state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
+    state.timings.append({"epoch": epoch, "train_seconds": round(seconds, 3),
+                          "images_per_second": round(images / max(seconds, 1e-9), 1)})
+    state.checkpoint = f"epoch-{epoch}.keras"
+    if improved(recipe, logs[recipe.monitor], state.best):
+        state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
+    state.epoch = epoch + 1
+
+
 def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path) -> dict[str, Any]:
     """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short."""
     recipe = params.recipe(arch)
@@ -186,6 +206,11 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
         raise InputError(f"{manifest_path}: not found; run the preprocess stage first")
     classes = json.loads(manifest_path.read_text())["classes"]
     strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
+    if params.runtime.distribution == "multi_worker":  # Keras 3.15's fit fails under this strategy: a custom loop
+        from cifarflow.training import multi_worker
+
+        return multi_worker.train(params, arch, Path(shards_dir), len(classes), Path(out), Path(runinfo),
+                                  Path(checkpoints), strategy)
     configure_determinism(params.seed, params.runtime.deterministic)
     runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
 
@@ -230,17 +255,9 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
             raise OutOfMemoryError(f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
                                    f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}") from None
         logs = {k: float(v[-1]) for k, v in fit.history.items()}
-        schedule.update(logs)
-        state.schedule = schedule.to_dict()
-        state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
         seen = train_inputs.steps(training=True) * recipe.batch_size
-        state.timings.append({"epoch": epoch, "train_seconds": round(timer.seconds, 3),
-                              "images_per_second": round(seen / max(timer.seconds, 1e-9), 1)})
-        state.checkpoint = f"epoch-{epoch}.keras"
+        record_epoch(state, schedule, recipe, epoch, rate, logs, timer.seconds, seen)
         save_model_atomic(model, store.path(state.checkpoint))
-        if improved(recipe, logs[recipe.monitor], state.best):
-            state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
-        state.epoch = epoch + 1
         store.commit(state)
     if state.best_epoch is None:
         raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
