@@ -6,7 +6,7 @@ PROFILE ?= full
 # Stage commands (`cifarflow ...`) run from dvc.yaml: the venv's tools must be on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test lint lock clean
+.PHONY: setup pipeline test verify-repro lock clean
 
 # A virtual environment with the exact versions of requirements.lock.
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -29,6 +29,11 @@ endif
 test: setup
 	$(BIN)/ruff check cifarflow tests flows tasks bench
 	$(BIN)/pytest
+
+# Two clean clones run the smoke pipeline; every deterministic output must be identical.
+# CIFARFLOW_VERIFY_KEEP=<dir> keeps the clones (CI uses clone-1 for its metrics summary).
+verify-repro: setup
+	$(BIN)/cifarflow verify-repro $(if $(CIFARFLOW_VERIFY_KEEP),--keep $(CIFARFLOW_VERIFY_KEEP)) $(VERIFY_ARGS)
 
 # Refresh the lock after changing dependencies in pyproject.toml.
 lock:

@@ -115,6 +115,13 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_verify_repro(args: argparse.Namespace, params: Params | None) -> int:
+    from cifarflow import verify
+
+    archs = args.archs.split(",") if args.archs else None
+    return verify.main(args.repo, archs, args.real_data, args.keep, (args.real_train, args.real_test))
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -207,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="params profile, e.g. smoke")
     p.add_argument("--webhook-url", help="where alerts go (Slack-compatible JSON)")
     p.set_defaults(func=cmd_flow_run)
+
+    p = sub.add_parser("verify-repro", help="two clean clones run the smoke pipeline; outputs must be identical")
+    p.add_argument("--repo", type=Path, default=Path("."), help="the git repository to clone (its HEAD)")
+    p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
+    p.add_argument("--real-data", type=Path, help="run on an archive built from this folder (e.g. ../shared/data)")
+    p.add_argument("--real-train", type=positive_int, default=5000, help="train images taken from --real-data")
+    p.add_argument("--real-test", type=positive_int, default=1000, help="test images taken from --real-data")
+    p.add_argument("--keep", type=Path, help="work in this folder and keep the clones (default: a temp folder)")
+    p.set_defaults(func=cmd_verify_repro, needs_params=False)
     return parser
 
 

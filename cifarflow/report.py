@@ -1,6 +1,7 @@
 """`cifarflow report`: the leaderboard as markdown and JSON, one row per architecture, with the
-seeds' reported accuracies beside ours. Speeds come from the run-info side files (this machine,
-this run) and are labelled so; everything else comes from DVC-tracked outputs."""
+seeds' reported accuracies beside ours, all from DVC-tracked outputs, so the same params give the
+same bytes. Training speeds depend on the machine and the run: they go to a run-info side file,
+`<runinfo>/speeds.json`, never into the leaderboard."""
 
 from __future__ import annotations
 
@@ -29,13 +30,20 @@ def _read(path: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def rows(params: Params, models: Path, evals: Path, runinfo: Path) -> list[dict[str, Any]]:
+def speeds(params: Params, runinfo: Path) -> dict[str, float | None]:
+    """Median train img/s per arch from the train stages' run info (absent when restored from a cache)."""
+    found = {}
+    for arch in params.archs:
+        run = runinfo / "train" / arch / "run.json"
+        found[arch] = json.loads(run.read_text()).get("train_images_per_second") if run.is_file() else None
+    return found
+
+
+def rows(params: Params, models: Path, evals: Path) -> list[dict[str, Any]]:
     table = []
     for arch in params.archs:
         metrics = _read(evals / arch / "metrics.json", f"evaluate@{arch}")
         summary = _read(models / arch / "summary.json", f"train@{arch}")
-        run = runinfo / "train" / arch / "run.json"
-        speed = json.loads(run.read_text()).get("train_images_per_second") if run.is_file() else None
         seed_value, seed_note = SEED_REPORTED.get(arch, (None, "no seed"))
         table.append({
             "arch": arch, "model": summary["model"], "variant": summary["variant"], "params": summary["params"],
@@ -43,7 +51,6 @@ def rows(params: Params, models: Path, evals: Path, runinfo: Path) -> list[dict[
             "val_accuracy": metrics["val"]["accuracy"], "val_ci95": metrics["val"]["ci95"],
             "test_accuracy": metrics["test"]["accuracy"], "test_ci95": metrics["test"]["ci95"],
             "seed_reported_accuracy": seed_value, "seed_note": seed_note,
-            "runinfo_train_images_per_second": speed,
         })
     return table
 
@@ -55,14 +62,12 @@ def _pct(value: float | None) -> str:
 def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str) -> str:
     lines = ["# Leaderboard", "", f"Profile `{profile}`. Selection on val; test is the honest final figure. "
              "Intervals are 95% Wilson. Seed figures are what the tutorials report on the official CIFAR-10.", "",
-             "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported | "
-             "train img/s (run info) |", "|---|---:|---:|---|---|---|---:|"]
+             "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported |",
+             "|---|---:|---:|---|---|---|"]
     for r in table:
-        speed = "–" if r["runinfo_train_images_per_second"] is None else f"{r['runinfo_train_images_per_second']:,.0f}"
         lines.append(f"| {r['arch']} | {r['params']:,} | {r['epochs']} ({r['best_epoch']}) | {_pct(r['val_accuracy'])} "
                      f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {_pct(r['test_accuracy'])} "
-                     f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {_pct(r['seed_reported_accuracy'])} | "
-                     f"{speed} |")
+                     f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {_pct(r['seed_reported_accuracy'])} |")
     if card:
         verdict = "blessed" if card["blessed"] else "not blessed"
         lines += ["", f"Exported: **{card['arch']}** ({card['why']}), {verdict}:",
@@ -73,12 +78,13 @@ def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: st
                          f"({'significant' if c['significant'] else 'not significant'})")
     lines += ["", "Seed notes: " + "; ".join(f"{r['arch']}: {r['seed_note']}" for r in table), "",
               f"Curves: `dvc plots show` writes [{PLOTS}]({PLOTS}); confusion matrices and prediction grids are in "
-              "`data/eval/<arch>/`. Speeds are run-info figures from the machine that trained, not tracked outputs."]
+              "`data/eval/<arch>/`. Training speeds (img/s) depend on the machine: they are run info, in "
+              "`data/runinfo/speeds.json`."]
     return "\n".join(lines) + "\n"
 
 
 def run(params: Params, models: Path, evals: Path, export: Path, runinfo: Path, out: Path) -> dict[str, Any]:
-    table = rows(params, Path(models), Path(evals), Path(runinfo))
+    table = rows(params, Path(models), Path(evals))
     card_path = Path(export) / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
     report = {"profile": params.profile, "rows": table,
@@ -87,4 +93,5 @@ def run(params: Params, models: Path, evals: Path, export: Path, runinfo: Path, 
                                                      "comparison": card.get("comparison")}}
     write_json_atomic(Path(out) / "leaderboard.json", report)
     write_bytes_atomic(Path(out) / "leaderboard.md", render(table, card, params.profile).encode())
+    write_json_atomic(Path(runinfo) / "speeds.json", {"train_images_per_second": speeds(params, Path(runinfo))})
     return report
