@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifarflow.errors import ConfigError
+from cifarflow.redact import has_userinfo, redact_url, short
 
 DEFAULT_PARAMS = Path("params.yaml")
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -27,17 +29,24 @@ SYNTH_PREFIX = "synth:"
 
 
 class Strict(BaseModel):
-    """Base of every params section: unknown keys are errors, values are immutable."""
+    """Base of every params section: unknown keys are errors, values are immutable, and no float
+    is infinite or NaN (`.inf` would pass any `gt=0` bound and poison a run)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+MAX_EXAMPLES = 200_000  # a generated split larger than this is a typo, not a dataset (60,000 is CIFAR-10)
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")  # architecture and profile names: DVC stage names and paths
 
 
 class SynthSpec(Strict):
     """A generated source, written in params as `synth:train=2000,test=500,seed=0`."""
 
-    train: int = Field(ge=10)
-    test: int = Field(ge=10)
-    seed: int = Field(0, ge=0)
+    train: int = Field(ge=10, le=MAX_EXAMPLES)
+    test: int = Field(ge=10, le=MAX_EXAMPLES)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @classmethod
     def parse(cls, text: str) -> SynthSpec:
@@ -45,12 +54,17 @@ class SynthSpec(Strict):
         fields: dict[str, int] = {}
         for part in filter(None, body.split(",")):
             key, sep, value = part.partition("=")
-            if not sep or not value.strip().isdigit():
-                raise ValueError(f"bad synth source part {part!r}; expected key=integer, e.g. {SYNTH_EXAMPLE}")
+            if not sep or not value.strip().isdigit() or len(value.strip()) > 12:
+                raise ValueError(f"bad synth source part {short(part)}; expected key=integer, e.g. {SYNTH_EXAMPLE}")
             if key.strip() not in cls.model_fields:
-                raise ValueError(f"unknown synth key {key.strip()!r}; valid: {', '.join(cls.model_fields)}")
+                raise ValueError(f"unknown synth key {short(key.strip())}; valid: {', '.join(cls.model_fields)}")
             fields[key.strip()] = int(value)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"synth {first['loc'][0]}={fields.get(str(first['loc'][0]))}: "
+                             f"{first['msg']} (in {SYNTH_EXAMPLE}-style sources)") from None
 
     def __str__(self) -> str:
         return f"{SYNTH_PREFIX}train={self.train},test={self.test},seed={self.seed}"
@@ -63,18 +77,26 @@ HEX = {"md5": re.compile(r"^[0-9a-f]{32}$"), "sha256": re.compile(r"^[0-9a-f]{64
 class DataParams(Strict):
     """The `download` and `preprocess` stages."""
 
-    source: str | list[str] = Field(
+    source: str | Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=16)] = Field(
         OFFICIAL_URL,
         description="http(s):// or file:// URL, local archive path, image folder, or synth:...; "
-        "a list is tried in order as mirrors",
+        "a list (at most 16) is tried in order as mirrors",
     )
     md5: str | None = OFFICIAL_MD5
     sha256: str | None = None
     allow_unverified: bool = False
     retries: int = Field(5, ge=0, le=100, description="retries per mirror on transient errors")
-    timeout_s: float = Field(60.0, gt=0, description="socket timeout per request")
-    max_member_mb: int = Field(1024, ge=1, description="largest archive member accepted")
-    val_size: int = Field(5000, ge=1, description="validation examples carved from train")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="socket timeout per request, seconds")
+    deadline_s: float = Field(3600.0, gt=0, le=86_400, description="overall limit per mirror attempt, seconds, "
+                              "however the server trickles")
+    max_download_mb: int = Field(1024, ge=1, le=1 << 20, description="bytes one download may bring, in MiB")
+    max_member_mb: int = Field(1024, ge=1, le=1 << 20, description="largest archive member accepted, MiB")
+    max_extract_mb: int = Field(1024, ge=1, le=1 << 20, description="decompressed bytes of an archive, MiB")
+    max_members: int = Field(100_000, ge=1, le=10_000_000, description="archive members, or files of an "
+                             "image folder, read at most")
+    max_image_pixels: int = Field(4096 * 4096, ge=32 * 32, le=1 << 31, description="pixels of one image file "
+                                  "(image folders, predict): larger is that file's error, the rest go on")
+    val_size: int = Field(5000, ge=1, le=10_000_000, description="validation examples carved from train")
     shards: int = Field(8, ge=1, le=4096, description="shards per split, per format")
     fail_on_leakage: bool = False
     format: Literal["parquet", "tfrecord"] = Field("parquet", description="the shards training reads")
@@ -92,8 +114,16 @@ class DataParams(Strict):
         for item in items:
             if not item.strip():
                 raise ValueError("a source is empty")
+            if len(item) > 4096:
+                raise ValueError(f"a source is {len(item):,} characters long; at most 4096")
             if item.startswith(SYNTH_PREFIX):
                 SynthSpec.parse(item)
+            if source_kind(item) == "url" and has_userinfo(item):
+                # The password must not be echoed: DVC copies params into dvc.lock and experiment refs.
+                raise ValueError(f"{redact_url(item)} carries credentials (user:password@) in params.yaml, which DVC "
+                                 "copies into dvc.lock and experiments; remove them and put them in ~/.netrc (read "
+                                 "by the HTTP client) or pass a signed URL (its query string is redacted in every "
+                                 "log and file)")
         return value
 
     @field_validator("md5", "sha256")
@@ -113,8 +143,28 @@ class DataParams(Strict):
                 check_checksum_keys(self, kind, source)
         return self
 
+    @model_validator(mode="after")
+    def _splits_fit_generated_sources(self) -> DataParams:
+        # A generated source's size is known now; an archive's is checked by preprocess before it writes.
+        for source in self.sources:
+            if source_kind(source) == "synth":
+                spec = SynthSpec.parse(source)
+                check_split_sizes(spec.train, spec.test, self.val_size, self.shards)
+        return self
+
     def checksum_keys_set(self) -> list[str]:
         return [f"data.{k}" for k in ("md5", "sha256") if getattr(self, k) is not None]
+
+
+def check_split_sizes(train: int, test: int, val_size: int, shards: int) -> None:
+    """data.val_size leaves examples to train on, and every split fills data.shards shards."""
+    if not 0 < val_size < train:
+        raise ValueError(f"data.val_size is {val_size} but the source has {train} train examples; "
+                         f"set 0 < data.val_size < {train}")
+    smallest = min(train - val_size, val_size, test)
+    if shards > smallest:
+        raise ValueError(f"data.shards is {shards} but the smallest split has {smallest} examples "
+                         f"(train {train - val_size}, val {val_size}, test {test}); set data.shards <= {smallest}")
 
 
 def source_kind(source: str) -> Literal["synth", "url", "local"]:
@@ -145,9 +195,9 @@ MODELS = ("simple_cnn", "lenet", "resnet56", "densenet121")  # cifarflow.models.
 
 class OptimizerParams(Strict):
     name: Literal["adam", "adamax", "sgd"]
-    learning_rate: float = Field(gt=0, description="at `lr_reference_batch` examples per step")
+    learning_rate: float = Field(gt=0, le=10, description="at `lr_reference_batch` examples per step")
     lr_reference_batch: int | None = Field(
-        None, ge=1, description="scale the rate by batch_size / this (seed 002: 128); null: no scaling")
+        None, ge=1, le=MAX_BATCH, description="scale the rate by batch_size / this (seed 002: 128); null: no scaling")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
 
 
@@ -158,12 +208,14 @@ class ScheduleParams(Strict):
 
     kind: Literal["constant", "exponential", "step", "plateau"] = "constant"
     decay: float = Field(0.9, gt=0, le=1, description="exponential")
-    boundaries: list[int] = Field(default_factory=list, description="step: epochs where a multiplier starts")
-    multipliers: list[float] = Field(default_factory=list, description="step: one per boundary")
+    boundaries: list[Annotated[int, Field(ge=0, le=MAX_EPOCHS)]] = Field(
+        default_factory=list, max_length=64, description="step: epochs where a multiplier starts")
+    multipliers: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=list, max_length=64, description="step: one per boundary")
     monitor: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="plateau")
     factor: float = Field(0.1, gt=0, lt=1, description="plateau")
-    patience: int = Field(10, ge=0, description="plateau")
-    min_lr: float = Field(1e-6, ge=0, description="plateau")
+    patience: int = Field(10, ge=0, le=MAX_EPOCHS, description="plateau")
+    min_lr: float = Field(1e-6, ge=0, le=10, description="plateau")
 
     @model_validator(mode="after")
     def _steps(self) -> ScheduleParams:
@@ -175,8 +227,8 @@ class ScheduleParams(Strict):
 
 
 class MixupParams(Strict):
-    alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) mixing weights")
-    warmup: int = Field(1, ge=0, description="epochs without mixup first")
+    alpha: float = Field(1.0, gt=0, le=1000, description="Beta(alpha, alpha) mixing weights")
+    warmup: int = Field(1, ge=0, le=MAX_EPOCHS, description="epochs without mixup first")
 
 
 class Recipe(Strict):
@@ -185,8 +237,8 @@ class Recipe(Strict):
     model: Literal["simple_cnn", "lenet", "resnet56", "densenet121"]
     variant: Literal["full", "tiny"] = Field("full", description="tiny: a small model for tests and smoke")
     stem: Literal["imagenet", "cifar"] | None = Field(None, description="densenet121 only")
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1, description="global batch: split across replicas")
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(ge=1, le=MAX_BATCH, description="global batch: split across replicas")
     optimizer: OptimizerParams
     schedule: ScheduleParams = ScheduleParams()
     normalization: Literal["center", "minmax", "standardize"] = Field(
@@ -215,14 +267,14 @@ class RuntimeParams(Strict):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = Field(False, description="XLA")
     logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")
-    oom_min_micro_batch: int = Field(4, ge=1, description="out of memory below this micro-batch: give up")
+    oom_min_micro_batch: int = Field(4, ge=1, le=MAX_BATCH, description="out of memory below this micro-batch: give up")
 
 
 class EvaluateParams(Strict):
     """The `evaluate@<arch>` stages."""
 
     tta: bool = Field(False, description="also report horizontal-flip test-time augmentation (separate fields)")
-    batch_size: int = Field(500, ge=1, description="inference batch")
+    batch_size: int = Field(500, ge=1, le=MAX_BATCH, description="inference batch")
 
 
 class ExportParams(Strict):
@@ -232,7 +284,8 @@ class ExportParams(Strict):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="test accuracy a model needs to be blessed")
     tolerance: float = Field(0.01, ge=0, le=1, description="how far below the champion's test accuracy is still blessed")
     significance: float = Field(0.05, gt=0, lt=1, description="McNemar p-value that makes the winner significantly better")
-    champion_dir: str = Field("champion", description="where `cifarflow promote` puts a blessed export (not a DVC output)")
+    champion_dir: str = Field("champion", min_length=1, max_length=4096, description="the champion registry: "
+                              "where `cifarflow promote` keeps versions (not inside data/ or a DVC output)")
 
 
 class Params(Strict):
@@ -241,14 +294,18 @@ class Params(Strict):
     profile: str = "full"
     seed: int = Field(42, ge=0, le=2**31 - 1)
     data: DataParams = DataParams()
-    archs: list[str] = Field(default_factory=list, description="what the DAG trains and export considers")
+    archs: list[str] = Field(default_factory=list, max_length=64, description="what the DAG trains and export considers")
     runtime: RuntimeParams = RuntimeParams()
-    train: dict[str, Recipe] = Field(default_factory=dict)
+    train: dict[str, Recipe] = Field(default_factory=dict, max_length=64)
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 
     @model_validator(mode="after")
     def _archs_have_recipes(self) -> Params:
+        bad = [name for name in [*self.train, *self.archs] if not NAME.match(name)]
+        if bad:  # they become DVC stage names and folder names: nothing that could leave data/
+            raise ValueError(f"architecture name {short(bad[0])} is not lowercase letters, digits and _ "
+                             "(at most 64, starting with a letter or digit)")
         missing = [a for a in self.archs if a not in self.train]
         if missing:
             raise ValueError(f"archs {missing} have no recipe under train:; recipes: {', '.join(self.train)}")
@@ -322,15 +379,21 @@ def _describe(error: dict[str, Any], source: str, overlay: dict[str, Any] | None
         return f"{source}: unknown key '{where}'{hint} Valid keys here: {', '.join(valid)}"
     message = error["msg"].removeprefix("Value error, ")
     if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
-        message += f" (got {error['input']!r})"
+        message += f" (got {short(error['input'])})"  # bounded and redacted: never a whole huge value
     return f"{source}: {where}: {message}"
+
+
+MAX_ERRORS = 10  # lines of a ConfigError; the rest are counted
 
 
 def _validate(raw: dict[str, Any], source: str, overlay: dict[str, Any] | None, profile: str) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e, source, overlay, profile) for e in exc.errors()]
+        errors = exc.errors()
+        lines = [_describe(e, source, overlay, profile) for e in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_ERRORS} more")
         raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
 
 
@@ -354,15 +417,126 @@ def resolve(raw: dict[str, Any], source: str = str(DEFAULT_PARAMS)) -> Params:
     return resolved[selected]
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
-    """Read and validate params.yaml; every problem is a ConfigError (exit 2)."""
-    path = Path(path)
+MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a MiB is not a settings file
+MAX_YAML_NODES = 100_000  # scalars, sequences and mappings after every alias is expanded
+
+
+def expanded_size(node: yaml.Node, path: str, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many nodes `node` becomes once its aliases are expanded, memoised per node, so that a
+    "billion laughs" document is measured in time linear in its text, not in its expansion."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ConfigError(f"{path}: a YAML alias refers to a node that contains it (a recursive document)")
+    open_.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += expanded_size(child, path, sizes, open_)
+        if total > MAX_YAML_NODES:
+            break
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
+def read_yaml(path: Path) -> Any:
+    """YAML, parsed safely and within bounds: at most MAX_PARAMS_BYTES of text and MAX_YAML_NODES
+    nodes after alias expansion (DVC parses params.yaml too, so `params --check` runs first)."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; --params takes a YAML file") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES:,} bytes; not a params file")
     try:
-        raw = yaml.safe_load(text) or {}
+        node = yaml.compose(data.decode("utf-8"), Loader=yaml.SafeLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return resolve(raw, str(path))
+        raise ConfigError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
+    if node is None:
+        return {}
+    size = expanded_size(node, str(path), {}, set())
+    if size > MAX_YAML_NODES:
+        raise ConfigError(f"{path}: expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases and anchors "
+                          "repeating large parts?); write the values out")
+    try:
+        return yaml.SafeLoader(data.decode("utf-8")).get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, check_paths: bool = True) -> Params:
+    """Read and validate params.yaml; every problem is a ConfigError (exit 2). `check_paths`: also
+    check the paths it names against the project folder (the params file's folder)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    params = resolve(raw, str(path))
+    if check_paths:
+        root = path.resolve().parent
+        for name, overlay in ({FULL: {}} | dict((raw or {}).get("profiles") or {})).items():
+            value = (overlay.get("export") or {}).get("champion_dir") if name != FULL else None
+            champion = value if isinstance(value, str) else (raw.get("export") or {}).get("champion_dir", "champion")
+            where = f"profiles.{name}.export.champion_dir" if isinstance(value, str) else "export.champion_dir"
+            try:
+                check_champion_dir(str(champion), root)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {where}: {exc}") from None
+    return params
+
+
+def dvc_outputs(root: Path) -> list[str]:
+    """The outputs dvc.yaml declares (outs, metrics, plots), as project-relative paths; a templated
+    path (`data/models/${item}/...`) stands for the folder before its first `${`."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    found = []
+    for stage in stages.values():
+        body = stage.get("do", stage) if isinstance(stage, dict) else {}
+        for key in ("outs", "metrics", "plots"):
+            for entry in body.get(key) or []:
+                name = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+                found.append(name.split("${", 1)[0].rstrip("/") or ".")
+    return found
+
+
+def check_champion_dir(value: str, root: Path) -> None:
+    """The champion registry must be a folder of its own: not inside data/, a DVC output, .git or
+    .dvc (a rerun or checkout would delete or replace it), not the project or one of its ancestors
+    (promote would move the project), and not a symlink or a file. Raises ValueError naming the path."""
+    if not value.strip() or "\0" in value:
+        raise ValueError(f"{short(value)} is not a folder path")
+    given = Path(os.path.expanduser(value))
+    lexical = Path(os.path.normpath(given if given.is_absolute() else root / given))
+    resolved = lexical.resolve()
+    if lexical == Path("/") or resolved == Path("/"):
+        raise ValueError(f"{short(value)} is the filesystem root /; use a folder of its own, e.g. champion")
+    for candidate in {lexical, resolved}:
+        if candidate == root:
+            raise ValueError(f"{short(value)} is the project folder itself ({root}); use a folder of its own, "
+                             "e.g. champion")
+        if candidate in root.parents:
+            raise ValueError(f"{short(value)} ({candidate}) is an ancestor of the project folder {root}; use a "
+                             "folder of its own, e.g. champion")
+        forbidden = {"data": "data/ (DVC's outputs)", ".git": ".git", ".dvc": ".dvc"}
+        forbidden |= {out: f"the DVC output {out}" for out in dvc_outputs(root)}
+        for rel, label in forbidden.items():
+            inside = root / rel
+            if candidate == inside or inside in candidate.parents:
+                raise ValueError(f"{short(value)} ({candidate}) lies inside {label}; `dvc repro` or a checkout "
+                                 "would delete or replace it. Use a folder of its own, e.g. champion")
+    if lexical.is_symlink():
+        raise ValueError(f"{lexical} is a symlink; the registry must be a real folder (remove the link)")
+    if lexical.exists() and not lexical.is_dir():
+        raise ValueError(f"{lexical} exists and is not a folder; move it away or choose another path")

@@ -228,5 +228,5 @@ def train_params(arch: str = "lenet", **recipe: Any) -> Params:
     """Params with one tiny recipe, `arch`, for trainer tests."""
     base = {"model": "lenet", "variant": "tiny", "epochs": 2, "batch_size": 32, "optimizer": {"name": "adam",
             "learning_rate": 0.002}, "normalization": "minmax"}
-    return resolve({"data": {"source": "synth:train=300,test=50", "md5": None}, "archs": [arch],
+    return resolve({"data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2}, "archs": [arch],
                     "train": {arch: {**base, **recipe}}})

@@ -96,7 +96,7 @@ def test_check_is_fast_and_does_not_import_tensorflow(tmp_path: Path) -> None:
 
 def test_params_prints_resolved_config(tmp_path: Path, capsys) -> None:
     path = write_params(tmp_path, {"profile": "smoke", "profiles": {"smoke": {"data": {
-        "source": "synth:train=20,test=20", "md5": None}}}})
+        "source": "synth:train=20,test=20", "md5": None, "val_size": 5, "shards": 2}}}})
     assert main(["--params", str(path), "params"]) == 0
     out = capsys.readouterr().out
     assert "profile: smoke" in out and "synth:train=20,test=20" in out

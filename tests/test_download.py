@@ -120,12 +120,12 @@ def test_missing_local_source(tmp_path: Path) -> None:
 
 
 def test_synth_source(tmp_path: Path) -> None:
-    manifest = run(tmp_path, source="synth:train=100,test=30,seed=3", md5=None)
+    manifest = run(tmp_path, source="synth:train=100,test=30,seed=3", md5=None, val_size=20, shards=2)
     assert manifest["kind"] == "synth" and manifest["counts"] == {"train": 100, "test": 30}
 
 
 def test_existing_output_survives_a_failed_run(tmp_path: Path) -> None:
-    run(tmp_path, source="synth:train=100,test=30,seed=3", md5=None)
+    run(tmp_path, source="synth:train=100,test=30,seed=3", md5=None, val_size=20, shards=2)
     before = (tmp_path / "raw" / "manifest.json").read_bytes()
     with pytest.raises(InputError):
         run(tmp_path, source=str(tmp_path / "nope.tgz"), md5="0" * 32)
@@ -210,7 +210,7 @@ def test_missing_batch(tmp_path: Path) -> None:
 
 
 def test_counts_are_reported_not_assumed(tmp_path: Path) -> None:
-    manifest = run(tmp_path, source="synth:train=103,test=17,seed=3", md5=None)
+    manifest = run(tmp_path, source="synth:train=103,test=17,seed=3", md5=None, val_size=20, shards=2)
     assert sum(manifest["records"][f] for f in cb.TRAIN_FILES) == 103 and manifest["records"]["test_batch.bin"] == 17
 
 

@@ -52,7 +52,7 @@ def params_file(root: Path, distribution: str, seed: int = 42, **recipe) -> Path
         root,
         {
             "seed": seed,
-            "data": {"source": "synth:train=300,test=50", "md5": None},
+            "data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2},
             "archs": [ARCH],
             "train": {ARCH: {**RECIPE, **recipe}},
             "runtime": {"distribution": distribution},

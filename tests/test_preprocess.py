@@ -21,7 +21,7 @@ SOURCE = "synth:train=300,test=60,seed=5"
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("raw")
-    download.run(make_params(source=SOURCE, md5=None), root / "raw", root / "cache")
+    download.run(make_params(source=SOURCE, md5=None, val_size=50, shards=2), root / "raw", root / "cache")
     return root / "raw"
 
 

@@ -26,8 +26,12 @@ RECIPES = {
 }
 
 
+DATA = {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2}
+
+
 def params_file(root: Path, **runtime) -> Path:
-    raw = {"data": {"source": "synth:train=300,test=50", "md5": None}, "archs": list(RECIPES), "train": RECIPES,
+    raw = {"data": DATA, "archs": list(RECIPES),
+           "train": RECIPES,
            "runtime": runtime}
     root.mkdir(parents=True, exist_ok=True)
     return write_params(root, raw)
@@ -83,7 +87,7 @@ def test_state_with_another_fingerprint_is_discarded(uninterrupted: Path, tiny_s
     state = json.loads((tmp_path / "ckpt/mix/state.json").read_text())
     raw = json.loads(json.dumps(RECIPES))
     raw["mix"]["optimizer"]["learning_rate"] = 0.003  # a param edit: the old state must not be reused
-    write_params(tmp_path, {"data": {"source": "synth:train=300,test=50", "md5": None}, "archs": list(RECIPES),
+    write_params(tmp_path, {"data": DATA, "archs": list(RECIPES),
                             "train": raw})
     rerun = train(tmp_path, "mix", tiny_shards, params)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -140,7 +144,7 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tiny_shards: Path, tm
                           ("mirrored", {"distribution": "mirrored", "logical_cpus": 2})):
         root = tmp_path / name
         root.mkdir()
-        params = write_params(root, {"data": {"source": "synth:train=300,test=50", "md5": None}, "archs": ["mix"],
+        params = write_params(root, {"data": DATA, "archs": ["mix"],
                                      "train": {"mix": recipe}, "runtime": runtime})
         done = train(root, "mix", tiny_shards, params)
         assert done.returncode == 0, done.stderr[-2000:]

@@ -32,7 +32,7 @@ def images(n: int, seed: int) -> np.ndarray:
 
 
 def shards_of(tmp_path: Path, raw: Path, **data) -> Path:
-    preprocess.run(make_params(md5=None, source="synth:train=10,test=10", val_size=20, shards=2, **data), raw,
+    preprocess.run(make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2, **data), raw,
                    tmp_path / "shards")
     return tmp_path / "shards"
 
@@ -41,8 +41,8 @@ def test_statistics_and_no_leakage(tmp_path: Path) -> None:
     train, test = images(100, 1), images(30, 2)
     train[:, :, :, 0] = 10  # a constant red channel: its mean and std are known exactly
     raw = raw_with(tmp_path, train, np.arange(100) % 10, test, np.arange(30) % 10)
-    metrics = validate.run(make_params(md5=None, source="synth:train=10,test=10"), shards_of(tmp_path, raw),
-                           tmp_path / "m.json", tmp_path / "r.md")
+    params = make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2)
+    metrics = validate.run(params, shards_of(tmp_path, raw), tmp_path / "m.json", tmp_path / "r.md")
     assert metrics["counts"] == {"train": 80, "val": 20, "test": 30}
     assert metrics["class_counts"]["val"] == dict.fromkeys(cb.CIFAR10_CLASSES, 2)
     assert metrics["pixel"]["train"]["mean"][0] == 10.0 and metrics["pixel"]["train"]["std"][0] == 0.0
@@ -62,7 +62,7 @@ def leaky_raw(tmp_path: Path) -> Path:
 
 
 def test_leakage_is_counted_and_reported(tmp_path: Path) -> None:
-    metrics = validate.run(make_params(md5=None, source="synth:train=10,test=10"),
+    metrics = validate.run(make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2),
                            shards_of(tmp_path, leaky_raw(tmp_path)), tmp_path / "m.json", tmp_path / "r.md")
     within = metrics["duplicates_within"]["train"] + metrics["duplicates_within"]["val"]
     assert metrics["leakage"]["train_test"] + metrics["leakage"]["val_test"] == 3
@@ -72,7 +72,7 @@ def test_leakage_is_counted_and_reported(tmp_path: Path) -> None:
 
 def test_fail_on_leakage_exits_2(tmp_path: Path, capsys) -> None:
     root = shards_of(tmp_path, leaky_raw(tmp_path))
-    params = write_params(tmp_path, {"data": {"source": "synth:train=10,test=10", "md5": None,
+    params = write_params(tmp_path, {"data": {"source": "synth:train=100,test=30", "md5": None, "val_size": 20, "shards": 2,
                                               "fail_on_leakage": True}})
     code = main(["--params", str(params), "validate", "--shards", str(root), "--metrics", str(tmp_path / "m.json"),
                  "--report", str(tmp_path / "r.md")])
