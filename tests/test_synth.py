@@ -6,13 +6,14 @@ import hashlib
 import io
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 from conftest import cli_env
 
 from cifarflow.data import cifar_binary as cb
-from cifarflow.data.extract import read_batches
+from cifarflow.data.extract import read_archive, read_batches
 from cifarflow.data.synth import prototypes, synth_archive_bytes
 
 
@@ -32,6 +33,22 @@ def test_official_layout() -> None:
     assert set(files) == set(cb.EXPECTED_FILES)
     assert [len(files[f]) // cb.RECORD_BYTES for f in cb.TRAIN_FILES] == [11] * 5
     assert cb.parse_meta(files[cb.META_FILE]) == list(cb.CIFAR10_CLASSES)
+
+
+def test_archive_carries_the_synth_marker() -> None:
+    """The marker member makes the download stage report the data as "synth" whatever serves it;
+    read_batches still gives exactly the batches folder."""
+    blob = synth_archive_bytes(55, 20, 0)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        names = tar.getnames()
+        marker = tar.extractfile(f"{cb.FOLDER}/{cb.SYNTH_MARKER}")
+        assert marker is not None and marker.read() == cb.SYNTH_MARKER_TEXT
+    assert sorted(names) == sorted(f"{cb.FOLDER}/{name}" for name in (*cb.EXPECTED_FILES, cb.SYNTH_MARKER))
+    archive = read_archive(io.BytesIO(blob), 1 << 30, "synth")
+    assert archive.marker == cb.SYNTH_MARKER_TEXT.decode().strip() and set(archive.files) == set(cb.EXPECTED_FILES)
+    buffer = io.BytesIO()
+    cb.write_archive(buffer, archive.files)  # the same batches, unmarked: an ordinary archive
+    assert read_archive(io.BytesIO(buffer.getvalue()), 1 << 30, "plain").marker is None
 
 
 def test_images_carry_a_learnable_class_pattern() -> None:

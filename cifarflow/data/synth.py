@@ -2,6 +2,7 @@
 
 Each class has a fixed prototype (oriented colour stripes); an image is its class's prototype,
 shifted by a few pixels, plus per-pixel noise. The same arguments always give byte-identical files.
+The archive carries a marker member (cifar_binary.SYNTH_MARKER): it never passes for real data.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def synth_files(train: int, test: int, seed: int) -> dict[str, bytes]:
 
 
 def synth_archive_bytes(train: int, test: int, seed: int) -> bytes:
+    """The archive: the batches folder's files plus the SYNTH_MARKER member, which makes the
+    download stage report the data as "synth" whichever source (path, file://, http) serves it."""
     buffer = io.BytesIO()
-    cb.write_archive(buffer, synth_files(train, test, seed))
+    cb.write_archive(buffer, {**synth_files(train, test, seed), cb.SYNTH_MARKER: cb.SYNTH_MARKER_TEXT})
     return buffer.getvalue()
 
 
