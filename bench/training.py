@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from cifarflow.config import Params, resolve  # noqa: E402
-from cifarflow.data import download, preprocess  # noqa: E402
+from cifarflow.data import download, preprocess, validate  # noqa: E402
 from cifarflow.data.inputs import InputPipeline, load_split  # noqa: E402
 from cifarflow.models.normalization import normalize  # noqa: E402
 from cifarflow.training.trainer import build_compiled, train  # noqa: E402
@@ -163,8 +163,10 @@ def bench_overhead(shards: Path, params: Params, workdir: Path) -> None:
     raw["train"][arch]["epochs"] = 1
     one_epoch = Params.model_validate(raw)
     recipe = one_epoch.train[arch]
+    verdict = workdir / "validation" / "verdict.json"  # train() reads only validated shards: validate first, untimed
+    validate.run(one_epoch, shards, verdict.parent / "metrics.json", verdict.parent / "report.md", verdict)
     started = time.perf_counter()
-    train(one_epoch, arch, shards, workdir / "out", workdir / "run", workdir / "checkpoints")
+    train(one_epoch, arch, shards, workdir / "out", workdir / "run", workdir / "checkpoints", verdict)
     ours = time.perf_counter() - started
 
     x, v = load_split(shards, "train", "parquet"), load_split(shards, "val", "parquet")

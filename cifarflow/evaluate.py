@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cifarflow.config import Params
-from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
 from cifarflow.fileio import write_bytes_atomic, write_json_atomic
 
@@ -137,22 +136,23 @@ def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
-def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path) -> dict[str, Any]:
+def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path, verdict: Path) -> dict[str, Any]:
+    """Score `arch` on val and test of shards that the validate stage passed (`verdict`) and that are unchanged since."""
     import keras
 
-    from cifarflow.data.inputs import InputPipeline, load_split
+    from cifarflow.data.inputs import InputPipeline, load_checked
 
     recipe = params.recipe(arch)
-    manifest_path, model_path = Path(shards_dir) / MANIFEST, Path(model_dir) / "model.keras"
-    for path, stage in ((manifest_path, "preprocess"), (model_path, f"train@{arch}")):
-        if not path.is_file():
-            raise InputError(f"{path}: not found; run the {stage} stage first")
-    classes = json.loads(manifest_path.read_text())["classes"]
+    checked = check_shards(shards_dir, verdict, params.data.format, SPLITS)
+    model_path = Path(model_dir) / "model.keras"
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: not found; run the train@{arch} stage first")
+    classes = checked.classes
     model = keras.models.load_model(model_path, compile=False)
     out = Path(out)
     metrics: dict[str, Any] = {"arch": arch}
     for split in SPLITS:
-        data = load_split(shards_dir, split, params.data.format)
+        data = load_checked(checked, split)
         pipeline = InputPipeline(data, recipe, len(classes), params.seed, params.evaluate.batch_size)
         probs = predict(model, pipeline)
         labels = data.labels.astype(np.int64)

@@ -12,7 +12,6 @@ The weights file is already stable.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -32,25 +31,21 @@ def renumber_shared_ids(config: object, ids: dict[int, int]) -> None:
             renumber_shared_ids(value, ids)
 
 
-def normalise(path: Path) -> None:
-    """Rewrite the archive at `path` in place (via a temp file and a rename)."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.normalising")
-    try:
-        with zipfile.ZipFile(path) as source, zipfile.ZipFile(partial, "w") as target:
-            for info in source.infolist():
-                data = source.read(info)
-                if info.filename == METADATA:
-                    metadata = json.loads(data)
-                    metadata.pop("date_saved", None)
-                    data = json.dumps(metadata, sort_keys=True).encode()
-                elif info.filename == CONFIG:
-                    config = json.loads(data)
-                    renumber_shared_ids(config, {})
-                    data = json.dumps(config).encode()
-                entry = zipfile.ZipInfo(info.filename, date_time=EPOCH)
-                entry.compress_type, entry.external_attr = info.compress_type, info.external_attr
-                target.writestr(entry, data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+def normalise(path: Path, target: Path) -> None:
+    """Write the byte-stable form of the archive at `path` to `target`. No temp file of its own:
+    the caller writes `target` atomically (trainer.save_model_atomic), so a kill leaves nothing
+    here that the caller's PID-named temps do not cover."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(target, "w") as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == METADATA:
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata, sort_keys=True).encode()
+            elif info.filename == CONFIG:
+                config = json.loads(data)
+                renumber_shared_ids(config, {})
+                data = json.dumps(config).encode()
+            entry = zipfile.ZipInfo(info.filename, date_time=EPOCH)
+            entry.compress_type, entry.external_attr = info.compress_type, info.external_attr
+            out.writestr(entry, data)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, write_params
+from conftest import cli_env, make_params, write_params
 
 pytestmark = pytest.mark.slow
 ARCH = "net"
@@ -78,7 +78,19 @@ def train_cmd(params: Path, shards: Path, node: Path) -> list[str]:
         str(node / "run"),
         "--checkpoints",
         str(node / "ckpt"),
+        "--verdict",
+        str(shards.parent / "validation" / "verdict.json"),
     ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def verdict(tiny_shards: Path) -> Path:
+    """`cifarflow train` requires the validate stage's verdict: validate the session's tiny shards (once)."""
+    from cifarflow.data import validate
+
+    path = tiny_shards.parent / "validation" / "verdict.json"
+    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
+    return path
 
 
 def single(root: Path, shards: Path, seed: int = 42) -> subprocess.Popen:

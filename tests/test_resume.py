@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, write_params
+from conftest import cli_env, make_params, write_params
 
 pytestmark = pytest.mark.slow
 BASE = {"variant": "tiny", "epochs": 3, "batch_size": 32, "optimizer": {"name": "adam", "learning_rate": 0.002},
@@ -37,10 +37,20 @@ def params_file(root: Path, **runtime) -> Path:
     return write_params(root, raw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def verdict(tiny_shards: Path) -> Path:
+    """`cifarflow train` requires the validate stage's verdict: validate the session's tiny shards (once)."""
+    from cifarflow.data import validate
+
+    path = tiny_shards.parent / "validation" / "verdict.json"
+    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
+    return path
+
+
 def train(root: Path, arch: str, shards: Path, params: Path, **env: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "cifarflow", "--params", str(params), "train", arch, "--shards", str(shards),
            "--out", str(root / "out" / arch), "--runinfo", str(root / "run" / arch), "--checkpoints",
-           str(root / "ckpt" / arch)]
+           str(root / "ckpt" / arch), "--verdict", str(shards.parent / "validation" / "verdict.json")]
     return subprocess.run(cmd, env={**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "2", **env}, capture_output=True, text=True)
 
 

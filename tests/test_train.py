@@ -9,16 +9,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, train_params, write_params
+from conftest import cli_env, make_params, train_params, write_params
 
+from cifarflow.data import validate
 from cifarflow.training.schedule import LearningRate
 from cifarflow.training.trainer import train
 
 
-def test_outputs_and_determinism(tiny_shards: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def verdict(tiny_shards: Path) -> Path:
+    """train() requires the validate stage's verdict: validate the session's tiny shards (once)."""
+    path = tiny_shards.parent / "validation" / "verdict.json"
+    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
+    return path
+
+
+def test_outputs_and_determinism(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
     params = train_params(schedule={"kind": "exponential", "decay": 0.5})
-    first = train(params, "lenet", tiny_shards, tmp_path / "a", tmp_path / "run_a", tmp_path / "ck_a")
-    second = train(params, "lenet", tiny_shards, tmp_path / "b", tmp_path / "run_b", tmp_path / "ck_b")
+    first = train(params, "lenet", tiny_shards, tmp_path / "a", tmp_path / "run_a", tmp_path / "ck_a", verdict)
+    second = train(params, "lenet", tiny_shards, tmp_path / "b", tmp_path / "run_b", tmp_path / "ck_b", verdict)
     assert first["weights_sha256"] == second["weights_sha256"], "same params, same weights"
     assert (tmp_path / "a/weights.sha256").read_text().strip() == first["weights_sha256"]
     rows = list(csv.DictReader((tmp_path / "a/history.csv").open()))
@@ -32,21 +41,21 @@ def test_outputs_and_determinism(tiny_shards: Path, tmp_path: Path) -> None:
     assert not list((tmp_path / "a").glob("*tfevents*"))
 
 
-def test_both_formats_train_identically(tiny_shards: Path, tmp_path: Path) -> None:
+def test_both_formats_train_identically(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
     raw = train_params(epochs=1, augmentation="crop_flip", normalization="standardize").model_dump()
     digests = []
     for fmt in ("parquet", "tfrecord"):
         raw["data"]["format"] = fmt
         params = type(train_params()).model_validate(raw)
         digests.append(train(params, "lenet", tiny_shards, tmp_path / fmt, tmp_path / f"run_{fmt}",
-                             tmp_path / f"ck_{fmt}")["weights_sha256"])
+                             tmp_path / f"ck_{fmt}", verdict)["weights_sha256"])
     assert digests[0] == digests[1]
 
 
-def test_mixup_and_plateau_recipes_train(tiny_shards: Path, tmp_path: Path) -> None:
+def test_mixup_and_plateau_recipes_train(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
     params = train_params(mixup={"alpha": 1.0, "warmup": 1}, monitor="val_loss",
                           schedule={"kind": "plateau", "patience": 0, "factor": 0.5})
-    summary = train(params, "lenet", tiny_shards, tmp_path / "m", tmp_path / "run", tmp_path / "ck")
+    summary = train(params, "lenet", tiny_shards, tmp_path / "m", tmp_path / "run", tmp_path / "ck", verdict)
     assert summary["monitor"] == "val_loss" and summary["best_epoch"] in (0, 1)
 
 
@@ -79,10 +88,12 @@ def cli(tmp_path: Path, raw: dict, *args: str) -> subprocess.CompletedProcess[st
 
 def test_bad_arch_and_bad_recipe_exit_2(tmp_path: Path) -> None:
     raw = train_params().model_dump(mode="json")
-    done = cli(tmp_path, raw, "train", "lenett", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c")
+    done = cli(tmp_path, raw, "train", "lenett", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c",
+               "--verdict", "v")
     assert done.returncode == 2 and "unknown arch 'lenett': did you mean lenet?" in done.stderr
     raw["train"]["lenet"]["batch_size"] = 0
-    done = cli(tmp_path, raw, "train", "lenet", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c")
+    done = cli(tmp_path, raw, "train", "lenet", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c",
+               "--verdict", "v")
     assert done.returncode == 2 and "train.lenet.batch_size" in done.stderr
     raw["train"]["lenet"]["batch_size"] = 8
     raw["train"]["lenet"]["optimizer"]["nmae"] = "adam"

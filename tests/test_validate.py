@@ -75,7 +75,7 @@ def test_fail_on_leakage_exits_2(tmp_path: Path, capsys) -> None:
     params = write_params(tmp_path, {"data": {"source": "synth:train=100,test=30", "md5": None, "val_size": 20, "shards": 2,
                                               "fail_on_leakage": True}})
     code = main(["--params", str(params), "validate", "--shards", str(root), "--metrics", str(tmp_path / "m.json"),
-                 "--report", str(tmp_path / "r.md")])
+                 "--report", str(tmp_path / "r.md"), "--verdict", str(tmp_path / "verdict.json")])
     assert code == 2 and "appear in more than one split" in capsys.readouterr().err
 
 

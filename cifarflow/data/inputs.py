@@ -17,6 +17,7 @@ import tensorflow as tf
 from cifarflow.config import Recipe
 from cifarflow.data import shards
 from cifarflow.data.cifar_binary import Split
+from cifarflow.data.verdict import CheckedShards
 from cifarflow.models.normalization import normalize
 
 PAD = 4  # seed 002: pad 4 black pixels, then crop back to 32x32
@@ -29,6 +30,13 @@ def load_split(root: Path, split: str, fmt: str) -> Split:
     """One split's shards, read into uint8 arrays (the same arrays whichever the format)."""
     paths = shards.shard_paths(root, split, fmt)
     return shards.read_parquet(paths) if fmt == "parquet" else read_tfrecords(paths)
+
+
+def load_checked(data: CheckedShards, split: str) -> Split:
+    """One split of shards that passed `verdict.check_shards`, with its count and labels checked."""
+    loaded = load_split(data.root, split, data.fmt)
+    data.check_split(split, loaded.labels)
+    return loaded
 
 
 def read_tfrecords(paths: list[Path]) -> Split:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow.config import Params
+from cifarflow.config import Params, check_split_sizes
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards, tfrecord
 from cifarflow.data.cifar_binary import Split
@@ -81,6 +81,10 @@ def run(params: Params, raw: Path, out: Path) -> dict[str, Any]:
         raise InputError(f"{raw_manifest_path}: not found; run the download stage first")
     raw_manifest = json.loads(raw_manifest_path.read_text())
     train, test, classes = cb.read_raw(Path(raw) / cb.FOLDER)
+    try:  # before any work: an archive's split sizes are known only now
+        check_split_sizes(len(train), len(test), params.data.val_size, params.data.shards)
+    except ValueError as exc:
+        raise InputError(f"{raw}: {exc}") from None
     splits = make_splits(train, test, params.data.val_size, params.seed)
     with atomic_dir(out) as tmp:
         files = write_shards(tmp, splits, params.data.shards)

@@ -3,6 +3,13 @@ counts, per-channel pixel statistics, and exact duplicates within and across spl
 
 The train/val/test leakage count (an image that appears in two splits) is the figure that
 matters: it fails the stage only when data.fail_on_leakage is set.
+
+Both formats are covered: the Parquet shards are read (schema, labels, counts), and every shard
+of both formats must be exactly the manifest's, by name and sha256. TFRecord content is not
+parsed here (that would need TensorFlow or ~1 s more per 60k images): its bytes must be the ones
+preprocess recorded, and training and evaluation check the labels and counts of whatever format
+they load. Only when everything passes is the verdict written (verdict.py), which train, evaluate
+and export require.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from cifarflow.config import Params
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards
 from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.verdict import discard_verdict, read_manifest, write_verdict
 from cifarflow.errors import InputError
 from cifarflow.fileio import sha256_file, write_bytes_atomic, write_json_atomic
 
@@ -29,8 +37,18 @@ log = logging.getLogger(__name__)
 
 
 def check_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Every shard listed is present with its recorded sha256, and no unlisted shard exists."""
+    """The manifest lists every split's shards in both formats; every shard listed is present with
+    its recorded sha256, and no unlisted shard exists."""
     listed = set(manifest["shards"])
+    n = manifest.get("shards_per_split")
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"{root / MANIFEST}: shards_per_split is {n!r}, not a positive count; rerun preprocess")
+    names = {f"{fmt}/{shards.shard_name(split, i, n, fmt)}" for fmt in shards.FORMATS for split in shards.SPLITS
+             for i in range(n)}
+    if listed != names:
+        wrong = sorted(listed ^ names)
+        raise InputError(f"{root / MANIFEST}: does not list {n} shards per split in each of {sorted(shards.FORMATS)} "
+                         f"(differs in {wrong[:4]}{' ...' if len(wrong) > 4 else ''}); rerun preprocess")
     present = {f"{p.parent.name}/{p.name}" for fmt in shards.FORMATS for p in (root / fmt).glob("*")}
     if present - listed:
         raise InputError(f"{root}: shards not in {MANIFEST}: {sorted(present - listed)}")
@@ -59,13 +77,14 @@ def image_hashes(images: np.ndarray) -> list[bytes]:
     return [hashlib.sha256(row.data).digest() for row in flat]  # sha256 runs on SHA-NI: fastest here
 
 
-def run(params: Params, root: Path, metrics_path: Path, report_path: Path) -> dict[str, Any]:
-    """Validate `root` (the preprocess output); write the metrics JSON and a markdown summary."""
+def run(params: Params, root: Path, metrics_path: Path, report_path: Path,
+        verdict_path: Path | None = None) -> dict[str, Any]:
+    """Validate `root` (the preprocess output); write the metrics JSON and a markdown summary, and
+    the verdict at `verdict_path` only if the shards pass."""
     root = Path(root)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: not found; run the preprocess stage first")
-    manifest = json.loads(manifest_path.read_text())
+    if verdict_path is not None:
+        discard_verdict(verdict_path)
+    manifest_bytes, manifest = read_manifest(root)
     with ThreadPoolExecutor(max_workers=1) as pool:  # hashing the shards overlaps the statistics
         integrity = pool.submit(check_manifest, root, manifest)
         try:
@@ -80,6 +99,8 @@ def run(params: Params, root: Path, metrics_path: Path, report_path: Path) -> di
         if params.data.fail_on_leakage:
             raise InputError(f"{message} (data.fail_on_leakage is set)")
         log.warning("%s; set data.fail_on_leakage: true to fail on this", message)
+    if verdict_path is not None:
+        write_verdict(verdict_path, manifest_bytes)  # last: nothing after this can fail the stage
     return metrics
 
 

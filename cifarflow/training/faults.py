@@ -3,6 +3,7 @@
     CIFARFLOW_FAULT_KILL_AT=<epoch>:<step>   SIGKILL the process after that train step
     CIFARFLOW_FAULT_OOM_AT=<epoch>:<step>    raise ResourceExhaustedError there (out of memory)
     CIFARFLOW_FAULT_FAIL_AT=<epoch>:<step>   raise a plain runtime error there
+    CIFARFLOW_FAULT_NAN_AT=<epoch>:<step>    set the weights to NaN there (a diverged run)
 
 Epochs and steps count from 0. Each fault fires once: a marker file in the run's checkpoint
 folder records that it fired, so the retry runs through. Never set these in production.
@@ -18,7 +19,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-FAULTS = {"kill": "CIFARFLOW_FAULT_KILL_AT", "oom": "CIFARFLOW_FAULT_OOM_AT", "fail": "CIFARFLOW_FAULT_FAIL_AT"}
+FAULTS = {"kill": "CIFARFLOW_FAULT_KILL_AT", "oom": "CIFARFLOW_FAULT_OOM_AT", "fail": "CIFARFLOW_FAULT_FAIL_AT",
+          "nan": "CIFARFLOW_FAULT_NAN_AT"}
 
 
 def _parse(name: str, value: str) -> tuple[int, int]:
@@ -51,6 +53,10 @@ class FaultInjector(keras.callbacks.Callback):
             marker.write_text(f"{self.epoch}:{batch}\n")
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "nan":
+                for weight in self.model.trainable_weights:
+                    weight.assign(tf.fill(weight.shape, float("nan")))
+                continue
             if kind == "oom":
                 raise tf.errors.ResourceExhaustedError(None, None, f"injected OOM at epoch {self.epoch} step {batch}")
             raise RuntimeError(f"injected runtime failure at epoch {self.epoch} step {batch}")

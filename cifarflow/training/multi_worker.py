@@ -44,8 +44,9 @@ import numpy as np
 import tensorflow as tf
 
 from cifarflow.config import Params
-from cifarflow.data.inputs import InputPipeline, load_split
+from cifarflow.data.inputs import InputPipeline, load_checked
 from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.verdict import CheckedShards
 from cifarflow.errors import CifarflowError, ConfigError, InputError
 from cifarflow.training import runtime
 from cifarflow.training.faults import FaultInjector
@@ -53,6 +54,7 @@ from cifarflow.training.resume import ResumeStore, RunState, fingerprint
 from cifarflow.training.schedule import LearningRate
 from cifarflow.training.trainer import (
     build_compiled,
+    check_finite,
     configure_determinism,
     finish,
     record_epoch,
@@ -231,14 +233,16 @@ class Summaries:
 def train(
     params: Params,
     arch: str,
-    shards_dir: Path,
-    num_classes: int,
+    data: CheckedShards,
     out: Path,
     runinfo: Path,
     checkpoints: Path,
     strategy: tf.distribute.Strategy,
 ) -> dict[str, Any]:
-    """Train `arch` on this worker's share of every global batch; the chief writes the fit path's files."""
+    """Train `arch` on this worker's share of every global batch; the chief writes the fit path's files.
+    `data` is what `verdict.check_shards` returned on this node (trainer.train calls it before the
+    strategy starts); each split's count and labels are checked once loaded."""
+    shards_dir, num_classes = data.root, len(data.classes)
     recipe = params.recipe(arch)
     configure_determinism(params.seed, params.runtime.deterministic)
     per_replica = runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
@@ -265,11 +269,9 @@ def train(
     collectives.broadcast_variables([*model.variables, *model.optimizer.variables])
 
     train_inputs = InputPipeline(
-        load_split(shards_dir, "train", params.data.format), recipe, num_classes, params.seed, recipe.batch_size
+        load_checked(data, "train"), recipe, num_classes, params.seed, recipe.batch_size
     )  # global batches: each replica takes its rows
-    val_inputs = InputPipeline(
-        load_split(shards_dir, "val", params.data.format), recipe, num_classes, params.seed, recipe.batch_size
-    )
+    val_inputs = InputPipeline(load_checked(data, "val"), recipe, num_classes, params.seed, recipe.batch_size)
     if train_inputs.steps(training=True) == 0:
         raise InputError(
             f"train has {len(train_inputs)} examples, fewer than one batch of "
@@ -329,6 +331,7 @@ def train(
             val_accuracy,
             seconds,
         )
+        check_finite(arch, epoch, logs, recipe.monitor)
         record_epoch(state, schedule, recipe, epoch, rate, logs, seconds, train_inputs.steps(training=True) * recipe.batch_size)
         if chief:
             save_model_atomic(model, store.path(state.checkpoint))

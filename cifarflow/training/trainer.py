@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import platform
@@ -34,11 +33,12 @@ import tensorflow as tf
 
 from cifarflow import keras_archive
 from cifarflow.config import Params, Recipe
-from cifarflow.data.inputs import InputPipeline, load_split
+from cifarflow.data.inputs import InputPipeline, load_checked
 from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.verdict import check_shards
 from cifarflow.digest import weights_digest
-from cifarflow.errors import CifarflowError, InputError
-from cifarflow.fileio import write_bytes_atomic, write_json_atomic
+from cifarflow.errors import CifarflowError, ConfigError, InputError
+from cifarflow.fileio import atomic_path, temp_sibling, write_bytes_atomic, write_json_atomic
 from cifarflow.models import build_model
 from cifarflow.training import runtime
 from cifarflow.training.faults import FaultInjector
@@ -120,16 +120,12 @@ def restore(model: keras.Model, checkpoint: Path) -> list[str]:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """model.save needs a .keras name: save beside the target, then rename over it. The
-    archive's time stamps are fixed, so the same weights give the same bytes (and dvc.lock)."""
-    partial = path.with_name(f".{path.stem}.partial.keras")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        model.save(partial)
-        keras_archive.normalise(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """model.save needs a .keras name: save beside the target, normalise into a temp, then rename
+    over it. The archive's time stamps are fixed, so the same weights give the same bytes (and
+    dvc.lock). Both temps are PID-named: the next save of `path` removes a killed run's."""
+    with atomic_path(path) as normalised, temp_sibling(path, ".tmp.keras") as saved:
+        model.save(saved)
+        keras_archive.normalise(saved, normalised)
 
 
 def improved(recipe: Recipe, value: float, best: float | None) -> bool:
@@ -184,6 +180,15 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
     return state
 
 
+def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str) -> None:
+    """A diverged epoch (NaN or infinite loss or monitored metric) stops the run as a configuration
+    error: retrying the same recipe diverges again, and a NaN model must never be kept."""
+    bad = [name for name in dict.fromkeys(("loss", "val_loss", monitor)) if not np.isfinite(logs.get(name, np.nan))]
+    if bad:
+        raise ConfigError(f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch}: the recipe train.{arch} "
+                          "diverges (learning rate too high for this batch or normalization?); nothing of this epoch kept")
+
+
 def record_epoch(state: RunState, schedule: LearningRate, recipe: Recipe, epoch: int, rate: float,
                  logs: dict[str, float], seconds: float, images: int) -> None:
     """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next."""
@@ -198,19 +203,18 @@ def record_epoch(state: RunState, schedule: LearningRate, recipe: Recipe, epoch:
     state.epoch = epoch + 1
 
 
-def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path) -> dict[str, Any]:
-    """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short."""
+def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path,
+          verdict: Path) -> dict[str, Any]:
+    """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short. Only shards the
+    validate stage passed (its `verdict`) are read, and only if they are still the ones it checked."""
     recipe = params.recipe(arch)
-    manifest_path = Path(shards_dir) / MANIFEST
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: not found; run the preprocess stage first")
-    classes = json.loads(manifest_path.read_text())["classes"]
+    data = check_shards(shards_dir, verdict, params.data.format, ("train", "val"))  # before devices or shards: fail fast
+    manifest_path, classes = data.root / MANIFEST, data.classes
     strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
     if params.runtime.distribution == "multi_worker":  # Keras 3.15's fit fails under this strategy: a custom loop
         from cifarflow.training import multi_worker
 
-        return multi_worker.train(params, arch, Path(shards_dir), len(classes), Path(out), Path(runinfo),
-                                  Path(checkpoints), strategy)
+        return multi_worker.train(params, arch, data, Path(out), Path(runinfo), Path(checkpoints), strategy)
     configure_determinism(params.seed, params.runtime.deterministic)
     runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
 
@@ -229,10 +233,8 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
             restore(model, store.path(state.checkpoint))
             log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, state.epoch, micro)
 
-    train_inputs = InputPipeline(load_split(shards_dir, "train", params.data.format), recipe, len(classes),
-                                 params.seed, recipe.batch_size, micro)
-    val_inputs = InputPipeline(load_split(shards_dir, "val", params.data.format), recipe, len(classes),
-                               params.seed, recipe.batch_size)
+    train_inputs = InputPipeline(load_checked(data, "train"), recipe, len(classes), params.seed, recipe.batch_size, micro)
+    val_inputs = InputPipeline(load_checked(data, "val"), recipe, len(classes), params.seed, recipe.batch_size)
     if train_inputs.steps(training=True) == 0:
         raise InputError(f"train has {len(train_inputs)} examples, fewer than one batch of "
                          f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder")
@@ -256,6 +258,7 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
                                    f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}") from None
         logs = {k: float(v[-1]) for k, v in fit.history.items()}
         seen = train_inputs.steps(training=True) * recipe.batch_size
+        check_finite(arch, epoch, logs, recipe.monitor)
         record_epoch(state, schedule, recipe, epoch, rate, logs, timer.seconds, seen)
         save_model_atomic(model, store.path(state.checkpoint))
         store.commit(state)
@@ -267,10 +270,9 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
 def finish(arch: str, recipe: Recipe, state: RunState, store: ResumeStore, out: Path, runinfo: Path,
            resumed_from: int | None, devices: dict) -> dict[str, Any]:
     """Write the outputs from the best checkpoint, then drop the resume state."""
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / f".{MODEL_FILE}.partial"
-    shutil.copyfile(store.path(state.best_checkpoint), partial)
-    os.replace(partial, out / MODEL_FILE)
+    (out / f".{MODEL_FILE}.partial").unlink(missing_ok=True)  # a killed older version's temp (no PID in its name)
+    with atomic_path(out / MODEL_FILE) as partial:
+        shutil.copyfile(store.path(state.best_checkpoint), partial)
     best = keras.models.load_model(out / MODEL_FILE, compile=False)
     digest = weights_digest(best)
     best_row = state.history[state.best_epoch]
