@@ -23,7 +23,9 @@ STATUS_ENV = "CIFARFLOW_STATUS_FILE"
 
 def cmd_params(args: argparse.Namespace, params: Params) -> int:
     if not args.check:
-        sys.stdout.write(params.to_yaml())
+        from cifarflow.redact import redact_text
+
+        sys.stdout.write(redact_text(params.to_yaml()))  # a signed source URL's query is not for a terminal or log
     else:
         print(f"{args.params}: ok (profile {params.profile})")
     return 0
@@ -55,7 +57,7 @@ def cmd_preprocess(args: argparse.Namespace, params: Params) -> int:
 def cmd_validate(args: argparse.Namespace, params: Params) -> int:
     from cifarflow.data import validate
 
-    metrics = validate.run(params, args.shards, args.metrics, args.report)
+    metrics = validate.run(params, args.shards, args.metrics, args.report, args.verdict)
     log.info("validate: counts %s, leakage %s", metrics["counts"], metrics["leakage"]["total"])
     return 0
 
@@ -64,7 +66,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     params.recipe(args.arch)  # an unknown arch is a config error before TensorFlow loads
     from cifarflow.training.trainer import train
 
-    train(params, args.arch, args.shards, args.out, args.runinfo, args.checkpoints)
+    train(params, args.arch, args.shards, args.out, args.runinfo, args.checkpoints, args.verdict)
     return 0
 
 
@@ -72,7 +74,7 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
     params.recipe(args.arch)
     from cifarflow import evaluate
 
-    metrics = evaluate.run(params, args.arch, args.shards, args.model, args.out)
+    metrics = evaluate.run(params, args.arch, args.shards, args.model, args.out, args.verdict)
     log.info("evaluate@%s: val %.4f, test %.4f", args.arch, metrics["val"]["accuracy"], metrics["test"]["accuracy"])
     return 0
 
@@ -80,23 +82,39 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
 def cmd_export(args: argparse.Namespace, params: Params) -> int:
     from cifarflow import export
 
-    card = export.run(params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo)
+    card = export.run(params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo,
+                      args.verdict)
     log.info("export: %s, blessed=%s (%s)", card["arch"], card["blessed"], "; ".join(card["blessing_reasons"]))
     return 0
 
 
-def cmd_promote(args: argparse.Namespace, params: Params) -> int:
-    from cifarflow.promote import promote
+def registry_dir(args: argparse.Namespace, params: Params) -> Path:
+    """The champion registry: --champion, else export.champion_dir relative to the params file's folder
+    (the project), checked by the same rules as `params --check`."""
+    from cifarflow.config import check_champion_dir
+    from cifarflow.errors import ConfigError
 
-    promote(args.export, args.champion or Path(params.export.champion_dir), args.force)
-    return 0
+    root = Path(args.params).resolve().parent
+    given = str(args.champion) if getattr(args, "champion", None) else params.export.champion_dir
+    try:
+        check_champion_dir(given, root)
+    except ValueError as exc:
+        raise ConfigError(f"{'--champion' if getattr(args, 'champion', None) else 'export.champion_dir'}: {exc}") from None
+    path = Path(os.path.expanduser(given))
+    return path if path.is_absolute() else root / path
+
+
+def cmd_promote(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow import promote
+
+    return promote.run(args, params, registry_dir(args, params))
 
 
 def cmd_predict(args: argparse.Namespace, params: Params) -> int:
     from cifarflow import predict
 
-    model = args.model or predict.default_model(Path(params.export.champion_dir), Path("data/export"))
-    return predict.run(args.paths, model, args.format)
+    model = args.model or predict.default_model(registry_dir(args, params))
+    return predict.run(args.paths, model, args.format, params.data.max_image_pixels, max_files=params.data.max_members)
 
 
 def cmd_report(args: argparse.Namespace, params: Params) -> int:
@@ -111,7 +129,19 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> int:
     from flows.pipeline import main as run_flow
 
     run_flow([*(["--archs", args.archs] if args.archs else []), *(["--profile", args.profile] if args.profile else []),
-              *(["--webhook-url", args.webhook_url] if args.webhook_url else [])])
+              *(["--webhook-secret", args.webhook_secret] if args.webhook_secret else [])])
+    return 0
+
+
+def cmd_workspace(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.config import read_yaml
+    from cifarflow.errors import ConfigError
+    from cifarflow.workspace import prepare
+
+    known = ["full", *dict(read_yaml(args.params).get("profiles") or {})]  # params are valid: main() loaded them
+    if args.profile not in known:
+        raise ConfigError(f"unknown profile {args.profile!r}; valid: {', '.join(known)} (profiles: in {args.params})")
+    print(prepare(Path(args.params).resolve().parent, args.profile))
     return 0
 
 
@@ -126,6 +156,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
+    if not 0 <= value <= 86_400:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be 0-86400 seconds, got {text[:40]!r}")
     return value
 
 
@@ -161,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--verdict", type=Path, required=True,
+                   help="written only if the shards pass; train, evaluate and export require it")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train one architecture (a key of train: in params.yaml)")
@@ -169,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model, weight digest, history, summary")
     p.add_argument("--runinfo", type=Path, required=True, help="side folder: timings, hardware, TensorBoard")
     p.add_argument("--checkpoints", type=Path, required=True, help="resume state (kept until the run completes)")
+    p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score one architecture's best checkpoint on val and test")
@@ -176,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--model", type=Path, required=True, help="the train stage's output folder")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="select the best of archs on val, bless it, write the servable export")
@@ -185,17 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--runinfo", type=Path, help="side file for run-dependent facts")
     p.add_argument("--train-runinfo", type=Path, help="the train stages' run-info folder")
+    p.add_argument("--verdict", type=Path,
+                   help="the validate stage's verdict on these shards (without it the shard digests are still checked)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("promote", help="copy a blessed export to the champion folder (keeps a backup)")
-    p.add_argument("--export", type=Path, default=Path("data/export"))
-    p.add_argument("--champion", type=Path, help="default: export.champion_dir")
-    p.add_argument("--force", action="store_true", help="promote even if not blessed")
+    p = sub.add_parser("promote", help="make a blessed export the champion: a new version in the registry")
+    p.add_argument("--export", type=Path, default=Path("data/export"), help="the export to promote (default: %(default)s)")
+    p.add_argument("--shards", type=Path, default=Path("data/shards"),
+                   help="the test split the champion is re-scored on (default: %(default)s)")
+    p.add_argument("--champion", type=Path, help="the registry folder (default: export.champion_dir)")
+    p.add_argument("--force", action="store_true",
+                   help="promote even if not blessed, synthetic, rolled back or worse than the champion (recorded)")
+    p.add_argument("--by", help="who or what promotes, for the history (default: user@host)")
+    p.add_argument("--wait", type=seconds, default=600.0, help="seconds to wait for another promotion (default: %(default)s)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="show the versions, the champion and the history")
+    action.add_argument("--rollback", nargs="?", const="", metavar="VERSION",
+                        help="make VERSION (default: the one served before) the champion again")
+    action.add_argument("--gc", action="store_true", help="remove old versions (see --keep)")
+    p.add_argument("--keep", type=positive_int, default=5,
+                   help="with --gc: versions kept besides the champion and the one before it (default: %(default)s)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="classify PNG/JPEG files and folders")
     p.add_argument("paths", type=Path, nargs="+")
-    p.add_argument("--model", type=Path, help="an export folder (default: the champion, else data/export)")
+    p.add_argument("--model", type=Path, help="an export folder, e.g. data/export (default: the registry's champion)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(func=cmd_predict)
 
@@ -212,8 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = flow_sub.add_parser("run", help="the whole pipeline as the cifar10-pipeline flow")
     p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
     p.add_argument("--profile", help="params profile, e.g. smoke")
-    p.add_argument("--webhook-url", help="where alerts go (Slack-compatible JSON)")
+    p.add_argument("--webhook-secret", metavar="NAME", help="Prefect Secret block holding the alert webhook URL "
+                   "(Slack-compatible JSON; default: $CIFARFLOW_WEBHOOK_URL, else no alerts)")
     p.set_defaults(func=cmd_flow_run)
+
+    p = sub.add_parser("workspace", help="create or refresh runs/PROFILE/, a private copy of the project that "
+                       "runs PROFILE (make pipeline PROFILE=smoke)")
+    p.add_argument("profile", help="a profile of params.yaml, e.g. smoke")
+    p.set_defaults(func=cmd_workspace)
 
     p = sub.add_parser("verify-repro", help="two clean clones run the smoke pipeline; outputs must be identical")
     p.add_argument("--repo", type=Path, default=Path("."), help="the git repository to clone (its HEAD)")

@@ -89,7 +89,8 @@ class DataParams(Strict):
     timeout_s: float = Field(60.0, gt=0, le=3600, description="socket timeout per request, seconds")
     deadline_s: float = Field(3600.0, gt=0, le=86_400, description="overall limit per mirror attempt, seconds, "
                               "however the server trickles")
-    max_download_mb: int = Field(1024, ge=1, le=1 << 20, description="bytes one download may bring, in MiB")
+    max_download_mb: int = Field(1024, ge=1, le=1 << 20, description="bytes one download may bring, or a local "
+                                 "archive (path or file://) may have, in MiB")
     max_member_mb: int = Field(1024, ge=1, le=1 << 20, description="largest archive member accepted, MiB")
     max_extract_mb: int = Field(1024, ge=1, le=1 << 20, description="decompressed bytes of an archive, MiB")
     max_members: int = Field(100_000, ge=1, le=10_000_000, description="archive members, or files of an "
@@ -116,8 +117,16 @@ class DataParams(Strict):
                 raise ValueError("a source is empty")
             if len(item) > 4096:
                 raise ValueError(f"a source is {len(item):,} characters long; at most 4096")
+            if item != item.strip():
+                raise ValueError("a source starts or ends with whitespace; remove it")
             if item.startswith(SYNTH_PREFIX):
                 SynthSpec.parse(item)
+            scheme = URL_SCHEME.match(item)
+            if scheme and not item.startswith(SYNTH_PREFIX):  # URL-shaped: never echoed, it may hold a password
+                if scheme[1] not in SCHEMES or not item.startswith(f"{scheme[1]}://"):
+                    raise ValueError(f"a source starts with the scheme {short(scheme[1], 20)}: but is not an "
+                                     f"{'/'.join(SCHEMES)} URL written <scheme>://... in lowercase (the source is not "
+                                     "shown: it may carry credentials)")
             if source_kind(item) == "url" and has_userinfo(item):
                 # The password must not be echoed: DVC copies params into dvc.lock and experiment refs.
                 raise ValueError(f"{redact_url(item)} carries credentials (user:password@) in params.yaml, which DVC "
@@ -130,7 +139,7 @@ class DataParams(Strict):
     @classmethod
     def _hex(cls, value: str | None, info: Any) -> str | None:
         if value is not None and not HEX[info.field_name].match(value):
-            raise ValueError(f"not a lowercase hex {info.field_name} digest: {value!r}")
+            raise ValueError(f"not a lowercase hex {info.field_name} digest: {short(value)}")
         return value
 
     @model_validator(mode="after")
@@ -167,6 +176,10 @@ def check_split_sizes(train: int, test: int, val_size: int, shards: int) -> None
                          f"(train {train - val_size}, val {val_size}, test {test}); set data.shards <= {smallest}")
 
 
+SCHEMES = ("http", "https", "file")
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive, not a scheme
+
+
 def source_kind(source: str) -> Literal["synth", "url", "local"]:
     if source.startswith(SYNTH_PREFIX):
         return "synth"
@@ -181,11 +194,11 @@ def check_checksum_keys(data: DataParams, kind: str, source: str) -> None:
     if kind in ("synth", "image-folder") and set_keys:
         raise ValueError(
             f"checksums do not apply to {'a generated' if kind == 'synth' else 'an image-folder'} "
-            f"source ({source}); set {' and '.join(set_keys)} to null"
+            f"source ({redact_url(source)}); set {' and '.join(set_keys)} to null"
         )
     if kind in ("url", "archive") and not set_keys and not data.allow_unverified:
         raise ValueError(
-            f"no checksum for the archive source {source}: set data.md5 or data.sha256, "
+            f"no checksum for the archive source {redact_url(source)}: set data.md5 or data.sha256, "
             "or set data.allow_unverified: true"
         )
 
@@ -378,12 +391,18 @@ def _describe(error: dict[str, Any], source: str, overlay: dict[str, Any] | None
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return f"{source}: unknown key '{where}'{hint} Valid keys here: {', '.join(valid)}"
     message = error["msg"].removeprefix("Value error, ")
-    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+    secret = loc[:2] == ("data", "source")  # a source may carry credentials in any form: never echoed
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict) and not secret:
         message += f" (got {short(error['input'])})"  # bounded and redacted: never a whole huge value
     return f"{source}: {where}: {message}"
 
 
 MAX_ERRORS = 10  # lines of a ConfigError; the rest are counted
+MAX_LINE = 600  # characters of one of its lines
+
+
+def short_line(line: str) -> str:
+    return line if len(line) <= MAX_LINE else f"{line[:MAX_LINE]}… ({len(line):,} characters)"
 
 
 def _validate(raw: dict[str, Any], source: str, overlay: dict[str, Any] | None, profile: str) -> Params:
@@ -391,7 +410,8 @@ def _validate(raw: dict[str, Any], source: str, overlay: dict[str, Any] | None, 
         return Params.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-        lines = [_describe(e, source, overlay, profile) for e in errors[:MAX_ERRORS]]
+        # Each line bounded too: a key or a validator's message may quote a huge input.
+        lines = [short_line(_describe(e, source, overlay, profile)) for e in errors[:MAX_ERRORS]]
         if len(errors) > MAX_ERRORS:
             lines.append(f"... and {len(errors) - MAX_ERRORS} more")
         raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
@@ -405,10 +425,15 @@ def resolve(raw: dict[str, Any], source: str = str(DEFAULT_PARAMS)) -> Params:
     profiles = raw.pop("profiles", None) or {}
     if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
         raise ConfigError(f"{source}: profiles: expected a mapping of profile name -> overlay mapping")
+    bad = [name for name in profiles if not isinstance(name, str) or not NAME.match(name)]
+    if bad:  # a profile names the folder it runs in (runs/<profile>/): nothing that could leave it
+        raise ConfigError(f"{source}: profiles: profile name {short(bad[0])} is not lowercase letters, digits and _ "
+                          "(at most 64, starting with a letter or digit)")
     selected = raw.get("profile", FULL)
     known = [FULL, *profiles]
     if selected not in known:
-        raise ConfigError(f"{source}: profile: unknown profile {selected!r}; valid: {', '.join(known)}")
+        valid = short(", ".join(map(str, known)), 400)
+        raise ConfigError(f"{source}: profile: unknown profile {short(selected)}; valid: {valid}")
     resolved = {FULL: _validate({**raw, "profile": FULL}, source, None, FULL)}
     for name, overlay in profiles.items():
         if any(key in overlay for key in PROFILE_KEYS):
@@ -421,28 +446,40 @@ MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a MiB is not a settings f
 MAX_YAML_NODES = 100_000  # scalars, sequences and mappings after every alias is expanded
 
 
-def expanded_size(node: yaml.Node, path: str, sizes: dict[int, int], open_: set[int]) -> int:
-    """How many nodes `node` becomes once its aliases are expanded, memoised per node, so that a
-    "billion laughs" document is measured in time linear in its text, not in its expansion."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in open_:
-        raise ConfigError(f"{path}: a YAML alias refers to a node that contains it (a recursive document)")
-    open_.add(key)
-    children: list[yaml.Node] = []
-    if isinstance(node, yaml.SequenceNode):
-        children = list(node.value)
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    total = 1
-    for child in children:
-        total += expanded_size(child, path, sizes, open_)
-        if total > MAX_YAML_NODES:
-            break
-    open_.discard(key)
-    sizes[key] = total
-    return total
+MAX_YAML_DEPTH = 64  # nesting levels: params.yaml needs about 6
+
+
+def expanded_size(root: yaml.Node, path: str) -> int:
+    """How many nodes `root` becomes once its aliases are expanded, memoised per node (so a "billion
+    laughs" document is measured in time linear in its text), iteratively (so deep nesting is an
+    error, not a RecursionError); also refuses recursive aliases and duplicate keys (DVC refuses them)."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        children = list(node.value) if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        if done:
+            ancestors.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in ancestors:
+            raise ConfigError(f"{path}: a YAML alias refers to a node that contains it (a recursive document)")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{path}: line {node.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+        if isinstance(node, yaml.MappingNode):
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            twice = next((k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and keys.count(k.value) > 1), None)
+            if twice is not None and len(keys) < 10_000:
+                raise ConfigError(f"{path}: line {twice.start_mark.line + 1}: key {short(twice.value)} appears twice in "
+                                  "one mapping (DVC refuses such a file); keep one")
+        ancestors.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 def read_yaml(path: Path) -> Any:
@@ -461,17 +498,17 @@ def read_yaml(path: Path) -> Any:
         node = yaml.compose(data.decode("utf-8"), Loader=yaml.SafeLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
     if node is None:
         return {}
-    size = expanded_size(node, str(path), {}, set())
+    size = expanded_size(node, str(path))
     if size > MAX_YAML_NODES:
         raise ConfigError(f"{path}: expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases and anchors "
                           "repeating large parts?); write the values out")
     try:
         return yaml.SafeLoader(data.decode("utf-8")).get_single_data()
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # e.g. a timestamp out of range, an unhashable key
         raise ConfigError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
 
 
@@ -491,7 +528,38 @@ def load_params(path: Path | str = DEFAULT_PARAMS, check_paths: bool = True) -> 
                 check_champion_dir(str(champion), root)
             except ValueError as exc:
                 raise ConfigError(f"{path}: {where}: {exc}") from None
+        missing = missing_dvc_params(root, raw)
+        if missing:
+            stage, key = missing[0]
+            raise ConfigError(f"{path}: {key}: dvc.yaml's stage {stage} reads this key and params.yaml lacks it (DVC "
+                              f"would stop there); add it, e.g. as an empty mapping `{{}}`"
+                              + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
     return params
+
+
+def missing_dvc_params(root: Path, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(stage, key) for every params key that dvc.yaml's stages read and the document lacks (a
+    `foreach: ${archs}` stage reads its keys once per architecture)."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    missing = []
+    for name, stage in stages.items():
+        if not isinstance(stage, dict):
+            continue
+        items = [None]
+        if stage.get("foreach") == "${archs}":
+            items = [a for a in raw.get("archs") or [] if isinstance(a, str)]
+        body = stage.get("do", stage)
+        for item in items:
+            for key in body.get("params") or []:
+                if not isinstance(key, str):
+                    continue  # {file: [keys]}: another params file
+                key = key.replace("${item}", item) if item else key
+                if not _has_path(raw, tuple(key.split("."))):
+                    missing.append((f"{name}@{item}" if item else name, key))
+    return missing
 
 
 def dvc_outputs(root: Path) -> list[str]:
@@ -517,6 +585,13 @@ def check_champion_dir(value: str, root: Path) -> None:
     (promote would move the project), and not a symlink or a file. Raises ValueError naming the path."""
     if not value.strip() or "\0" in value:
         raise ValueError(f"{short(value)} is not a folder path")
+    try:
+        _check_champion_dir(value, root)
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop, no permission
+        raise ValueError(f"{short(value)} cannot be used: {exc.__class__.__name__}: {short(str(exc), 200)}") from None
+
+
+def _check_champion_dir(value: str, root: Path) -> None:
     given = Path(os.path.expanduser(value))
     lexical = Path(os.path.normpath(given if given.is_absolute() else root / given))
     resolved = lexical.resolve()

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cifarflow import registry
 from cifarflow.config import Params
 from cifarflow.data.preprocess import MANIFEST
 from cifarflow.errors import CifarflowError, InputError
@@ -153,11 +154,8 @@ def serving_check(saved_model: Path, shards_dir: Path, expected: np.ndarray) -> 
             "max_probability_difference": max_diff}
 
 
-def champion_accuracy(champion_dir: Path, shards_dir: Path) -> float | None:
-    """The current champion's accuracy on this test split, or None if there is no champion."""
-    saved = champion_dir / SAVED_MODEL
-    if not saved.is_dir():
-        return None
+def saved_model_accuracy(saved: Path, shards_dir: Path) -> float:
+    """A SavedModel's accuracy on the test split of `shards_dir`, through its serving signature."""
     import tensorflow as tf
 
     from cifarflow.data import shards
@@ -167,6 +165,18 @@ def champion_accuracy(champion_dir: Path, shards_dir: Path) -> float | None:
     predicted = np.concatenate([next(iter(serve(images=tf.constant(test.images[i:i + 500])).values())).numpy().argmax(1)
                                 for i in range(0, len(test), 500)])
     return round(float(np.mean(predicted == test.labels)), 6)
+
+
+def champion_score(registry_dir: Path, shards_dir: Path) -> dict[str, Any] | None:
+    """The current champion (version, weights digest) and its accuracy on this test split, re-scored
+    now (cached per weights and data manifest), or None when the registry has no champion."""
+    champion = registry.current(registry_dir)
+    if champion is None:
+        return None
+    manifest = sha256_file(shards_dir / MANIFEST)
+    accuracy = registry.cached_score(registry_dir, champion, manifest,
+                                     lambda v: saved_model_accuracy(v.path / SAVED_MODEL, shards_dir))
+    return {"version": champion.name, "weights_sha256": champion.digest, "test_accuracy": accuracy}
 
 
 def git_commit() -> str | None:
@@ -179,7 +189,10 @@ def params_hash(params: Params) -> str:
 
 
 def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, runinfo: Path | None = None,
-        train_runinfo: Path | None = None) -> dict:
+        train_runinfo: Path | None = None, verdict: Path | None = None) -> dict:
+    from cifarflow.data.verdict import check_shards
+
+    check_shards(shards_dir, verdict, "parquet", ("test",))  # the test split export reads: validated and unchanged
     import keras
     import tensorflow as tf
 
@@ -196,8 +209,12 @@ def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, 
         test = mcnemar(winner_probs.argmax(1) == labels, runner_probs.argmax(1) == labels)
         comparison = {"runner_up": runner.arch, **test,
                       "significant": test["p_value"] < params.export.significance}
-    champion = champion_accuracy(Path(params.export.champion_dir), shards_dir)
-    blessed, reasons = bless(winner.test_accuracy, champion, params.export.min_accuracy, params.export.tolerance)
+    champion = champion_score(Path(params.export.champion_dir), shards_dir)
+    blessed, reasons = bless(winner.test_accuracy, champion and champion["test_accuracy"], params.export.min_accuracy,
+                             params.export.tolerance)
+    source_kind = manifest["source"]["kind"]
+    if source_kind == "synth":  # a verdict on generated data says nothing about real photos
+        reasons.append("trained and tested on synthetic data (data.source synth:...): never promotable without --force")
     metric = params.export.metric
     tied = len(ranked) > 1 and getattr(ranked[1], metric) == getattr(winner, metric)
     why = (f"best {metric} on val ({getattr(winner, metric):.4f}) among {len(ranked)} architectures"
@@ -207,7 +224,9 @@ def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, 
         "leaderboard": [asdict(r) for r in ranked], "comparison": comparison,
         "val": json.loads((evals / winner.arch / "metrics.json").read_text())["val"],
         "test": json.loads((evals / winner.arch / "metrics.json").read_text())["test"],
-        "blessed": blessed, "blessing_reasons": reasons, "champion_test_accuracy": champion,
+        "blessed": blessed, "blessing_reasons": reasons, "champion": champion,
+        "profile": params.profile, "data_source_kind": source_kind,
+        "weights_sha256": json.loads((models / winner.arch / "summary.json").read_text())["weights_sha256"],
         "data_manifest_sha256": sha256_file(shards_dir / MANIFEST), "params_sha256": params_hash(params),
         "git_commit": git_commit(), "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "classes": classes,
@@ -234,8 +253,14 @@ def _pct(value: float) -> str:
 
 def model_card_md(card: dict[str, Any]) -> str:
     verdict = "**blessed**" if card["blessed"] else "**not blessed**"
-    lines = [f"# Model card: {card['arch']}", "", f"Chosen: {card['why']}.", "",
-             f"Verdict: {verdict}", *[f"- {r}" for r in card["blessing_reasons"]], "",
+    champion = card["champion"]
+    against = (f"the champion {champion['version']} (test accuracy {champion['test_accuracy']:.4f}, re-scored on this "
+               "test split)" if champion else "no champion (the registry was empty)")
+    data = {"synth": "**synthetic** (generated) data", "archive": "a CIFAR-10 binary archive",
+            "image-folder": "an image folder"}.get(card["data_source_kind"], card["data_source_kind"])
+    lines = [f"# Model card: {card['arch']}", "", f"Profile `{card['profile']}`, trained and tested on {data}.", "",
+             f"Chosen: {card['why']}.", "",
+             f"Verdict: {verdict}, computed against {against}", *[f"- {r}" for r in card["blessing_reasons"]], "",
              "## Leaderboard (selection on val; test reported, not used to choose)", "",
              "| arch | params | epochs | val accuracy (95% CI) | val loss | test accuracy (95% CI) |",
              "|---|---:|---:|---|---:|---|"]

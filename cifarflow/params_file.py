@@ -7,6 +7,7 @@ clones, tests); every edit goes through here, is written atomically, and changes
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ def _like(old: Any, value: Any) -> Any:
     return value
 
 
-def set_keys(path: Path, changes: dict[str, Any]) -> bool:
+def set_keys(path: Path, changes: dict[str, Any], check: Callable[[Any], Any] | None = None) -> bool:
     """Set dotted keys (`profiles.smoke.data.source`) in the YAML file at `path`, creating missing
-    mappings; returns whether anything changed (the file is rewritten only then)."""
+    mappings; returns whether anything changed (the file is rewritten only then). `check` is called
+    with the edited document (plain data) first: when it raises, the file is left as it was."""
     path = Path(path)
     read_yaml(path)  # bounded parse first: a hostile document never reaches the round-trip loader
     yaml = _yaml()
@@ -56,5 +58,7 @@ def set_keys(path: Path, changes: dict[str, Any]) -> bool:
     if changed:
         buffer = io.StringIO()
         yaml.dump(document, buffer)
+        if check is not None:
+            check(YAML(typ="safe", pure=True).load(buffer.getvalue()))
         write_bytes_atomic(path, buffer.getvalue().encode())
     return changed

@@ -40,6 +40,8 @@ def origin(url: str) -> str:
     """Scheme and host only (`https://hooks.example.com`): how a webhook URL may be shown."""
     try:
         parts = urllib.parse.urlsplit(url)
+        if not parts.scheme or not parts.netloc:
+            return f"<not a URL: {REDACTED}>"
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
     except ValueError:

@@ -60,7 +60,10 @@ def _pct(value: float | None) -> str:
 
 
 def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str) -> str:
-    lines = ["# Leaderboard", "", f"Profile `{profile}`. Selection on val; test is the honest final figure. "
+    kind = card.get("data_source_kind") if card else None
+    data = {"synth": " Data: **synthetic** (generated): these figures say nothing about real images.",
+            "archive": " Data: a CIFAR-10 binary archive.", "image-folder": " Data: an image folder."}.get(kind, "")
+    lines = ["# Leaderboard", "", f"Profile `{profile}`.{data} Selection on val; test is the honest final figure. "
              "Intervals are 95% Wilson. Seed figures are what the tutorials report on the official CIFAR-10.", "",
              "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported |",
              "|---|---:|---:|---|---|---|"]
@@ -88,6 +91,7 @@ def run(params: Params, models: Path, evals: Path, export: Path, runinfo: Path, 
     card_path = Path(export) / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
     report = {"profile": params.profile, "rows": table,
+              "data_source_kind": card.get("data_source_kind") if card else None,
               "exported": None if card is None else {"arch": card["arch"], "blessed": card["blessed"],
                                                      "reasons": card["blessing_reasons"],
                                                      "comparison": card.get("comparison")}}

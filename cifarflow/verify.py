@@ -202,13 +202,10 @@ def committed_lock_problems(workspace: Path) -> list[str]:
 
 def select_profile(workspace: Path, source: Path, md5: str, archs: list[str] | None) -> None:
     """The smoke profile on the given archive, as a user would by editing params.yaml."""
-    path = workspace / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    raw["profile"] = "smoke"
-    raw.setdefault("profiles", {}).setdefault("smoke", {}).setdefault("data", {}).update(source=str(source), md5=md5)
-    if archs:
-        raw["archs"] = archs
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from cifarflow.params_file import set_keys
+
+    changes = {"profile": "smoke", "profiles.smoke.data.source": str(source), "profiles.smoke.data.md5": md5}
+    set_keys(workspace / "params.yaml", changes | ({"archs": archs} if archs else {}))
 
 
 def build_archive(out: Path, real_data: Path | None, real_counts: tuple[int, int]) -> Path:

@@ -10,6 +10,7 @@ a bad config or input fails at once; out of memory and other runtime failures re
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -125,7 +126,9 @@ def run_dvc_stage(stage: str, workspace: str | Path, timeout_s: float | None = N
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    start_new_session=True)  # its own process group, to kill it whole
         lines: list[str] = []
-        reader = threading.Thread(target=_stream, args=(process.stdout, lines, log), daemon=True)
+        # The reader logs through the task's logger: give it the task's Prefect context (run, settings).
+        reader = threading.Thread(target=contextvars.copy_context().run, args=(_stream, process.stdout, lines, log),
+                                  daemon=True)
         reader.start()
         try:
             code = process.wait(timeout=timeout_s)
@@ -201,11 +204,19 @@ def report_stage(workspace: str, timeout_s: float | None = None,
 
 
 @task(name="promote", retries=0)
-def promote_export(workspace: str) -> str:
-    """Copy the blessed export to the champion folder."""
+def promote_export(workspace: str, by: str) -> dict[str, Any]:
+    """Make the export the champion if the registry, re-checking it against the current champion
+    under its lock, allows it; a refusal (worse, rolled back, synthetic...) is an outcome, not a failure."""
     cli = Path(sys.executable).with_name("cifarflow")
-    done = subprocess.run([str(cli) if cli.exists() else "cifarflow", "promote"], cwd=workspace, capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise (ConfigFailure if done.returncode == 2 else RuntimeFailure)(done.stderr.strip())
-    return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "promoted"
+    with tempfile.TemporaryDirectory(prefix="cifarflow-status-") as tmp:
+        status_file = Path(tmp) / "status.json"
+        done = subprocess.run([str(cli) if cli.exists() else "cifarflow", "promote", "--by", by], cwd=workspace,
+                              capture_output=True, text=True, env={**os.environ, STATUS_ENV: str(status_file)})
+        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    if done.returncode == 0:
+        message = done.stdout.strip()
+        return {"promoted": message.startswith("promoted"), "message": message}
+    if status.get("class") == "refused":
+        _logger().warning("not promoted: %s", status["message"])
+        return {"promoted": False, "message": status["message"]}
+    raise (ConfigFailure if done.returncode == 2 else RuntimeFailure)(done.stderr.strip()[-3000:])

@@ -6,14 +6,18 @@ import hashlib
 import http.server
 import io
 import os
+import socket
 import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from cifarflow.config import Params, resolve
@@ -167,15 +171,9 @@ def run_in(workspace: Path, *cmd: str, check: bool = True) -> subprocess.Complet
 
 def set_params(workspace: Path, **changes: Any) -> None:
     """Edit params.yaml the way a user would; dotted keys, e.g. set_params(ws, **{"data.shards": 3})."""
-    path = workspace / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from cifarflow.params_file import set_keys
+
+    set_keys(workspace / "params.yaml", changes)
 
 
 def new_workspace(root: Path) -> Path:
@@ -196,10 +194,22 @@ def new_workspace(root: Path) -> Path:
 def smoke_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One smoke-profile workspace per test session, after a full `dvc repro`. Do not modify:
     use the `workspace` fixture for a private copy."""
-    root = new_workspace(tmp_path_factory.mktemp("smoke") / "ws")
-    set_params(root, profile="smoke")
-    run_in(root, "dvc", "repro")
-    return root
+    project = new_workspace(tmp_path_factory.mktemp("smoke") / "project")
+    done = make(project, "pipeline", "PROFILE=smoke")  # the README's quickstart: its own copy, runs/smoke/
+    (project / "make-pipeline-smoke.log").write_text(done.stdout + done.stderr)
+    return project / "runs" / "smoke"
+
+
+def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`make` in a project copy, with this session's venv standing in for the one make would create."""
+    import sys
+
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", *args],
+                          capture_output=True, text=True, env=cli_env())
+    if done.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
 
 
 @pytest.fixture
@@ -230,3 +240,51 @@ def train_params(arch: str = "lenet", **recipe: Any) -> Params:
             "learning_rate": 0.002}, "normalization": "minmax"}
     return resolve({"data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2}, "archs": [arch],
                     "train": {arch: {**base, **recipe}}})
+
+
+# --- Prefect ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_env(api_url: str, home: Path) -> dict[str, str]:
+    return {**cli_env(), "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite); stopped after. Defined
+    here, once: a fixture imported into several test modules is a separate fixture in each, so each
+    would start its own server, and Prefect's process-wide event client stays bound to the first one
+    (the task runs of later in-process flows would land there)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(api, home) | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    bin_dir = Path(sys.executable).parent
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{api}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise AssertionError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+    try:
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

@@ -13,9 +13,9 @@ import pytest
 from conftest import cli_env, run_in, set_params
 from PIL import Image
 
+from cifarflow import registry
 from cifarflow.evaluate import confusion, scores, wilson
 from cifarflow.export import Entry, bless, mcnemar, rank
-from cifarflow.promote import promote
 
 CLASSES = ["c0", "c1", "c2"]
 
@@ -129,25 +129,7 @@ def test_tta_and_forced_unblessed_export(workspace: Path) -> None:
     assert card["serving_check"]["argmax_disagreements"] == 0  # the plain predictions stay the reference
     refused = run_in(workspace, "cifarflow", "promote", check=False)
     assert refused.returncode == 2 and "not blessed" in refused.stderr
-    assert not (workspace / "champion").exists()
-
-
-def test_promote_keeps_a_backup(tmp_path: Path) -> None:
-    for name, blessed in (("one", True), ("two", True), ("bad", False)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model_card.json").write_text(json.dumps({"arch": name, "blessed": blessed,
-                                                                     "blessing_reasons": ["r"]}))
-    champion = tmp_path / "champion"
-    promote(tmp_path / "one", champion)
-    promote(tmp_path / "two", champion)
-    assert json.loads((champion / "model_card.json").read_text())["arch"] == "two"
-    assert json.loads((tmp_path / "champion.previous" / "model_card.json").read_text())["arch"] == "one"
-    from cifarflow.errors import InputError
-
-    with pytest.raises(InputError, match="not blessed"):
-        promote(tmp_path / "bad", champion)
-    promote(tmp_path / "bad", champion, force=True)
-    assert json.loads((champion / "model_card.json").read_text())["arch"] == "bad"
+    assert registry.current(workspace / "champion") is None
 
 
 @pytest.mark.slow

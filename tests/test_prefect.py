@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,53 +18,10 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import REPO, cli_env, run_in, set_params
+from conftest import REPO, cli_env, free_port, prefect_env, run_in, set_params  # noqa: F401  (re-exported)
 
 pytestmark = pytest.mark.slow
 ARCH = "lenet"  # one architecture keeps these tests short
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prefect_env(api_url: str, home: Path) -> dict[str, str]:
-    return {**cli_env(), "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite); stopped after."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = prefect_env(api, home) | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
-    bin_dir = Path(sys.executable).parent
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{api}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        raise AssertionError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-    try:
-        yield env
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 class Receiver(http.server.ThreadingHTTPServer):
@@ -134,8 +90,13 @@ def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], w
         time.sleep(1)
     assert scheduled and all(run["expected_start_time"].endswith(("T02:00:00Z", "T02:00:00+00:00")) for run in scheduled)
 
+    from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):  # the URL is a secret, not a parameter
+        Secret(value=receiver.url).save("cifarflow-webhook", overwrite=True)
     run = api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", parameters={
-        "archs": [ARCH], "profile": "smoke", "webhook_url": receiver.url, "workspace": "."})
+        "archs": [ARCH], "profile": "smoke", "webhook_secret": "cifarflow-webhook", "workspace": "."})
     prefect_cli(env, workspace, "worker", "start", "--pool", "gpu-pool", "--run-once", timeout=900)
     final = api(env, "GET", f"/flow_runs/{run['id']}")
     assert final["state"]["type"] == "COMPLETED", final["state"]
@@ -165,8 +126,8 @@ def run_flow(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, workspace: Pa
     monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.setenv("PYTHONPATH", f"{workspace}{os.pathsep}{env['PYTHONPATH']}")
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        return cifar10_pipeline(archs=[ARCH], profile="smoke", workspace=str(workspace), promote=False,
-                                return_state=True, **kwargs)
+        return cifar10_pipeline(archs=[ARCH], profile="smoke", workspace=str(workspace), return_state=True,
+                                **{"promote": False, **kwargs})
 
 
 def task_runs(env: dict[str, str], state: Any) -> dict[str, dict[str, Any]]:
