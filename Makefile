@@ -33,6 +33,7 @@ else
 endif
 
 test: setup
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check cifarflow tests flows tasks bench
 	$(BIN)/zizmor --offline .github/workflows/
 	$(BIN)/pytest

@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def dvc_repro_seconds(workspace: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=workspace, check=True,
-                   capture_output=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=workspace, check=True, capture_output=True)
     return time.perf_counter() - started
 
 

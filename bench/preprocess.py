@@ -42,8 +42,7 @@ def build_archive(workdir: Path) -> tuple[Path, str]:
     shared = Path(os.environ.get("CIFARFLOW_REAL_DATA", ROOT.parent / "shared" / "data"))
     out = workdir / "cifar-10-binary.tar.gz"
     if (shared / "make_cifar10_binary.py").is_file():
-        subprocess.run([sys.executable, str(shared / "make_cifar10_binary.py"), str(out)], check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, str(shared / "make_cifar10_binary.py"), str(out)], check=True, capture_output=True)
         return out, "real CIFAR-10 (JPEG copy), built by make_cifar10_binary.py"
     write_synth_archive(out, 50000, 10000, seed=0)
     return out, "generated 60k-image archive (../shared/data not found)"
@@ -93,8 +92,10 @@ def main() -> None:
         started = time.perf_counter()
         import tensorflow  # noqa: F401  (reported apart; the RSS figure includes it)
 
-        print(f"import tensorflow: {time.perf_counter() - started:.2f} s, RSS after import {rss_mib():.0f} MiB "
-              "(not counted in stage time)")
+        print(
+            f"import tensorflow: {time.perf_counter() - started:.2f} s, RSS after import {rss_mib():.0f} MiB "
+            "(not counted in stage time)"
+        )
 
         floor = min(floor_seconds(archive) for _ in range(2))
         sha = download.digests(archive)["sha256"]
@@ -115,8 +116,11 @@ def main() -> None:
 
         # Read-back runs in a fresh process, as a training job would start: no TensorFlow
         # threads or allocator state from the stages above.
-        read_rate = float(subprocess.run([sys.executable, __file__, "--readback", str(workdir / "shards")],
-                                         check=True, capture_output=True, text=True).stdout)
+        read_rate = float(
+            subprocess.run(
+                [sys.executable, __file__, "--readback", str(workdir / "shards")], check=True, capture_output=True, text=True
+            ).stdout
+        )
 
         print(f"\nimages: {images} ({manifest['counts']})")
         for name, seconds in times.items():
@@ -125,8 +129,10 @@ def main() -> None:
         print(f"end to end: {images / total:,.0f} img/s   target >= 6,000")
         print(f"floor (gunzip + read members): {floor:.2f} s -> ratio {total / floor:.2f}x   target <= 6x")
         print(f"peak RSS (TensorFlow imported): {peak:.0f} MiB   target <= 1536 MiB")
-        print(f"Parquet read-back of train to one uint8 (N, 32, 32, 3) array: {read_rate:,.0f} img/s (median of 10)   "
-              "target >= 500,000")
+        print(
+            f"Parquet read-back of train to one uint8 (N, 32, 32, 3) array: {read_rate:,.0f} img/s (median of 10)   "
+            "target >= 500,000"
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -57,8 +57,7 @@ def make_shards(workdir: Path) -> Path:
     shared = Path(os.environ.get("CIFARFLOW_REAL_DATA", ROOT.parent / "shared" / "data"))
     archive = workdir / "cifar.tar.gz"
     if (shared / "make_cifar10_binary.py").is_file():
-        subprocess.run([sys.executable, str(shared / "make_cifar10_binary.py"), str(archive)], check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, str(shared / "make_cifar10_binary.py"), str(archive)], check=True, capture_output=True)
         source = {"source": str(archive), "sha256": download.digests(archive)["sha256"], "md5": None}
     else:
         source = {"source": "synth:train=50000,test=10000,seed=0", "md5": None}
@@ -76,7 +75,7 @@ def numpy_crop_flip_standardize(images: np.ndarray, rng: np.random.Generator, ba
     """The same ops, vectorised in numpy: per-image offsets via fancy indexing on a padded batch."""
     steps = np.arange(32)
     for start in range(0, len(images) - batch + 1, batch):
-        x = np.pad(images[start:start + batch], ((0, 0), (4, 4), (4, 4), (0, 0)))
+        x = np.pad(images[start : start + batch], ((0, 0), (4, 4), (4, 4), (0, 0)))
         dy, dx = rng.integers(0, 9, (2, batch))
         flip = rng.random(batch) < 0.5
         rows = dy[:, None] + steps
@@ -89,6 +88,7 @@ def numpy_crop_flip_standardize(images: np.ndarray, rng: np.random.Generator, ba
 
 def seed_002_pipeline(images: np.ndarray, labels: np.ndarray) -> tf.data.Dataset:
     """Seed 002 exactly: map(augmentation).map(normalize).shuffle(50000).batch(128, drop_remainder)."""
+
     def augmentation(x, y):
         x = tf.image.resize_with_crop_or_pad(x, 32 + 8, 32 + 8)
         x = tf.image.random_crop(x, [32, 32, 3])
@@ -141,8 +141,7 @@ def bench_stall(shards: Path, params: Params, steps: int) -> None:
         recipe = params.train[arch]
         pipe = InputPipeline(split, recipe, 10, params.seed, recipe.batch_size)
         cached = [batch for batch in pipe.train(0).take(steps)]
-        in_memory = tf.data.Dataset.from_tensor_slices(
-            (tf.stack([x for x, _ in cached]), tf.stack([y for _, y in cached])))
+        in_memory = tf.data.Dataset.from_tensor_slices((tf.stack([x for x, _ in cached]), tf.stack([y for _, y in cached])))
         keras.utils.set_random_seed(0)
         model = build_compiled(recipe, 10, 1e-3)
         # Alternate the two and keep each one's best: whichever ran first used to come out ~2x
@@ -152,8 +151,10 @@ def bench_stall(shards: Path, params: Params, steps: int) -> None:
             memory.append(time_fit(model, in_memory, steps))
             fed.append(time_fit(model, pipe.train(1), steps))
         memory_step, fed_step = min(memory), min(fed)
-        print(f"  {arch:<11} pipeline {fed_step * 1000:7.1f} ms/step, in memory {memory_step * 1000:7.1f} ms/step"
-              f"   ratio {fed_step / memory_step:.3f}  (target <= 1.05)")
+        print(
+            f"  {arch:<11} pipeline {fed_step * 1000:7.1f} ms/step, in memory {memory_step * 1000:7.1f} ms/step"
+            f"   ratio {fed_step / memory_step:.3f}  (target <= 1.05)"
+        )
 
 
 def bench_overhead(shards: Path, params: Params, workdir: Path) -> None:

@@ -82,8 +82,7 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
 def cmd_export(args: argparse.Namespace, params: Params) -> int:
     from cifarflow import export
 
-    card = export.run(params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo,
-                      args.verdict)
+    card = export.run(params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo, args.verdict)
     log.info("export: %s, blessed=%s (%s)", card["arch"], card["blessed"], "; ".join(card["blessing_reasons"]))
     return 0
 
@@ -128,8 +127,13 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> int:
     sys.path.insert(0, str(Path.cwd()))  # flows/ and tasks/ live in the project, beside params.yaml
     from flows.pipeline import main as run_flow
 
-    run_flow([*(["--archs", args.archs] if args.archs else []), *(["--profile", args.profile] if args.profile else []),
-              *(["--webhook-secret", args.webhook_secret] if args.webhook_secret else [])])
+    run_flow(
+        [
+            *(["--archs", args.archs] if args.archs else []),
+            *(["--profile", args.profile] if args.profile else []),
+            *(["--webhook-secret", args.webhook_secret] if args.webhook_secret else []),
+        ]
+    )
     return 0
 
 
@@ -201,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
-    p.add_argument("--verdict", type=Path, required=True,
-                   help="written only if the shards pass; train, evaluate and export require it")
+    p.add_argument(
+        "--verdict", type=Path, required=True, help="written only if the shards pass; train, evaluate and export require it"
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train one architecture (a key of train: in params.yaml)")
@@ -229,26 +234,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--runinfo", type=Path, help="side file for run-dependent facts")
     p.add_argument("--train-runinfo", type=Path, help="the train stages' run-info folder")
-    p.add_argument("--verdict", type=Path,
-                   help="the validate stage's verdict on these shards (without it the shard digests are still checked)")
+    p.add_argument(
+        "--verdict",
+        type=Path,
+        help="the validate stage's verdict on these shards (without it the shard digests are still checked)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("promote", help="make a blessed export the champion: a new version in the registry")
     p.add_argument("--export", type=Path, default=Path("data/export"), help="the export to promote (default: %(default)s)")
-    p.add_argument("--shards", type=Path, default=Path("data/shards"),
-                   help="the test split the champion is re-scored on (default: %(default)s)")
+    p.add_argument(
+        "--shards",
+        type=Path,
+        default=Path("data/shards"),
+        help="the test split the champion is re-scored on (default: %(default)s)",
+    )
     p.add_argument("--champion", type=Path, help="the registry folder (default: export.champion_dir)")
-    p.add_argument("--force", action="store_true",
-                   help="promote even if not blessed, synthetic, rolled back or worse than the champion (recorded)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even if not blessed, synthetic, rolled back or worse than the champion (recorded)",
+    )
     p.add_argument("--by", help="who or what promotes, for the history (default: user@host)")
     p.add_argument("--wait", type=seconds, default=600.0, help="seconds to wait for another promotion (default: %(default)s)")
     action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="show the versions, the champion and the history")
-    action.add_argument("--rollback", nargs="?", const="", metavar="VERSION",
-                        help="make VERSION (default: the one served before) the champion again")
+    action.add_argument(
+        "--rollback",
+        nargs="?",
+        const="",
+        metavar="VERSION",
+        help="make VERSION (default: the one served before) the champion again",
+    )
     action.add_argument("--gc", action="store_true", help="remove old versions (see --keep)")
-    p.add_argument("--keep", type=positive_int, default=5,
-                   help="with --gc: versions kept besides the champion and the one before it (default: %(default)s)")
+    p.add_argument(
+        "--keep",
+        type=positive_int,
+        default=5,
+        help="with --gc: versions kept besides the champion and the one before it (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="classify PNG/JPEG files and folders")
@@ -270,12 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = flow_sub.add_parser("run", help="the whole pipeline as the cifar10-pipeline flow")
     p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
     p.add_argument("--profile", help="params profile, e.g. smoke")
-    p.add_argument("--webhook-secret", metavar="NAME", help="Prefect Secret block holding the alert webhook URL "
-                   "(Slack-compatible JSON; default: $CIFARFLOW_WEBHOOK_URL, else no alerts)")
+    p.add_argument(
+        "--webhook-secret",
+        metavar="NAME",
+        help="Prefect Secret block holding the alert webhook URL "
+        "(Slack-compatible JSON; default: $CIFARFLOW_WEBHOOK_URL, else no alerts)",
+    )
     p.set_defaults(func=cmd_flow_run)
 
-    p = sub.add_parser("workspace", help="create or refresh runs/PROFILE/, a private copy of the project that "
-                       "runs PROFILE (make pipeline PROFILE=smoke)")
+    p = sub.add_parser(
+        "workspace",
+        help="create or refresh runs/PROFILE/, a private copy of the project that runs PROFILE (make pipeline PROFILE=smoke)",
+    )
     p.add_argument("profile", help="a profile of params.yaml, e.g. smoke")
     p.set_defaults(func=cmd_workspace)
 
@@ -300,8 +330,7 @@ def write_status(error: BaseException, exit_code: int, failure_class: str) -> No
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None
         return args.func(args, params)

@@ -63,8 +63,9 @@ class SynthSpec(Strict):
             return cls(**fields)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise ValueError(f"synth {first['loc'][0]}={fields.get(str(first['loc'][0]))}: "
-                             f"{first['msg']} (in {SYNTH_EXAMPLE}-style sources)") from None
+            raise ValueError(
+                f"synth {first['loc'][0]}={fields.get(str(first['loc'][0]))}: {first['msg']} (in {SYNTH_EXAMPLE}-style sources)"
+            ) from None
 
     def __str__(self) -> str:
         return f"{SYNTH_PREFIX}train={self.train},test={self.test},seed={self.seed}"
@@ -87,16 +88,23 @@ class DataParams(Strict):
     allow_unverified: bool = False
     retries: int = Field(5, ge=0, le=100, description="retries per mirror on transient errors")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="socket timeout per request, seconds")
-    deadline_s: float = Field(3600.0, gt=0, le=86_400, description="overall limit per mirror attempt, seconds, "
-                              "however the server trickles")
-    max_download_mb: int = Field(1024, ge=1, le=1 << 20, description="bytes one download may bring, or a local "
-                                 "archive (path or file://) may have, in MiB")
+    deadline_s: float = Field(
+        3600.0, gt=0, le=86_400, description="overall limit per mirror attempt, seconds, however the server trickles"
+    )
+    max_download_mb: int = Field(
+        1024, ge=1, le=1 << 20, description="bytes one download may bring, or a local archive (path or file://) may have, in MiB"
+    )
     max_member_mb: int = Field(1024, ge=1, le=1 << 20, description="largest archive member accepted, MiB")
     max_extract_mb: int = Field(1024, ge=1, le=1 << 20, description="decompressed bytes of an archive, MiB")
-    max_members: int = Field(100_000, ge=1, le=10_000_000, description="archive members, or files of an "
-                             "image folder, read at most")
-    max_image_pixels: int = Field(4096 * 4096, ge=32 * 32, le=1 << 31, description="pixels of one image file "
-                                  "(image folders, predict): larger is that file's error, the rest go on")
+    max_members: int = Field(
+        100_000, ge=1, le=10_000_000, description="archive members, or files of an image folder, read at most"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=32 * 32,
+        le=1 << 31,
+        description="pixels of one image file (image folders, predict): larger is that file's error, the rest go on",
+    )
     val_size: int = Field(5000, ge=1, le=10_000_000, description="validation examples carved from train")
     shards: int = Field(8, ge=1, le=4096, description="shards per split, per format")
     fail_on_leakage: bool = False
@@ -124,15 +132,19 @@ class DataParams(Strict):
             scheme = URL_SCHEME.match(item)
             if scheme and not item.startswith(SYNTH_PREFIX):  # URL-shaped: never echoed, it may hold a password
                 if scheme[1] not in SCHEMES or not item.startswith(f"{scheme[1]}://"):
-                    raise ValueError(f"a source starts with the scheme {short(scheme[1], 20)}: but is not an "
-                                     f"{'/'.join(SCHEMES)} URL written <scheme>://... in lowercase (the source is not "
-                                     "shown: it may carry credentials)")
+                    raise ValueError(
+                        f"a source starts with the scheme {short(scheme[1], 20)}: but is not an "
+                        f"{'/'.join(SCHEMES)} URL written <scheme>://... in lowercase (the source is not "
+                        "shown: it may carry credentials)"
+                    )
             if source_kind(item) == "url" and has_userinfo(item):
                 # The password must not be echoed: DVC copies params into dvc.lock and experiment refs.
-                raise ValueError(f"{redact_url(item)} carries credentials (user:password@) in params.yaml, which DVC "
-                                 "copies into dvc.lock and experiments; remove them and put them in ~/.netrc (read "
-                                 "by the HTTP client) or pass a signed URL (its query string is redacted in every "
-                                 "log and file)")
+                raise ValueError(
+                    f"{redact_url(item)} carries credentials (user:password@) in params.yaml, which DVC "
+                    "copies into dvc.lock and experiments; remove them and put them in ~/.netrc (read "
+                    "by the HTTP client) or pass a signed URL (its query string is redacted in every "
+                    "log and file)"
+                )
         return value
 
     @field_validator("md5", "sha256")
@@ -168,12 +180,15 @@ class DataParams(Strict):
 def check_split_sizes(train: int, test: int, val_size: int, shards: int) -> None:
     """data.val_size leaves examples to train on, and every split fills data.shards shards."""
     if not 0 < val_size < train:
-        raise ValueError(f"data.val_size is {val_size} but the source has {train} train examples; "
-                         f"set 0 < data.val_size < {train}")
+        raise ValueError(
+            f"data.val_size is {val_size} but the source has {train} train examples; set 0 < data.val_size < {train}"
+        )
     smallest = min(train - val_size, val_size, test)
     if shards > smallest:
-        raise ValueError(f"data.shards is {shards} but the smallest split has {smallest} examples "
-                         f"(train {train - val_size}, val {val_size}, test {test}); set data.shards <= {smallest}")
+        raise ValueError(
+            f"data.shards is {shards} but the smallest split has {smallest} examples "
+            f"(train {train - val_size}, val {val_size}, test {test}); set data.shards <= {smallest}"
+        )
 
 
 SCHEMES = ("http", "https", "file")
@@ -210,7 +225,8 @@ class OptimizerParams(Strict):
     name: Literal["adam", "adamax", "sgd"]
     learning_rate: float = Field(gt=0, le=10, description="at `lr_reference_batch` examples per step")
     lr_reference_batch: int | None = Field(
-        None, ge=1, le=MAX_BATCH, description="scale the rate by batch_size / this (seed 002: 128); null: no scaling")
+        None, ge=1, le=MAX_BATCH, description="scale the rate by batch_size / this (seed 002: 128); null: no scaling"
+    )
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
 
 
@@ -222,9 +238,11 @@ class ScheduleParams(Strict):
     kind: Literal["constant", "exponential", "step", "plateau"] = "constant"
     decay: float = Field(0.9, gt=0, le=1, description="exponential")
     boundaries: list[Annotated[int, Field(ge=0, le=MAX_EPOCHS)]] = Field(
-        default_factory=list, max_length=64, description="step: epochs where a multiplier starts")
+        default_factory=list, max_length=64, description="step: epochs where a multiplier starts"
+    )
     multipliers: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
-        default_factory=list, max_length=64, description="step: one per boundary")
+        default_factory=list, max_length=64, description="step: one per boundary"
+    )
     monitor: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="plateau")
     factor: float = Field(0.1, gt=0, lt=1, description="plateau")
     patience: int = Field(10, ge=0, le=MAX_EPOCHS, description="plateau")
@@ -255,7 +273,8 @@ class Recipe(Strict):
     optimizer: OptimizerParams
     schedule: ScheduleParams = ScheduleParams()
     normalization: Literal["center", "minmax", "standardize"] = Field(
-        description="center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std")
+        description="center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std"
+    )
     augmentation: Literal["none", "crop_flip"] = Field("none", description="crop_flip: pad 4, random 32x32 crop, h-flip")
     drop_remainder: bool = False
     mixup: MixupParams | None = None
@@ -275,8 +294,10 @@ class RuntimeParams(Strict):
 
     deterministic: bool = Field(True, description="op determinism: bit-identical weights on CPU")
     distribution: Literal["auto", "none", "mirrored", "multi_worker"] = Field(
-        "auto", description="auto: MirroredStrategy when more than one GPU is visible; multi_worker: "
-        "MultiWorkerMirroredStrategy, one process per node, each given the cluster and its task in TF_CONFIG")
+        "auto",
+        description="auto: MirroredStrategy when more than one GPU is visible; multi_worker: "
+        "MultiWorkerMirroredStrategy, one process per node, each given the cluster and its task in TF_CONFIG",
+    )
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = Field(False, description="XLA")
     logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")
@@ -297,8 +318,12 @@ class ExportParams(Strict):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="test accuracy a model needs to be blessed")
     tolerance: float = Field(0.01, ge=0, le=1, description="how far below the champion's test accuracy is still blessed")
     significance: float = Field(0.05, gt=0, lt=1, description="McNemar p-value that makes the winner significantly better")
-    champion_dir: str = Field("champion", min_length=1, max_length=4096, description="the champion registry: "
-                              "where `cifarflow promote` keeps versions (not inside data/ or a DVC output)")
+    champion_dir: str = Field(
+        "champion",
+        min_length=1,
+        max_length=4096,
+        description="the champion registry: where `cifarflow promote` keeps versions (not inside data/ or a DVC output)",
+    )
 
 
 class Params(Strict):
@@ -317,8 +342,10 @@ class Params(Strict):
     def _archs_have_recipes(self) -> Params:
         bad = [name for name in [*self.train, *self.archs] if not NAME.match(name)]
         if bad:  # they become DVC stage names and folder names: nothing that could leave data/
-            raise ValueError(f"architecture name {short(bad[0])} is not lowercase letters, digits and _ "
-                             "(at most 64, starting with a letter or digit)")
+            raise ValueError(
+                f"architecture name {short(bad[0])} is not lowercase letters, digits and _ "
+                "(at most 64, starting with a letter or digit)"
+            )
         missing = [a for a in self.archs if a not in self.train]
         if missing:
             raise ValueError(f"archs {missing} have no recipe under train:; recipes: {', '.join(self.train)}")
@@ -427,8 +454,10 @@ def resolve(raw: dict[str, Any], source: str = str(DEFAULT_PARAMS)) -> Params:
         raise ConfigError(f"{source}: profiles: expected a mapping of profile name -> overlay mapping")
     bad = [name for name in profiles if not isinstance(name, str) or not NAME.match(name)]
     if bad:  # a profile names the folder it runs in (runs/<profile>/): nothing that could leave it
-        raise ConfigError(f"{source}: profiles: profile name {short(bad[0])} is not lowercase letters, digits and _ "
-                          "(at most 64, starting with a letter or digit)")
+        raise ConfigError(
+            f"{source}: profiles: profile name {short(bad[0])} is not lowercase letters, digits and _ "
+            "(at most 64, starting with a letter or digit)"
+        )
     selected = raw.get("profile", FULL)
     known = [FULL, *profiles]
     if selected not in known:
@@ -458,8 +487,11 @@ def expanded_size(root: yaml.Node, path: str) -> int:
     stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
     while stack:
         node, depth, done = stack.pop()
-        children = list(node.value) if isinstance(node, yaml.SequenceNode) else (
-            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        children = (
+            list(node.value)
+            if isinstance(node, yaml.SequenceNode)
+            else ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        )
         if done:
             ancestors.discard(id(node))
             sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
@@ -474,8 +506,10 @@ def expanded_size(root: yaml.Node, path: str) -> int:
             keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
             twice = next((k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and keys.count(k.value) > 1), None)
             if twice is not None and len(keys) < 10_000:
-                raise ConfigError(f"{path}: line {twice.start_mark.line + 1}: key {short(twice.value)} appears twice in "
-                                  "one mapping (DVC refuses such a file); keep one")
+                raise ConfigError(
+                    f"{path}: line {twice.start_mark.line + 1}: key {short(twice.value)} appears twice in "
+                    "one mapping (DVC refuses such a file); keep one"
+                )
         ancestors.add(id(node))
         stack.append((node, depth, True))
         stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
@@ -504,8 +538,10 @@ def read_yaml(path: Path) -> Any:
         return {}
     size = expanded_size(node, str(path))
     if size > MAX_YAML_NODES:
-        raise ConfigError(f"{path}: expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases and anchors "
-                          "repeating large parts?); write the values out")
+        raise ConfigError(
+            f"{path}: expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases and anchors "
+            "repeating large parts?); write the values out"
+        )
     try:
         return yaml.SafeLoader(data.decode("utf-8")).get_single_data()
     except (yaml.YAMLError, ValueError, TypeError) as exc:  # e.g. a timestamp out of range, an unhashable key
@@ -531,9 +567,11 @@ def load_params(path: Path | str = DEFAULT_PARAMS, check_paths: bool = True) -> 
         missing = missing_dvc_params(root, raw)
         if missing:
             stage, key = missing[0]
-            raise ConfigError(f"{path}: {key}: dvc.yaml's stage {stage} reads this key and params.yaml lacks it (DVC "
-                              f"would stop there); add it, e.g. as an empty mapping `{{}}`"
-                              + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+            raise ConfigError(
+                f"{path}: {key}: dvc.yaml's stage {stage} reads this key and params.yaml lacks it (DVC "
+                f"would stop there); add it, e.g. as an empty mapping `{{}}`"
+                + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            )
     return params
 
 
@@ -599,18 +637,21 @@ def _check_champion_dir(value: str, root: Path) -> None:
         raise ValueError(f"{short(value)} is the filesystem root /; use a folder of its own, e.g. champion")
     for candidate in {lexical, resolved}:
         if candidate == root:
-            raise ValueError(f"{short(value)} is the project folder itself ({root}); use a folder of its own, "
-                             "e.g. champion")
+            raise ValueError(f"{short(value)} is the project folder itself ({root}); use a folder of its own, e.g. champion")
         if candidate in root.parents:
-            raise ValueError(f"{short(value)} ({candidate}) is an ancestor of the project folder {root}; use a "
-                             "folder of its own, e.g. champion")
+            raise ValueError(
+                f"{short(value)} ({candidate}) is an ancestor of the project folder {root}; use a "
+                "folder of its own, e.g. champion"
+            )
         forbidden = {"data": "data/ (DVC's outputs)", ".git": ".git", ".dvc": ".dvc"}
         forbidden |= {out: f"the DVC output {out}" for out in dvc_outputs(root)}
         for rel, label in forbidden.items():
             inside = root / rel
             if candidate == inside or inside in candidate.parents:
-                raise ValueError(f"{short(value)} ({candidate}) lies inside {label}; `dvc repro` or a checkout "
-                                 "would delete or replace it. Use a folder of its own, e.g. champion")
+                raise ValueError(
+                    f"{short(value)} ({candidate}) lies inside {label}; `dvc repro` or a checkout "
+                    "would delete or replace it. Use a folder of its own, e.g. champion"
+                )
     if lexical.is_symlink():
         raise ValueError(f"{lexical} is a symlink; the registry must be a real folder (remove the link)")
     if lexical.exists() and not lexical.is_dir():

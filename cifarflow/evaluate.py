@@ -44,10 +44,17 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
     correct = predicted == labels
     low, high = wilson(int(correct.sum()), len(labels))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0)))) if len(labels) else 0.0
-    per_class = {name: round(float(correct[labels == c].mean()), 6) if (labels == c).any() else None
-                 for c, name in enumerate(classes)}
-    return {"accuracy": round(float(correct.mean()), 6), "ci95": [round(low, 6), round(high, 6)],
-            "correct": int(correct.sum()), "n": len(labels), "loss": round(loss, 6), "per_class_accuracy": per_class}
+    per_class = {
+        name: round(float(correct[labels == c].mean()), 6) if (labels == c).any() else None for c, name in enumerate(classes)
+    }
+    return {
+        "accuracy": round(float(correct.mean()), 6),
+        "ci95": [round(low, 6), round(high, 6)],
+        "correct": int(correct.sum()),
+        "n": len(labels),
+        "loss": round(loss, 6),
+        "per_class_accuracy": per_class,
+    }
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -88,8 +95,7 @@ def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
     ax.set_ylabel("true")
     ax.set_title(title)
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > matrix.max() / 2 else "black")
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > matrix.max() / 2 else "black")
     fig.colorbar(image)
     fig.tight_layout()
     return _png(fig)
@@ -107,8 +113,7 @@ def grid_png(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes:
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.axis("off")
         ax.imshow(images[k])
-        ax.set_title(f"pred: {classes[probs[k].argmax()]}\nscore: {probs[k].max():.3}\ntrue: {classes[labels[k]]}",
-                     fontsize=8)
+        ax.set_title(f"pred: {classes[probs[k].argmax()]}\nscore: {probs[k].max():.3}\ntrue: {classes[labels[k]]}", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 

@@ -59,8 +59,19 @@ def leaderboard(params: Params, evals: Path, models: Path) -> list[Entry]:
             if not path.is_file():
                 raise InputError(f"{path}: not found; run the {stage} stage first")
         m, s = json.loads(metrics_path.read_text()), json.loads(summary_path.read_text())
-        rows.append(Entry(arch, s["params"], s["epochs"], m["val"]["accuracy"], m["val"]["ci95"], m["val"]["loss"],
-                          m["test"]["accuracy"], m["test"]["ci95"], m["test"]["loss"]))
+        rows.append(
+            Entry(
+                arch,
+                s["params"],
+                s["epochs"],
+                m["val"]["accuracy"],
+                m["val"]["ci95"],
+                m["val"]["loss"],
+                m["test"]["accuracy"],
+                m["test"]["ci95"],
+                m["test"]["loss"],
+            )
+        )
     if not rows:
         raise InputError("archs is empty: nothing to export; list at least one architecture in params.yaml archs:")
     return rows
@@ -93,8 +104,10 @@ def bless(accuracy: float, champion: float | None, min_accuracy: float, toleranc
         reasons.append("no champion to compare with")
     else:
         ok_champion = accuracy >= champion - tolerance
-        reasons.append(f"test accuracy {accuracy:.4f} is {'within' if ok_champion else 'more than'} export.tolerance "
-                       f"{tolerance} of the champion's {champion:.4f} (re-scored on this test split)")
+        reasons.append(
+            f"test accuracy {accuracy:.4f} is {'within' if ok_champion else 'more than'} export.tolerance "
+            f"{tolerance} of the champion's {champion:.4f} (re-scored on this test split)"
+        )
     return ok_threshold and ok_champion, reasons
 
 
@@ -136,8 +149,13 @@ def serving_check(saved_model: Path, shards_dir: Path, expected: np.ndarray) -> 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "probs.npy"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run([sys.executable, "-c", SERVING_CHECK, str(saved_model.resolve()), str(out), *test_shards],
-                              capture_output=True, text=True, env=env, cwd=tmp)
+        done = subprocess.run(
+            [sys.executable, "-c", SERVING_CHECK, str(saved_model.resolve()), str(out), *test_shards],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
         if done.returncode != 0:
             raise CifarflowError(f"serving check: loading or running the SavedModel failed:\n{done.stderr[-3000:]}")
         served = np.load(out)
@@ -148,10 +166,16 @@ def serving_check(saved_model: Path, shards_dir: Path, expected: np.ndarray) -> 
     disagree = (served.argmax(axis=1) != expected.argmax(axis=1)) & ~near_tie
     max_diff = float(np.max(np.abs(served - expected))) if len(expected) else 0.0
     if disagree.any() or max_diff > PROB_TOLERANCE:
-        raise CifarflowError(f"serving check failed: {int(disagree.sum())} argmax disagreements (near-ties excluded), "
-                             f"max probability difference {max_diff:.2e} (allowed {PROB_TOLERANCE})")
-    return {"images": len(expected), "argmax_disagreements": 0, "near_ties": int(near_tie.sum()),
-            "max_probability_difference": max_diff}
+        raise CifarflowError(
+            f"serving check failed: {int(disagree.sum())} argmax disagreements (near-ties excluded), "
+            f"max probability difference {max_diff:.2e} (allowed {PROB_TOLERANCE})"
+        )
+    return {
+        "images": len(expected),
+        "argmax_disagreements": 0,
+        "near_ties": int(near_tie.sum()),
+        "max_probability_difference": max_diff,
+    }
 
 
 def saved_model_accuracy(saved: Path, shards_dir: Path) -> float:
@@ -162,8 +186,12 @@ def saved_model_accuracy(saved: Path, shards_dir: Path) -> float:
 
     test = shards.read_parquet(shards.shard_paths(shards_dir, "test", "parquet"))
     serve = tf.saved_model.load(str(saved)).signatures["serving_default"]
-    predicted = np.concatenate([next(iter(serve(images=tf.constant(test.images[i:i + 500])).values())).numpy().argmax(1)
-                                for i in range(0, len(test), 500)])
+    predicted = np.concatenate(
+        [
+            next(iter(serve(images=tf.constant(test.images[i : i + 500])).values())).numpy().argmax(1)
+            for i in range(0, len(test), 500)
+        ]
+    )
     return round(float(np.mean(predicted == test.labels)), 6)
 
 
@@ -174,8 +202,9 @@ def champion_score(registry_dir: Path, shards_dir: Path) -> dict[str, Any] | Non
     if champion is None:
         return None
     manifest = sha256_file(shards_dir / MANIFEST)
-    accuracy = registry.cached_score(registry_dir, champion, manifest,
-                                     lambda v: saved_model_accuracy(v.path / SAVED_MODEL, shards_dir))
+    accuracy = registry.cached_score(
+        registry_dir, champion, manifest, lambda v: saved_model_accuracy(v.path / SAVED_MODEL, shards_dir)
+    )
     return {"version": champion.name, "weights_sha256": champion.digest, "test_accuracy": accuracy}
 
 
@@ -188,8 +217,16 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(dumps_json(params.model_dump(mode="json")).encode()).hexdigest()
 
 
-def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, runinfo: Path | None = None,
-        train_runinfo: Path | None = None, verdict: Path | None = None) -> dict:
+def run(
+    params: Params,
+    shards_dir: Path,
+    models: Path,
+    evals: Path,
+    out: Path,
+    runinfo: Path | None = None,
+    train_runinfo: Path | None = None,
+    verdict: Path | None = None,
+) -> dict:
     from cifarflow.data.verdict import check_shards
 
     check_shards(shards_dir, verdict, "parquet", ("test",))  # the test split export reads: validated and unchanged
@@ -207,28 +244,37 @@ def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, 
         labels, winner_probs = read_predictions(evals / winner.arch / "predictions_val.csv")
         _, runner_probs = read_predictions(evals / runner.arch / "predictions_val.csv")
         test = mcnemar(winner_probs.argmax(1) == labels, runner_probs.argmax(1) == labels)
-        comparison = {"runner_up": runner.arch, **test,
-                      "significant": test["p_value"] < params.export.significance}
+        comparison = {"runner_up": runner.arch, **test, "significant": test["p_value"] < params.export.significance}
     champion = champion_score(Path(params.export.champion_dir), shards_dir)
-    blessed, reasons = bless(winner.test_accuracy, champion and champion["test_accuracy"], params.export.min_accuracy,
-                             params.export.tolerance)
+    blessed, reasons = bless(
+        winner.test_accuracy, champion and champion["test_accuracy"], params.export.min_accuracy, params.export.tolerance
+    )
     source_kind = manifest["source"]["kind"]
     if source_kind == "synth":  # a verdict on generated data says nothing about real photos
         reasons.append("trained and tested on synthetic data (data.source synth:...): never promotable without --force")
     metric = params.export.metric
     tied = len(ranked) > 1 and getattr(ranked[1], metric) == getattr(winner, metric)
-    why = (f"best {metric} on val ({getattr(winner, metric):.4f}) among {len(ranked)} architectures"
-           + (", fewest parameters among the tied" if tied else ""))
+    why = f"best {metric} on val ({getattr(winner, metric):.4f}) among {len(ranked)} architectures" + (
+        ", fewest parameters among the tied" if tied else ""
+    )
     card = {
-        "arch": winner.arch, "why": why, "selection_metric": params.export.metric,
-        "leaderboard": [asdict(r) for r in ranked], "comparison": comparison,
+        "arch": winner.arch,
+        "why": why,
+        "selection_metric": params.export.metric,
+        "leaderboard": [asdict(r) for r in ranked],
+        "comparison": comparison,
         "val": json.loads((evals / winner.arch / "metrics.json").read_text())["val"],
         "test": json.loads((evals / winner.arch / "metrics.json").read_text())["test"],
-        "blessed": blessed, "blessing_reasons": reasons, "champion": champion,
-        "profile": params.profile, "data_source_kind": source_kind,
+        "blessed": blessed,
+        "blessing_reasons": reasons,
+        "champion": champion,
+        "profile": params.profile,
+        "data_source_kind": source_kind,
         "weights_sha256": json.loads((models / winner.arch / "summary.json").read_text())["weights_sha256"],
-        "data_manifest_sha256": sha256_file(shards_dir / MANIFEST), "params_sha256": params_hash(params),
-        "git_commit": git_commit(), "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "data_manifest_sha256": sha256_file(shards_dir / MANIFEST),
+        "params_sha256": params_hash(params),
+        "git_commit": git_commit(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "classes": classes,
     }
     _, expected = read_predictions(evals / winner.arch / "predictions_test.csv")
@@ -242,8 +288,10 @@ def run(params: Params, shards_dir: Path, models: Path, evals: Path, out: Path, 
         (tmp / "MODEL_CARD.md").write_text(model_card_md(card))
     if runinfo is not None:  # run-dependent facts stay out of the card, which must be reproducible
         info = Path(train_runinfo or "") / winner.arch / "run.json"
-        write_json_atomic(runinfo, {"arch": winner.arch, "train_run": json.loads(info.read_text())
-                                    if train_runinfo and info.is_file() else None})
+        write_json_atomic(
+            runinfo,
+            {"arch": winner.arch, "train_run": json.loads(info.read_text()) if train_runinfo and info.is_file() else None},
+        )
     return card
 
 
@@ -254,30 +302,54 @@ def _pct(value: float) -> str:
 def model_card_md(card: dict[str, Any]) -> str:
     verdict = "**blessed**" if card["blessed"] else "**not blessed**"
     champion = card["champion"]
-    against = (f"the champion {champion['version']} (test accuracy {champion['test_accuracy']:.4f}, re-scored on this "
-               "test split)" if champion else "no champion (the registry was empty)")
-    data = {"synth": "**synthetic** (generated) data", "archive": "a CIFAR-10 binary archive",
-            "image-folder": "an image folder"}.get(card["data_source_kind"], card["data_source_kind"])
-    lines = [f"# Model card: {card['arch']}", "", f"Profile `{card['profile']}`, trained and tested on {data}.", "",
-             f"Chosen: {card['why']}.", "",
-             f"Verdict: {verdict}, computed against {against}", *[f"- {r}" for r in card["blessing_reasons"]], "",
-             "## Leaderboard (selection on val; test reported, not used to choose)", "",
-             "| arch | params | epochs | val accuracy (95% CI) | val loss | test accuracy (95% CI) |",
-             "|---|---:|---:|---|---:|---|"]
+    against = (
+        f"the champion {champion['version']} (test accuracy {champion['test_accuracy']:.4f}, re-scored on this test split)"
+        if champion
+        else "no champion (the registry was empty)"
+    )
+    data = {
+        "synth": "**synthetic** (generated) data",
+        "archive": "a CIFAR-10 binary archive",
+        "image-folder": "an image folder",
+    }.get(card["data_source_kind"], card["data_source_kind"])
+    lines = [
+        f"# Model card: {card['arch']}",
+        "",
+        f"Profile `{card['profile']}`, trained and tested on {data}.",
+        "",
+        f"Chosen: {card['why']}.",
+        "",
+        f"Verdict: {verdict}, computed against {against}",
+        *[f"- {r}" for r in card["blessing_reasons"]],
+        "",
+        "## Leaderboard (selection on val; test reported, not used to choose)",
+        "",
+        "| arch | params | epochs | val accuracy (95% CI) | val loss | test accuracy (95% CI) |",
+        "|---|---:|---:|---|---:|---|",
+    ]
     for r in card["leaderboard"]:
-        lines.append(f"| {r['arch']} | {r['params']:,} | {r['epochs']} | {_pct(r['val_accuracy'])} "
-                     f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {r['val_loss']:.4f} | "
-                     f"{_pct(r['test_accuracy'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) |")
+        lines.append(
+            f"| {r['arch']} | {r['params']:,} | {r['epochs']} | {_pct(r['val_accuracy'])} "
+            f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {r['val_loss']:.4f} | "
+            f"{_pct(r['test_accuracy'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) |"
+        )
     c = card["comparison"]
     if c:
-        lines += ["", f"Winner vs runner-up ({c['runner_up']}), McNemar exact test on val: only the winner right "
-                      f"{c['only_winner_right']}, only the runner-up right {c['only_runner_up_right']}, "
-                      f"p = {c['p_value']:.4g}: {'significantly better' if c['significant'] else 'not significantly better'}."]
-    lines += ["", "## Provenance", "",
-              f"- data manifest sha256: `{card['data_manifest_sha256']}`",
-              f"- params sha256: `{card['params_sha256']}`",
-              f"- git commit: `{card['git_commit']}`",
-              f"- TensorFlow {card['versions']['tensorflow']}, Keras {card['versions']['keras']}",
-              f"- serving check: {card['serving_check']['images']} test images, max probability difference "
-              f"{card['serving_check']['max_probability_difference']:.1e}"]
+        lines += [
+            "",
+            f"Winner vs runner-up ({c['runner_up']}), McNemar exact test on val: only the winner right "
+            f"{c['only_winner_right']}, only the runner-up right {c['only_runner_up_right']}, "
+            f"p = {c['p_value']:.4g}: {'significantly better' if c['significant'] else 'not significantly better'}.",
+        ]
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- data manifest sha256: `{card['data_manifest_sha256']}`",
+        f"- params sha256: `{card['params_sha256']}`",
+        f"- git commit: `{card['git_commit']}`",
+        f"- TensorFlow {card['versions']['tensorflow']}, Keras {card['versions']['keras']}",
+        f"- serving check: {card['serving_check']['images']} test images, max probability difference "
+        f"{card['serving_check']['max_probability_difference']:.1e}",
+    ]
     return "\n".join(lines) + "\n"

@@ -55,8 +55,10 @@ class _Budget:
         """Count one more; False (and the error line, once) when that is over the limit."""
         if self.count >= self.limit:
             if not self.exceeded:
-                errors.append(f"{where}: more than {self.limit:,} files and folders, over data.max_members={self.limit}; "
-                              "stopped there, the rest is not classified (pass fewer or smaller folders, or raise it)")
+                errors.append(
+                    f"{where}: more than {self.limit:,} files and folders, over data.max_members={self.limit}; "
+                    "stopped there, the rest is not classified (pass fewer or smaller folders, or raise it)"
+                )
             self.exceeded = True
             return False
         self.count += 1
@@ -151,8 +153,10 @@ def load_image(path: Path, max_pixels: int) -> np.ndarray:
             with Image.open(f, formats=FORMATS) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise InputError(f"{path}: image is {width}x{height}, over data.max_image_pixels={max_pixels} "
-                                     "(raise it in params.yaml if the image is genuine)")
+                    raise InputError(
+                        f"{path}: image is {width}x{height}, over data.max_image_pixels={max_pixels} "
+                        "(raise it in params.yaml if the image is genuine)"
+                    )
                 rgb = image.convert("RGB")
         if rgb.size != (32, 32):
             log.warning("%s: %dx%d, resized to 32x32", path, *rgb.size)
@@ -161,8 +165,10 @@ def load_image(path: Path, max_pixels: int) -> np.ndarray:
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: image over data.max_image_pixels={max_pixels}, refused before decoding (raise "
-                         "it in params.yaml if the image is genuine)") from None
+        raise InputError(
+            f"{path}: image over data.max_image_pixels={max_pixels}, refused before decoding (raise "
+            "it in params.yaml if the image is genuine)"
+        ) from None
     except Exception as exc:  # whatever a decoder raises on hostile bytes is this file's error, not the batch's
         raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
@@ -173,12 +179,16 @@ def default_model(registry_dir: Path) -> Path:
 
     champion = registry.current(registry_dir)
     if champion is None:
-        raise InputError(f"{registry_dir}: the champion registry (export.champion_dir) has no champion; promote one "
-                         "(`cifarflow promote`) or choose a model with --model, e.g. --model data/export")
+        raise InputError(
+            f"{registry_dir}: the champion registry (export.champion_dir) has no champion; promote one "
+            "(`cifarflow promote`) or choose a model with --model, e.g. --model data/export"
+        )
     problems = registry.verify(champion)
     if problems:
-        raise registry.RegistryError(f"{champion.path}: the champion is damaged ({'; '.join(problems[:5])}); "
-                                     "roll back (`cifarflow promote --rollback`) or pass --model")
+        raise registry.RegistryError(
+            f"{champion.path}: the champion is damaged ({'; '.join(problems[:5])}); "
+            "roll back (`cifarflow promote --rollback`) or pass --model"
+        )
     return champion.path
 
 
@@ -253,19 +263,35 @@ def classify(model_dir: Path, files: list[Path], max_pixels: int) -> tuple[list[
     for names, images in batches(files, max_pixels, errors):
         probs = serve(images)
         if probs.ndim != 2 or probs.shape[1] != len(classes):
-            raise InputError(f"{model_dir}: the model gives {probs.shape[-1]} scores per image but labels.txt names "
-                             f"{len(classes)} classes; export the model again")
+            raise InputError(
+                f"{model_dir}: the model gives {probs.shape[-1]} scores per image but labels.txt names "
+                f"{len(classes)} classes; export the model again"
+            )
         for name, row in zip(names, probs, strict=True):
             order = np.argsort(-row)[:3]
-            results.append(Prediction(name, classes[order[0]], float(row[order[0]]),
-                                      [(classes[i], round(float(row[i]), 4)) for i in order]))
+            results.append(
+                Prediction(name, classes[order[0]], float(row[order[0]]), [(classes[i], round(float(row[i]), 4)) for i in order])
+            )
     return results, errors
 
 
 def render(results: list[Prediction], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([{"path": r.path, "label": r.label, "confidence": round(r.confidence, 4),
-                            "top3": [{"label": label, "p": p} for label, p in r.top3]} for r in results], indent=2) + "\n"
+        return (
+            json.dumps(
+                [
+                    {
+                        "path": r.path,
+                        "label": r.label,
+                        "confidence": round(r.confidence, 4),
+                        "top3": [{"label": label, "p": p} for label, p in r.top3],
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+            + "\n"
+        )
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

@@ -24,15 +24,17 @@ log = logging.getLogger(__name__)
 def gate(params: Params, registry_dir: Path, shards_dir: Path) -> registry.Gate:
     manifest = Path(shards_dir) / "manifest.json"
     if not manifest.is_file():
-        raise InputError(f"{manifest}: not found; the champion is re-scored on the test split (run the pipeline, "
-                         "or pass --shards)")
+        raise InputError(
+            f"{manifest}: not found; the champion is re-scored on the test split (run the pipeline, or pass --shards)"
+        )
     digest = sha256_file(manifest)
 
     def score(champion: registry.Version) -> float:
         from cifarflow.export import SAVED_MODEL, saved_model_accuracy
 
-        return registry.cached_score(registry_dir, champion, digest,
-                                     lambda v: saved_model_accuracy(v.path / SAVED_MODEL, Path(shards_dir)))
+        return registry.cached_score(
+            registry_dir, champion, digest, lambda v: saved_model_accuracy(v.path / SAVED_MODEL, Path(shards_dir))
+        )
 
     return registry.Gate(params.export.min_accuracy, params.export.tolerance, digest, score)
 
@@ -49,15 +51,16 @@ def run(args: argparse.Namespace, params: Params, registry_dir: Path) -> int:
         event = registry.rollback(registry_dir, args.rollback or None, args.by, args.wait)
         print(f"rolled back: {event['from']} -> {event['to']} ({event['arch']}); {registry_dir / registry.CURRENT}")
         return 0
-    event = registry.promote(args.export, registry_dir, gate(params, registry_dir, args.shards), args.force, args.by,
-                             args.wait)
+    event = registry.promote(args.export, registry_dir, gate(params, registry_dir, args.shards), args.force, args.by, args.wait)
     if event["kind"] == "unchanged":
         print(f"unchanged: {event['reason']} ({event['to']})")
     else:
         verdict = event["verdict"]
         against = verdict["champion"]
-        print(f"promoted {event['arch']} as {event['to']}" + (" (FORCED: " + "; ".join(verdict["reasons"]) + ")"
-                                                            if verdict["forced"] else "")
-              + (f"; compared with {against['version']} at {against['test_accuracy']:.4f}" if against else "; first champion"))
+        print(
+            f"promoted {event['arch']} as {event['to']}"
+            + (" (FORCED: " + "; ".join(verdict["reasons"]) + ")" if verdict["forced"] else "")
+            + (f"; compared with {against['version']} at {against['test_accuracy']:.4f}" if against else "; first champion")
+        )
         log.debug("%s", json.dumps(event))
     return 0

@@ -183,8 +183,10 @@ def _read_json(path: Path, limit: int = MAX_POINTER_BYTES, shape: type = dict) -
             raise RegistryError(f"{path}: larger than {limit} bytes; not a registry file")
         value = json.loads(data)
     except (ValueError, RecursionError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RegistryError(f"{path}: unreadable ({exc.__class__.__name__}); the registry is damaged: restore the file "
-                            "from a backup, or roll back (`cifarflow promote --rollback VERSION`)") from None
+        raise RegistryError(
+            f"{path}: unreadable ({exc.__class__.__name__}); the registry is damaged: restore the file "
+            "from a backup, or roll back (`cifarflow promote --rollback VERSION`)"
+        ) from None
     if not isinstance(value, shape):
         raise RegistryError(f"{path}: holds a {type(value).__name__}, not a {shape.__name__}; the registry is damaged")
     return value
@@ -199,8 +201,10 @@ def version(registry: Path, name: str) -> Version:
         raise RegistryError(f"{registry / CURRENT}: names {name!r}, not a version (<number>-<12 hex digits>)")
     path = registry / VERSIONS / name
     if path.is_symlink() or not (path / VERSION_FILE).is_file():
-        raise RegistryError(f"{path}: version folder missing, a symlink, or incomplete; the registry is damaged "
-                            f"(restore it from a backup, or roll back to another version)")
+        raise RegistryError(
+            f"{path}: version folder missing, a symlink, or incomplete; the registry is damaged "
+            f"(restore it from a backup, or roll back to another version)"
+        )
     facts = _read_json(path / VERSION_FILE)
     if not isinstance(facts.get("weights_sha256"), str) or not isinstance(facts.get("files"), dict):
         raise RegistryError(f"{path / VERSION_FILE}: lacks weights_sha256 or files; the version is damaged")
@@ -213,10 +217,11 @@ def pointer(registry: Path) -> dict[str, Any] | None:
     if not os.path.lexists(path):
         return None
     found = _read_json(path)
-    if not isinstance(found.get("version"), str) or not isinstance(found.get("event"), dict) \
-            or not _is_event(found["event"]):
-        raise RegistryError(f"{path}: not a champion pointer (version and event); the registry is damaged: roll back "
-                            "to a version (`cifarflow promote --rollback VERSION`) to rewrite it")
+    if not isinstance(found.get("version"), str) or not isinstance(found.get("event"), dict) or not _is_event(found["event"]):
+        raise RegistryError(
+            f"{path}: not a champion pointer (version and event); the registry is damaged: roll back "
+            "to a version (`cifarflow promote --rollback VERSION`) to rewrite it"
+        )
     return found
 
 
@@ -233,8 +238,11 @@ def current(registry: Path) -> Version | None:
 
 def versions(registry: Path) -> list[Version]:
     folder = Path(registry) / VERSIONS
-    names = sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name)), key=lambda n: int(n.split("-")[0])) \
-        if folder.is_dir() else []
+    names = (
+        sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name)), key=lambda n: int(n.split("-")[0]))
+        if folder.is_dir()
+        else []
+    )
     found = []
     for name in names:  # a damaged version is listed as such, so that --list shows it and --gc can remove it
         try:
@@ -281,8 +289,10 @@ def history(registry: Path) -> list[dict[str, Any]]:
         except (ValueError, RecursionError):
             event = None
         if not _is_event(event):
-            raise RegistryError(f"{path}: line {number} is not an event; the history is damaged (restore it from a "
-                                "backup; the versions and CURRENT are intact)")
+            raise RegistryError(
+                f"{path}: line {number} is not an event; the history is damaged (restore it from a "
+                "backup; the versions and CURRENT are intact)"
+            )
         events.append(event)
     del torn
     return events
@@ -296,8 +306,10 @@ def check_layout(registry: Path) -> None:
     if registry.is_symlink() or (registry.exists() and not registry.is_dir()):
         raise RegistryError(f"{registry}: is a symlink or a file; the registry must be a real folder")
     if (registry / "saved_model").exists():
-        raise RegistryError(f"{registry}: holds a champion copied by an older cifarflow (saved_model/ at the top); "
-                            "move it away, then promote again to start a registry there")
+        raise RegistryError(
+            f"{registry}: holds a champion copied by an older cifarflow (saved_model/ at the top); "
+            "move it away, then promote again to start a registry there"
+        )
 
 
 @contextmanager
@@ -313,8 +325,10 @@ def locked(registry: Path, wait_s: float = DEFAULT_WAIT_S) -> Iterator[Durable]:
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
-        raise RegistryError(f"{registry / LOCK}: another promotion has held the registry for over {wait_s:.0f} s; "
-                            "wait for it to finish (or pass a longer --wait)") from None
+        raise RegistryError(
+            f"{registry / LOCK}: another promotion has held the registry for over {wait_s:.0f} s; "
+            "wait for it to finish (or pass a longer --wait)"
+        ) from None
     try:
         recover(registry, io)
         yield io
@@ -434,8 +448,9 @@ class Gate:
     score: Callable[[Version], float]  # the champion's test accuracy on that split (cached by the caller)
 
 
-def promote(export: Path, registry: Path, gate: Gate, force: bool = False, by: str | None = None,
-            wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
+def promote(
+    export: Path, registry: Path, gate: Gate, force: bool = False, by: str | None = None, wait_s: float = DEFAULT_WAIT_S
+) -> dict[str, Any]:
     """Make the export in `export` the champion, if it passes the gate against the current champion.
     Returns the recorded event, or {"kind": "unchanged", ...} when it already is the champion.
     Raises PromotionRefused with every reason when it may not (unless `force`)."""
@@ -450,8 +465,12 @@ def promote(export: Path, registry: Path, gate: Gate, force: bool = False, by: s
     digest = card.get("weights_sha256")
     test = card.get("test")
     accuracy = test.get("accuracy") if isinstance(test, dict) else None
-    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest) \
-            or not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
+    if (
+        not isinstance(digest, str)
+        or not re.fullmatch(r"[0-9a-f]{64}", digest)
+        or not isinstance(accuracy, (int, float))
+        or isinstance(accuracy, bool)
+    ):
         raise InputError(f"{card_path}: no weights_sha256 or test.accuracy; export again with this version of cifarflow")
     with locked(registry, wait_s) as io:
         champion = current(registry)
@@ -459,16 +478,32 @@ def promote(export: Path, registry: Path, gate: Gate, force: bool = False, by: s
             return {"kind": "unchanged", "to": champion.name, "reason": f"{export} is already the champion"}
         verdict = judge(card, champion, gate, rolled_back(registry).get(digest))
         if verdict["reasons"] and not force:
-            raise PromotionRefused(f"not promoting {export} ({card.get('arch')}): " + "; ".join(verdict["reasons"])
-                                   + " (cifarflow promote --force overrides)")
-        facts = {"arch": card.get("arch"), "weights_sha256": digest, "test_accuracy": card["test"]["accuracy"],
-                 "blessed": card.get("blessed"), "git_commit": card.get("git_commit"), "profile": card.get("profile"),
-                 "data_source_kind": card.get("data_source_kind"), "data_manifest_sha256": card.get("data_manifest_sha256")}
+            raise PromotionRefused(
+                f"not promoting {export} ({card.get('arch')}): "
+                + "; ".join(verdict["reasons"])
+                + " (cifarflow promote --force overrides)"
+            )
+        facts = {
+            "arch": card.get("arch"),
+            "weights_sha256": digest,
+            "test_accuracy": card["test"]["accuracy"],
+            "blessed": card.get("blessed"),
+            "git_commit": card.get("git_commit"),
+            "profile": card.get("profile"),
+            "data_source_kind": card.get("data_source_kind"),
+            "data_manifest_sha256": card.get("data_manifest_sha256"),
+        }
         new = add_version(registry, io, export, facts)
-        event = {"seq": _next_seq(registry), "kind": "promote", "time": _now(), "by": _by(by), "to": new.name,
-                 "from": champion.name if champion else None, **{k: facts[k] for k in ("arch", "weights_sha256",
-                 "test_accuracy", "blessed", "git_commit", "data_source_kind")},
-                 "verdict": {**verdict, "forced": bool(force and verdict["reasons"])}}
+        event = {
+            "seq": _next_seq(registry),
+            "kind": "promote",
+            "time": _now(),
+            "by": _by(by),
+            "to": new.name,
+            "from": champion.name if champion else None,
+            **{k: facts[k] for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "git_commit", "data_source_kind")},
+            "verdict": {**verdict, "forced": bool(force and verdict["reasons"])},
+        }
         _switch(registry, io, event)
         return event
 
@@ -494,8 +529,10 @@ def judge(card: dict[str, Any], champion: Version | None, gate: Gate, rollback: 
         score = gate.score(champion)
         compared = {"version": champion.name, "weights_sha256": champion.digest, "test_accuracy": score}
         if accuracy < score - gate.tolerance:
-            reasons.append(f"test accuracy {accuracy:.4f} is more than export.tolerance {gate.tolerance} below the "
-                           f"champion {champion.name}'s {score:.4f} (re-scored now on this test split)")
+            reasons.append(
+                f"test accuracy {accuracy:.4f} is more than export.tolerance {gate.tolerance} below the "
+                f"champion {champion.name}'s {score:.4f} (re-scored now on this test split)"
+            )
     return {"reasons": reasons, "candidate_test_accuracy": accuracy, "champion": compared}
 
 
@@ -510,8 +547,10 @@ def rollback(registry: Path, to: str | None = None, by: str | None = None, wait_
         if to is None:
             to = served_before(registry, champion.name)
             if to is None:
-                raise InputError(f"{registry}: no version served before {champion.name} (other than ones rolled back "
-                                 "from); name one: cifarflow promote --rollback VERSION (see --list)")
+                raise InputError(
+                    f"{registry}: no version served before {champion.name} (other than ones rolled back "
+                    "from); name one: cifarflow promote --rollback VERSION (see --list)"
+                )
         names = {v.name: v for v in versions(registry)}
         match = [n for n in names if n == to or n.split("-")[0].lstrip("0") == str(to).lstrip("0")]
         if len(match) != 1:
@@ -522,10 +561,19 @@ def rollback(registry: Path, to: str | None = None, by: str | None = None, wait_
         problems = verify(target)
         if problems:
             raise RegistryError(f"{target.path}: damaged ({'; '.join(problems)}); choose another version")
-        event = {"seq": _next_seq(registry), "kind": "rollback", "time": _now(), "by": _by(by), "to": target.name,
-                 "from": champion.name, "from_weights_sha256": champion.digest,
-                 **{k: target.facts.get(k) for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "git_commit",
-                                                     "data_source_kind")}}
+        event = {
+            "seq": _next_seq(registry),
+            "kind": "rollback",
+            "time": _now(),
+            "by": _by(by),
+            "to": target.name,
+            "from": champion.name,
+            "from_weights_sha256": champion.digest,
+            **{
+                k: target.facts.get(k)
+                for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "git_commit", "data_source_kind")
+            },
+        }
         _switch(registry, io, event)
         return event
 
@@ -548,8 +596,11 @@ def collect_garbage(registry: Path, keep: int, wait_s: float = DEFAULT_WAIT_S) -
             io.mkdir(registry / TRASH)
             for name in removed:  # out of versions/ in one rename each, so no half-removed version is ever listed
                 io.rename(registry / VERSIONS / name, registry / TRASH / name)
-            io.append(registry / HISTORY, _dumps({"seq": _next_seq(registry), "kind": "gc", "time": _now(),
-                                                      "by": _by(), "removed": removed, "keep": keep}) + "\n")
+            io.append(
+                registry / HISTORY,
+                _dumps({"seq": _next_seq(registry), "kind": "gc", "time": _now(), "by": _by(), "removed": removed, "keep": keep})
+                + "\n",
+            )
             io.remove_tree(registry / TRASH)
         return removed
 
@@ -568,8 +619,10 @@ def cached_score(registry: Path, champion: Version, manifest_sha256: str, score:
     try:  # a cache: failing to write it costs only time
         io.mkdir(path.parent)
         io.remove_file(temp)
-        io.write(temp, _dumps({"test_accuracy": value, "weights_sha256": champion.digest,
-                               "data_manifest_sha256": manifest_sha256}).encode())
+        io.write(
+            temp,
+            _dumps({"test_accuracy": value, "weights_sha256": champion.digest, "data_manifest_sha256": manifest_sha256}).encode(),
+        )
         io.rename(temp, path)
     except OSError:
         pass
@@ -580,20 +633,28 @@ def render(registry: Path) -> str:
     """`promote --list`: the versions with the champion marked, then the history."""
     registry = Path(registry)
     champion = current(registry)
-    lines = [f"registry {registry}: champion {champion.name if champion else '(none)'}", "",
-             "| | version | arch | test accuracy | blessed | data | git commit |", "|---|---|---|---:|---|---|---|"]
+    lines = [
+        f"registry {registry}: champion {champion.name if champion else '(none)'}",
+        "",
+        "| | version | arch | test accuracy | blessed | data | git commit |",
+        "|---|---|---|---:|---|---|---|",
+    ]
     for v in versions(registry):
         f = v.facts
-        lines.append(f"| {'*' if champion and v.name == champion.name else ''} | {v.name} | {f.get('arch')} | "
-                     f"{f.get('test_accuracy')} | {f.get('blessed')} | {f.get('data_source_kind')} | "
-                     f"{(f.get('git_commit') or '')[:10]} |")
+        lines.append(
+            f"| {'*' if champion and v.name == champion.name else ''} | {v.name} | {f.get('arch')} | "
+            f"{f.get('test_accuracy')} | {f.get('blessed')} | {f.get('data_source_kind')} | "
+            f"{(f.get('git_commit') or '')[:10]} |"
+        )
     lines += ["", "history (oldest first):"]
     for e in history(registry):
         if e["kind"] == "gc":
             lines.append(f"  {e['seq']:>4} {e['time']} gc: removed {', '.join(e['removed'])} (keep {e['keep']})")
         else:
             forced = " FORCED" if (e.get("verdict") or {}).get("forced") else ""
-            lines.append(f"  {e['seq']:>4} {e['time']} {e['kind']}{forced}: {e.get('from') or '(none)'} -> {e['to']} "
-                         f"({e.get('arch')}, test {e.get('test_accuracy')}) by {e['by']}"
-                         + (" [recorded late]" if e.get("recorded_late") else ""))
+            lines.append(
+                f"  {e['seq']:>4} {e['time']} {e['kind']}{forced}: {e.get('from') or '(none)'} -> {e['to']} "
+                f"({e.get('arch')}, test {e.get('test_accuracy')}) by {e['by']}"
+                + (" [recorded late]" if e.get("recorded_late") else "")
+            )
     return "\n".join(lines) + "\n"

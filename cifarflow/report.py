@@ -45,13 +45,22 @@ def rows(params: Params, models: Path, evals: Path) -> list[dict[str, Any]]:
         metrics = _read(evals / arch / "metrics.json", f"evaluate@{arch}")
         summary = _read(models / arch / "summary.json", f"train@{arch}")
         seed_value, seed_note = SEED_REPORTED.get(arch, (None, "no seed"))
-        table.append({
-            "arch": arch, "model": summary["model"], "variant": summary["variant"], "params": summary["params"],
-            "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
-            "val_accuracy": metrics["val"]["accuracy"], "val_ci95": metrics["val"]["ci95"],
-            "test_accuracy": metrics["test"]["accuracy"], "test_ci95": metrics["test"]["ci95"],
-            "seed_reported_accuracy": seed_value, "seed_note": seed_note,
-        })
+        table.append(
+            {
+                "arch": arch,
+                "model": summary["model"],
+                "variant": summary["variant"],
+                "params": summary["params"],
+                "epochs": summary["epochs"],
+                "best_epoch": summary["best_epoch"],
+                "val_accuracy": metrics["val"]["accuracy"],
+                "val_ci95": metrics["val"]["ci95"],
+                "test_accuracy": metrics["test"]["accuracy"],
+                "test_ci95": metrics["test"]["ci95"],
+                "seed_reported_accuracy": seed_value,
+                "seed_note": seed_note,
+            }
+        )
     return table
 
 
@@ -61,28 +70,47 @@ def _pct(value: float | None) -> str:
 
 def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str) -> str:
     kind = card.get("data_source_kind") if card else None
-    data = {"synth": " Data: **synthetic** (generated): these figures say nothing about real images.",
-            "archive": " Data: a CIFAR-10 binary archive.", "image-folder": " Data: an image folder."}.get(kind, "")
-    lines = ["# Leaderboard", "", f"Profile `{profile}`.{data} Selection on val; test is the honest final figure. "
-             "Intervals are 95% Wilson. Seed figures are what the tutorials report on the official CIFAR-10.", "",
-             "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported |",
-             "|---|---:|---:|---|---|---|"]
+    data = {
+        "synth": " Data: **synthetic** (generated): these figures say nothing about real images.",
+        "archive": " Data: a CIFAR-10 binary archive.",
+        "image-folder": " Data: an image folder.",
+    }.get(kind, "")
+    lines = [
+        "# Leaderboard",
+        "",
+        f"Profile `{profile}`.{data} Selection on val; test is the honest final figure. "
+        "Intervals are 95% Wilson. Seed figures are what the tutorials report on the official CIFAR-10.",
+        "",
+        "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported |",
+        "|---|---:|---:|---|---|---|",
+    ]
     for r in table:
-        lines.append(f"| {r['arch']} | {r['params']:,} | {r['epochs']} ({r['best_epoch']}) | {_pct(r['val_accuracy'])} "
-                     f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {_pct(r['test_accuracy'])} "
-                     f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {_pct(r['seed_reported_accuracy'])} |")
+        lines.append(
+            f"| {r['arch']} | {r['params']:,} | {r['epochs']} ({r['best_epoch']}) | {_pct(r['val_accuracy'])} "
+            f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {_pct(r['test_accuracy'])} "
+            f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {_pct(r['seed_reported_accuracy'])} |"
+        )
     if card:
         verdict = "blessed" if card["blessed"] else "not blessed"
-        lines += ["", f"Exported: **{card['arch']}** ({card['why']}), {verdict}:",
-                  *[f"- {reason}" for reason in card["blessing_reasons"]]]
+        lines += [
+            "",
+            f"Exported: **{card['arch']}** ({card['why']}), {verdict}:",
+            *[f"- {reason}" for reason in card["blessing_reasons"]],
+        ]
         if card.get("comparison"):
             c = card["comparison"]
-            lines.append(f"- vs runner-up {c['runner_up']}: McNemar p = {c['p_value']:.4g} "
-                         f"({'significant' if c['significant'] else 'not significant'})")
-    lines += ["", "Seed notes: " + "; ".join(f"{r['arch']}: {r['seed_note']}" for r in table), "",
-              f"Curves: `dvc plots show` writes [{PLOTS}]({PLOTS}); confusion matrices and prediction grids are in "
-              "`data/eval/<arch>/`. Training speeds (img/s) depend on the machine: they are run info, in "
-              "`data/runinfo/speeds.json`."]
+            lines.append(
+                f"- vs runner-up {c['runner_up']}: McNemar p = {c['p_value']:.4g} "
+                f"({'significant' if c['significant'] else 'not significant'})"
+            )
+    lines += [
+        "",
+        "Seed notes: " + "; ".join(f"{r['arch']}: {r['seed_note']}" for r in table),
+        "",
+        f"Curves: `dvc plots show` writes [{PLOTS}]({PLOTS}); confusion matrices and prediction grids are in "
+        "`data/eval/<arch>/`. Training speeds (img/s) depend on the machine: they are run info, in "
+        "`data/runinfo/speeds.json`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -90,11 +118,19 @@ def run(params: Params, models: Path, evals: Path, export: Path, runinfo: Path, 
     table = rows(params, Path(models), Path(evals))
     card_path = Path(export) / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
-    report = {"profile": params.profile, "rows": table,
-              "data_source_kind": card.get("data_source_kind") if card else None,
-              "exported": None if card is None else {"arch": card["arch"], "blessed": card["blessed"],
-                                                     "reasons": card["blessing_reasons"],
-                                                     "comparison": card.get("comparison")}}
+    report = {
+        "profile": params.profile,
+        "rows": table,
+        "data_source_kind": card.get("data_source_kind") if card else None,
+        "exported": None
+        if card is None
+        else {
+            "arch": card["arch"],
+            "blessed": card["blessed"],
+            "reasons": card["blessing_reasons"],
+            "comparison": card.get("comparison"),
+        },
+    }
     write_json_atomic(Path(out) / "leaderboard.json", report)
     write_bytes_atomic(Path(out) / "leaderboard.md", render(table, card, params.profile).encode())
     write_json_atomic(Path(runinfo) / "speeds.json", {"train_images_per_second": speeds(params, Path(runinfo))})

@@ -33,10 +33,13 @@ from cifarflow.fileio import hash_file, sha256_file
 EXCLUDED = (
     ("data/runinfo/*", "run info: wall times, img/s, hardware, versions, TensorBoard event files"),
     ("data/downloads/*", "the download cache (the extracted data/raw it feeds is compared)"),
-    ("data/export/saved_model/*", "TensorFlow writes a SavedModel differently each time (graph, variables "
-                                  "layout, fingerprint); the served weights are compared through the model "
-                                  "card's digest and its serving check. In dvc.lock, the hash of data/export "
-                                  "is excluded for the same reason"),
+    (
+        "data/export/saved_model/*",
+        "TensorFlow writes a SavedModel differently each time (graph, variables "
+        "layout, fingerprint); the served weights are compared through the model "
+        "card's digest and its serving check. In dvc.lock, the hash of data/export "
+        "is excluded for the same reason",
+    ),
 )
 DVC_OUTPUT_LINE = re.compile(r"^Running stage '([^']+)'")
 
@@ -59,8 +62,9 @@ class Report:
             lines.append(f"NOT REPRODUCIBLE: {len(self.problems)} problem(s)")
             lines += [f"  - {problem}" for problem in self.problems]
         else:
-            lines.append("reproducible: every deterministic output is identical; dvc status clean; "
-                         "a second dvc repro changed nothing")
+            lines.append(
+                "reproducible: every deterministic output is identical; dvc status clean; a second dvc repro changed nothing"
+            )
         return "\n".join(lines)
 
 
@@ -73,8 +77,7 @@ def exclusion(path: str) -> str | None:
 
 def snapshot(workspace: Path) -> dict[str, str]:
     """sha256 of every file under data/ (relative paths), plus dvc.lock."""
-    files = {str(p.relative_to(workspace)): sha256_file(p) for p in sorted((workspace / "data").rglob("*"))
-             if p.is_file()}
+    files = {str(p.relative_to(workspace)): sha256_file(p) for p in sorted((workspace / "data").rglob("*")) if p.is_file()}
     lock = workspace / "dvc.lock"
     if lock.is_file():
         files["dvc.lock"] = sha256_file(lock)
@@ -174,8 +177,7 @@ def always_changed(workspace: Path) -> set[str]:
 
 def stale_entries(workspace: Path, allowed: set[str]) -> dict[str, Any]:
     status = json.loads(run([tool("dvc"), "status", "--json"], workspace) or "{}")
-    return {stage: entries for stage, entries in status.items()
-            if not (stage in allowed and entries == ["always changed"])}
+    return {stage: entries for stage, entries in status.items() if not (stage in allowed and entries == ["always changed"])}
 
 
 def committed_lock_problems(workspace: Path) -> list[str]:
@@ -220,8 +222,14 @@ def build_archive(out: Path, real_data: Path | None, real_counts: tuple[int, int
     return archive
 
 
-def verify(repo: Path, workdir: Path, archs: list[str] | None = None, real_data: Path | None = None,
-           real_counts: tuple[int, int] = (5000, 1000), echo: Any = print) -> Report:
+def verify(
+    repo: Path,
+    workdir: Path,
+    archs: list[str] | None = None,
+    real_data: Path | None = None,
+    real_counts: tuple[int, int] = (5000, 1000),
+    echo: Any = print,
+) -> Report:
     report = Report()
     repo = Path(run(["git", "rev-parse", "--show-toplevel"], repo).strip())
     if run(["git", "status", "--porcelain", "--untracked-files=no"], repo).strip():
@@ -256,16 +264,14 @@ def verify(repo: Path, workdir: Path, archs: list[str] | None = None, real_data:
     if reran:
         report.fail(f"a second dvc repro ran {', '.join(reran)} again (only {', '.join(sorted(allowed))} may run)")
     after = snapshot(first)
-    changed = sorted(name for name in before.keys() | after.keys()
-                     if before.get(name) != after.get(name) and not exclusion(name))
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name) and not exclusion(name))
     if changed:
         report.fail(f"a second dvc repro changed {', '.join(changed)}")
     compare(clones[0], clones[1], report, left=after)
     return report
 
 
-def main(repo: Path, archs: list[str] | None, real_data: Path | None, keep: Path | None,
-         real_counts: tuple[int, int]) -> int:
+def main(repo: Path, archs: list[str] | None, real_data: Path | None, keep: Path | None, real_counts: tuple[int, int]) -> int:
     workdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cifarflow-verify-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

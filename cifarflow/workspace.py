@@ -21,8 +21,9 @@ RUNS = "runs"  # in .gitignore and .dvcignore
 
 def project_files(project: Path) -> list[str]:
     """The files a clone would have, plus new files not ignored: what the user is working on."""
-    done = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=project,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=project, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise InputError(f"{project}: not a git checkout of the project ({done.stderr.strip()[:200]})")
     return [f for f in done.stdout.split("\0") if f and (project / f).is_file() and not f.startswith(f"{RUNS}/")]
@@ -45,6 +46,10 @@ def prepare(project: Path, profile: str) -> Path:
     # A commit of the snapshot, so the copy behaves as a clone (DVC experiments need one).
     git = ["git", "-c", "user.name=cifarflow", "-c", "user.email=cifarflow@localhost"]
     subprocess.run([*git, "add", "-A"], cwd=target, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", f"snapshot of {project} for profile {profile}"],
-                   cwd=target, check=True, capture_output=True)
+    subprocess.run(
+        [*git, "commit", "-q", "--allow-empty", "-m", f"snapshot of {project} for profile {profile}"],
+        cwd=target,
+        check=True,
+        capture_output=True,
+    )
     return target

@@ -74,15 +74,19 @@ def secret_name(name: str) -> str:
     """`name` if it can be a Secret block's name; else an error that does not show it (a URL pasted by
     mistake must not end up in a log)."""
     if not SECRET_NAME.match(name):
-        raise WebhookSecretError("webhook_secret must be the NAME of a Secret block (lowercase letters, digits and "
-                                 "dashes), not the webhook URL; the value given is not a block name and is not shown")
+        raise WebhookSecretError(
+            "webhook_secret must be the NAME of a Secret block (lowercase letters, digits and "
+            "dashes), not the webhook URL; the value given is not a block name and is not shown"
+        )
     return name
 
 
 def _missing(name: str) -> str:
-    return (f"the Secret block {name!r} (flow parameter webhook_secret) does not exist on this Prefect server: create it "
-            f"with `prefect block create secret` or `Secret(value=WEBHOOK_URL).save({name!r})`, or leave webhook_secret "
-            f"unset and export {WEBHOOK_ENV}")
+    return (
+        f"the Secret block {name!r} (flow parameter webhook_secret) does not exist on this Prefect server: create it "
+        f"with `prefect block create secret` or `Secret(value=WEBHOOK_URL).save({name!r})`, or leave webhook_secret "
+        f"unset and export {WEBHOOK_ENV}"
+    )
 
 
 def check_webhook_secret(name: str) -> None:
@@ -106,8 +110,10 @@ def load_webhook_secret(name: str) -> str:
     except ValueError:  # Prefect's "Unable to find block document named ..."
         raise WebhookSecretError(_missing(name)) from None
     if not isinstance(value, str) or urllib.parse.urlsplit(value.strip()).scheme not in ("http", "https"):
-        raise WebhookSecretError(f"the Secret block {name!r} must hold the webhook URL (http:// or https://) as a string: "
-                                 f"overwrite it with `Secret(value=WEBHOOK_URL).save({name!r}, overwrite=True)`")
+        raise WebhookSecretError(
+            f"the Secret block {name!r} must hold the webhook URL (http:// or https://) as a string: "
+            f"overwrite it with `Secret(value=WEBHOOK_URL).save({name!r}, overwrite=True)`"
+        )
     return value.strip()
 
 
@@ -128,8 +134,12 @@ def webhook_url(flow_run: Any) -> str | None:
     try:
         return load_webhook_secret(name)
     except Exception as exc:  # deleted since the run started, or the API is down: the hook must not raise
-        _logger().warning("alert not sent: %s", exc if isinstance(exc, WebhookSecretError)
-                          else f"cannot read the Secret block {name!r}: {type(exc).__name__}: {redact_text(str(exc))}")
+        _logger().warning(
+            "alert not sent: %s",
+            exc
+            if isinstance(exc, WebhookSecretError)
+            else f"cannot read the Secret block {name!r}: {type(exc).__name__}: {redact_text(str(exc))}",
+        )
         return None
 
 
@@ -142,8 +152,16 @@ def describe_failure(exc: BaseException, url: str) -> str:
         text = f"{type(exc).__name__}: {exc}"
     try:
         parts = urllib.parse.urlsplit(url)
-        secret_parts = {url, requests.utils.requote_uri(url), parts.path, parts.query, parts.username, parts.password,
-                        urllib.parse.unquote(parts.path), f"{parts.path}?{parts.query}"}
+        secret_parts = {
+            url,
+            requests.utils.requote_uri(url),
+            parts.path,
+            parts.query,
+            parts.username,
+            parts.password,
+            urllib.parse.unquote(parts.path),
+            f"{parts.path}?{parts.query}",
+        }
     except ValueError:  # unparseable: nothing of the message can be trusted
         return type(exc).__name__
     for part in sorted((p for p in secret_parts if p and len(p) > 1), key=len, reverse=True):
@@ -165,16 +183,25 @@ def notify(url: str | None, text: str, **fields: Any) -> None:
 
 def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
     # The message goes to a third party: URLs in it (a data source's signature) are redacted.
-    notify(webhook_url(flow_run), f"cifar10-pipeline run {flow_run.name} failed: {redact_text(str(state.message))}",
-           event="failed", flow_run=flow_run.name)
+    notify(
+        webhook_url(flow_run),
+        f"cifar10-pipeline run {flow_run.name} failed: {redact_text(str(state.message))}",
+        event="failed",
+        flow_run=flow_run.name,
+    )
 
 
 def alert_if_unblessed(flow: Any, flow_run: Any, state: Any) -> None:
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, dict) and not summary.get("blessed"):
         reasons = "; ".join(summary.get("blessing_reasons", []))
-        notify(webhook_url(flow_run), f"cifar10-pipeline run {flow_run.name}: {summary.get('arch')} was not "
-               f"blessed ({reasons})", event="not_blessed", flow_run=flow_run.name, arch=summary.get("arch"))
+        notify(
+            webhook_url(flow_run),
+            f"cifar10-pipeline run {flow_run.name}: {summary.get('arch')} was not blessed ({reasons})",
+            event="not_blessed",
+            flow_run=flow_run.name,
+            arch=summary.get("arch"),
+        )
 
 
 class StageRunner:
@@ -198,26 +225,54 @@ def publish(workspace: Path) -> dict[str, Any]:
     """The leaderboard as a table artifact; the report and the verdict as markdown."""
     card = json.loads((workspace / "data/export/model_card.json").read_text())
     report = json.loads((workspace / "data/reports/leaderboard.json").read_text())
-    create_table_artifact(key="leaderboard", description="val/test accuracy per architecture", table=[
-        {"arch": r["arch"], "params": r["params"], "epochs": r["epochs"], "val_accuracy": r["val_accuracy"],
-         "val_ci95": f"{r['val_ci95'][0]:.4f}-{r['val_ci95'][1]:.4f}", "test_accuracy": r["test_accuracy"],
-         "test_ci95": f"{r['test_ci95'][0]:.4f}-{r['test_ci95'][1]:.4f}",
-         "seed_reported_accuracy": r["seed_reported_accuracy"]} for r in report["rows"]])
-    create_markdown_artifact(key="report", markdown=(workspace / "data/reports/leaderboard.md").read_text(),
-                             description="the leaderboard report")
+    create_table_artifact(
+        key="leaderboard",
+        description="val/test accuracy per architecture",
+        table=[
+            {
+                "arch": r["arch"],
+                "params": r["params"],
+                "epochs": r["epochs"],
+                "val_accuracy": r["val_accuracy"],
+                "val_ci95": f"{r['val_ci95'][0]:.4f}-{r['val_ci95'][1]:.4f}",
+                "test_accuracy": r["test_accuracy"],
+                "test_ci95": f"{r['test_ci95'][0]:.4f}-{r['test_ci95'][1]:.4f}",
+                "seed_reported_accuracy": r["seed_reported_accuracy"],
+            }
+            for r in report["rows"]
+        ],
+    )
+    create_markdown_artifact(
+        key="report", markdown=(workspace / "data/reports/leaderboard.md").read_text(), description="the leaderboard report"
+    )
     verdict = "blessed" if card["blessed"] else "not blessed"
     champion = card.get("champion")
     against = f"champion {champion['version']} ({champion['test_accuracy']:.4f})" if champion else "no champion"
-    create_markdown_artifact(key="blessing", description="the export's verdict", markdown="\n".join(
-        [f"# {card['arch']}: {verdict}", "", f"Profile `{card['profile']}`, data source: {card['data_source_kind']}; "
-         f"verdict computed against {against}.", "", *[f"- {reason}" for reason in card["blessing_reasons"]]]))
+    create_markdown_artifact(
+        key="blessing",
+        description="the export's verdict",
+        markdown="\n".join(
+            [
+                f"# {card['arch']}: {verdict}",
+                "",
+                f"Profile `{card['profile']}`, data source: {card['data_source_kind']}; verdict computed against {against}.",
+                "",
+                *[f"- {reason}" for reason in card["blessing_reasons"]],
+            ]
+        ),
+    )
     return card
 
 
 @flow(name="cifar10-pipeline", on_failure=[alert_on_failure], on_completion=[alert_if_unblessed])
-def cifar10_pipeline(archs: list[str] | None = None, profile: str | None = None, workspace: str = ".",
-                     webhook_secret: str | None = None, promote: bool = True,
-                     stage_timeout_s: float | None = None) -> dict[str, Any]:
+def cifar10_pipeline(
+    archs: list[str] | None = None,
+    profile: str | None = None,
+    workspace: str = ".",
+    webhook_secret: str | None = None,
+    promote: bool = True,
+    stage_timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Run the DVC pipeline stage by stage in `workspace`; returns a summary. `webhook_secret` names
     the Secret block holding the alert webhook URL (default: CIFARFLOW_WEBHOOK_URL, or no alerts)."""
     log = get_run_logger()
@@ -240,12 +295,20 @@ def cifar10_pipeline(archs: list[str] | None = None, profile: str | None = None,
         from prefect.runtime import flow_run
 
         promotion = promote_export(str(ws), by=f"prefect flow run {flow_run.id} ({flow_run.name})")
-    log.info("exported %s (blessed=%s)%s", card["arch"], card["blessed"],
-             f"; promotion: {promotion['message']}" if promotion else "")
-    return {"arch": card["arch"], "blessed": card["blessed"], "blessing_reasons": card["blessing_reasons"],
-            "promoted": bool(promotion and promotion["promoted"]),
-            "promotion": promotion, "archs": selected, "stages": run.results,
-            "test_accuracy": card["test"]["accuracy"], "val_accuracy": card["val"]["accuracy"]}
+    log.info(
+        "exported %s (blessed=%s)%s", card["arch"], card["blessed"], f"; promotion: {promotion['message']}" if promotion else ""
+    )
+    return {
+        "arch": card["arch"],
+        "blessed": card["blessed"],
+        "blessing_reasons": card["blessing_reasons"],
+        "promoted": bool(promotion and promotion["promoted"]),
+        "promotion": promotion,
+        "archs": selected,
+        "stages": run.results,
+        "test_accuracy": card["test"]["accuracy"],
+        "val_accuracy": card["val"]["accuracy"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,8 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
     parser.add_argument("--profile", help="params profile, e.g. smoke")
     parser.add_argument("--workspace", default=".")
-    parser.add_argument("--webhook-secret", metavar="NAME",
-                        help=f"the Secret block holding the alert webhook URL (default: ${WEBHOOK_ENV}, else no alerts)")
+    parser.add_argument(
+        "--webhook-secret",
+        metavar="NAME",
+        help=f"the Secret block holding the alert webhook URL (default: ${WEBHOOK_ENV}, else no alerts)",
+    )
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args(argv)
     if args.webhook_secret:
@@ -262,9 +328,13 @@ def main(argv: list[str] | None = None) -> None:
             secret_name(args.webhook_secret)  # before the flow starts: parameters are stored
         except WebhookSecretError as exc:
             parser.error(str(exc))
-    summary = cifar10_pipeline(archs=args.archs.split(",") if args.archs else None, profile=args.profile,
-                               workspace=args.workspace, webhook_secret=args.webhook_secret,
-                               promote=not args.no_promote)
+    summary = cifar10_pipeline(
+        archs=args.archs.split(",") if args.archs else None,
+        profile=args.profile,
+        workspace=args.workspace,
+        webhook_secret=args.webhook_secret,
+        promote=not args.no_promote,
+    )
     print(json.dumps(summary, indent=2, default=str))
 
 

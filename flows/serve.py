@@ -1,6 +1,6 @@
 """The no-work-pool alternative to `prefect deploy`: serve the nightly schedule from this process.
 
-    python -m flows.serve            # runs until stopped; schedules at 02:00 UTC
+python -m flows.serve            # runs until stopped; schedules at 02:00 UTC
 """
 
 from __future__ import annotations

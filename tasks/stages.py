@@ -109,8 +109,13 @@ def stale_stages(workspace: str | Path) -> set[str]:
         return {name.rpartition(":")[2] for name in repo.status()}  # "dvc.yaml:train@x" -> "train@x"
 
 
-def run_dvc_stage(stage: str, workspace: str | Path, timeout_s: float | None = None,
-                  extra_env: dict[str, str] | None = None, up_to_date: bool = False) -> dict[str, Any]:
+def run_dvc_stage(
+    stage: str,
+    workspace: str | Path,
+    timeout_s: float | None = None,
+    extra_env: dict[str, str] | None = None,
+    up_to_date: bool = False,
+) -> dict[str, Any]:
     """`dvc repro --single-item <stage>` in `workspace`, output streamed to the task's log.
     `up_to_date` (from `stale_stages`) skips it without starting DVC: it would only skip it too."""
     log = _logger()
@@ -122,13 +127,18 @@ def run_dvc_stage(stage: str, workspace: str | Path, timeout_s: float | None = N
         status_file = Path(tmp) / "status.json"
         env = {**os.environ, **(extra_env or {}), STATUS_ENV: str(status_file)}
         started = time.monotonic()
-        process = subprocess.Popen([dvc_executable(), "repro", "--single-item", stage], cwd=workspace, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True)  # its own process group, to kill it whole
+        process = subprocess.Popen(
+            [dvc_executable(), "repro", "--single-item", stage],
+            cwd=workspace,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # its own process group, to kill it whole
         lines: list[str] = []
         # The reader logs through the task's logger: give it the task's Prefect context (run, settings).
-        reader = threading.Thread(target=contextvars.copy_context().run, args=(_stream, process.stdout, lines, log),
-                                  daemon=True)
+        reader = threading.Thread(target=contextvars.copy_context().run, args=(_stream, process.stdout, lines, log), daemon=True)
         reader.start()
         try:
             code = process.wait(timeout=timeout_s)
@@ -150,16 +160,21 @@ def run_dvc_stage(stage: str, workspace: str | Path, timeout_s: float | None = N
 def check_params(workspace: str | Path) -> None:
     """`cifarflow params --check` before anything runs: a config error stops the flow at once."""
     cli = Path(sys.executable).with_name("cifarflow")
-    done = subprocess.run([str(cli) if cli.exists() else "cifarflow", "params", "--check"], cwd=workspace,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(cli) if cli.exists() else "cifarflow", "params", "--check"], cwd=workspace, capture_output=True, text=True
+    )
     if done.returncode == 2:
         raise ConfigFailure(done.stderr.strip())
     if done.returncode != 0:
         raise RuntimeFailure(done.stderr.strip())
 
 
-RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=5), "retry_jitter_factor": 0.5,
-         "retry_condition_fn": worth_retrying}
+RETRY = {
+    "retries": 2,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": worth_retrying,
+}
 
 
 @task(name="params-check", retries=0)
@@ -169,36 +184,31 @@ def params_check(workspace: str) -> None:
 
 
 @task(name="data-stage", task_run_name="{stage}", **RETRY)
-def data_stage(stage: str, workspace: str, timeout_s: float | None = None,
-               up_to_date: bool = False) -> dict[str, Any]:
+def data_stage(stage: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
     """download, preprocess or validate."""
     return run_dvc_stage(stage, workspace, timeout_s, up_to_date=up_to_date)
 
 
 @task(name="train", task_run_name="train@{arch}", tags=["gpu"], **{**RETRY, "retries": 4})
-def train_stage(arch: str, workspace: str, timeout_s: float | None = None,
-                up_to_date: bool = False) -> dict[str, Any]:
+def train_stage(arch: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
     """train@<arch>: GPU work; a retry resumes from the last epoch checkpoint."""
     return run_dvc_stage(f"train@{arch}", workspace, timeout_s, up_to_date=up_to_date)
 
 
 @task(name="evaluate", task_run_name="evaluate@{arch}", **RETRY)
-def evaluate_stage(arch: str, workspace: str, timeout_s: float | None = None,
-                   up_to_date: bool = False) -> dict[str, Any]:
+def evaluate_stage(arch: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
     """evaluate@<arch>."""
     return run_dvc_stage(f"evaluate@{arch}", workspace, timeout_s, up_to_date=up_to_date)
 
 
 @task(name="export", **RETRY)
-def export_stage(workspace: str, timeout_s: float | None = None,
-                 up_to_date: bool = False) -> dict[str, Any]:
+def export_stage(workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
     """export: select, bless, serving check."""
     return run_dvc_stage("export", workspace, timeout_s, up_to_date=up_to_date)
 
 
 @task(name="report", **RETRY)
-def report_stage(workspace: str, timeout_s: float | None = None,
-                 up_to_date: bool = False) -> dict[str, Any]:
+def report_stage(workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
     """report: the leaderboard."""
     return run_dvc_stage("report", workspace, timeout_s, up_to_date=up_to_date)
 
@@ -210,8 +220,13 @@ def promote_export(workspace: str, by: str) -> dict[str, Any]:
     cli = Path(sys.executable).with_name("cifarflow")
     with tempfile.TemporaryDirectory(prefix="cifarflow-status-") as tmp:
         status_file = Path(tmp) / "status.json"
-        done = subprocess.run([str(cli) if cli.exists() else "cifarflow", "promote", "--by", by], cwd=workspace,
-                              capture_output=True, text=True, env={**os.environ, STATUS_ENV: str(status_file)})
+        done = subprocess.run(
+            [str(cli) if cli.exists() else "cifarflow", "promote", "--by", by],
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+            env={**os.environ, STATUS_ENV: str(status_file)},
+        )
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     if done.returncode == 0:
         message = done.stdout.strip()

@@ -150,10 +150,16 @@ def cli_env() -> dict[str, str]:
 
 # --- DVC workspaces -----------------------------------------------------------------------------
 
+
 def project_files() -> list[str]:
     """The files a clone of the project would have, including uncommitted edits being tested."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                            check=True, capture_output=True, text=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
     return [f for f in listed if f and (REPO / f).is_file()]
 
 
@@ -205,8 +211,12 @@ def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     import sys
 
     venv = Path(sys.executable).parent.parent
-    done = subprocess.run(["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", *args],
-                          capture_output=True, text=True, env=cli_env())
+    done = subprocess.run(
+        ["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
     if done.returncode != 0:
         raise AssertionError(f"make {' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
@@ -236,13 +246,25 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_params(arch: str = "lenet", **recipe: Any) -> Params:
     """Params with one tiny recipe, `arch`, for trainer tests."""
-    base = {"model": "lenet", "variant": "tiny", "epochs": 2, "batch_size": 32, "optimizer": {"name": "adam",
-            "learning_rate": 0.002}, "normalization": "minmax"}
-    return resolve({"data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2}, "archs": [arch],
-                    "train": {arch: {**base, **recipe}}})
+    base = {
+        "model": "lenet",
+        "variant": "tiny",
+        "epochs": 2,
+        "batch_size": 32,
+        "optimizer": {"name": "adam", "learning_rate": 0.002},
+        "normalization": "minmax",
+    }
+    return resolve(
+        {
+            "data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2},
+            "archs": [arch],
+            "train": {arch: {**base, **recipe}},
+        }
+    )
 
 
 # --- Prefect ----------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -251,8 +273,13 @@ def free_port() -> int:
 
 
 def prefect_env(api_url: str, home: Path) -> dict[str, str]:
-    return {**cli_env(), "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return {
+        **cli_env(),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -267,8 +294,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     env = prefect_env(api, home) | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
     bin_dir = Path(sys.executable).parent
     log = open(home / "server.log", "w")
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -37,8 +37,7 @@ def test_unknown_key_names_key_and_closest(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_unknown_key_in_overlay_is_caught_even_when_not_selected(tmp_path: Path, capsys) -> None:
-    raw = {"profile": "full", "profiles": {"smoke": {"data": {"source": "synth:train=20,test=20",
-                                                              "md5": None, "shardz": 2}}}}
+    raw = {"profile": "full", "profiles": {"smoke": {"data": {"source": "synth:train=20,test=20", "md5": None, "shardz": 2}}}}
     code, err = check(tmp_path, raw, capsys)
     assert code == 2 and "profiles.smoke.data.shardz" in err and "shards" in err
 
@@ -68,8 +67,11 @@ def test_unknown_profile(tmp_path: Path, capsys) -> None:
 
 
 def test_profile_overlay_applies(tmp_path: Path) -> None:
-    raw = {"profile": "smoke", "data": {"val_size": 7},
-           "profiles": {"smoke": {"data": {"source": "synth:train=20,test=20", "md5": None, "shards": 3}}}}
+    raw = {
+        "profile": "smoke",
+        "data": {"val_size": 7},
+        "profiles": {"smoke": {"data": {"source": "synth:train=20,test=20", "md5": None, "shards": 3}}},
+    }
     params = resolve(raw)
     assert params.profile == "smoke" and params.data.shards == 3 and params.data.val_size == 7
     with pytest.raises(ConfigError):
@@ -83,20 +85,31 @@ def test_params_are_frozen() -> None:
 
 
 def test_check_is_fast_and_does_not_import_tensorflow(tmp_path: Path) -> None:
-    code = ("import sys; from cifarflow.cli import main; rc = main(['--params', sys.argv[1], 'params', '--check']);"
-            "assert 'tensorflow' not in sys.modules; assert 'pyarrow' not in sys.modules; sys.exit(rc)")
+    code = (
+        "import sys; from cifarflow.cli import main; rc = main(['--params', sys.argv[1], 'params', '--check']);"
+        "assert 'tensorflow' not in sys.modules; assert 'pyarrow' not in sys.modules; sys.exit(rc)"
+    )
     path = write_params(tmp_path, {"data": {"val_size": 10}})
     done = subprocess.run([sys.executable, "-c", code, str(path)], env=cli_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     bad = write_params(tmp_path, {"data": {"val_size": -1}})
-    done = subprocess.run([sys.executable, "-m", "cifarflow", "--params", str(bad), "params", "--check"],
-                          env=cli_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "cifarflow", "--params", str(bad), "params", "--check"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "data.val_size" in done.stderr
 
 
 def test_params_prints_resolved_config(tmp_path: Path, capsys) -> None:
-    path = write_params(tmp_path, {"profile": "smoke", "profiles": {"smoke": {"data": {
-        "source": "synth:train=20,test=20", "md5": None, "val_size": 5, "shards": 2}}}})
+    path = write_params(
+        tmp_path,
+        {
+            "profile": "smoke",
+            "profiles": {"smoke": {"data": {"source": "synth:train=20,test=20", "md5": None, "val_size": 5, "shards": 2}}},
+        },
+    )
     assert main(["--params", str(path), "params"]) == 0
     out = capsys.readouterr().out
     assert "profile: smoke" in out and "synth:train=20,test=20" in out

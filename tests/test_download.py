@@ -41,14 +41,14 @@ def test_local_archive(tmp_path: Path, archive: Path, archive_bytes: bytes) -> N
         assert (tmp_path / "raw" / cb.FOLDER / name).read_bytes() == data
 
 
-def test_outputs_are_byte_identical_across_sources(tmp_path: Path, archive: Path, archive_bytes: bytes,
-                                                   http_server: Server) -> None:
+def test_outputs_are_byte_identical_across_sources(
+    tmp_path: Path, archive: Path, archive_bytes: bytes, http_server: Server
+) -> None:
     """Whatever mirror served the content, the outputs are the same bytes."""
     run(tmp_path, source=str(archive), sha256=sha256(archive_bytes), md5=None)
     first = {p.name: p.read_bytes() for p in (tmp_path / "raw").rglob("*") if p.is_file()}
     http_server.files["/a.tgz"] = archive_bytes
-    run(tmp_path, source=[http_server.url("/missing"), http_server.url("/a.tgz")], sha256=sha256(archive_bytes),
-        md5=None)
+    run(tmp_path, source=[http_server.url("/missing"), http_server.url("/a.tgz")], sha256=sha256(archive_bytes), md5=None)
     second = {p.name: p.read_bytes() for p in (tmp_path / "raw").rglob("*") if p.is_file()}
     assert first == second
 
@@ -78,21 +78,21 @@ def test_http_drop_mid_file_resumes_with_range(tmp_path: Path, archive_bytes: by
 
 def test_404_then_second_mirror(tmp_path: Path, archive_bytes: bytes, http_server: Server) -> None:
     http_server.files["/mirror2.tgz"] = archive_bytes
-    run(tmp_path, source=[http_server.url("/gone.tgz"), http_server.url("/mirror2.tgz")],
-        sha256=sha256(archive_bytes), md5=None)
+    run(tmp_path, source=[http_server.url("/gone.tgz"), http_server.url("/mirror2.tgz")], sha256=sha256(archive_bytes), md5=None)
     assert [(e["path"], e["status"]) for e in http_server.log] == [("/gone.tgz", 404), ("/mirror2.tgz", 200)]
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["origin"].endswith("/mirror2.tgz") and "404" in info["failed_mirrors"][0]
 
 
-def test_wrong_checksum_http_is_exit_2_and_leaves_nothing(tmp_path: Path, archive_bytes: bytes,
-                                                          http_server: Server, capsys) -> None:
+def test_wrong_checksum_http_is_exit_2_and_leaves_nothing(
+    tmp_path: Path, archive_bytes: bytes, http_server: Server, capsys
+) -> None:
     http_server.files["/cifar.tgz"] = archive_bytes
     wrong = "0" * 64
-    params = write_params(tmp_path, {"data": {"source": http_server.url("/cifar.tgz"), "sha256": wrong, "md5": None,
-                                              "retries": 0}})
-    code = main(["--params", str(params), "download", "--out", str(tmp_path / "raw"), "--cache",
-                 str(tmp_path / "cache")])
+    params = write_params(
+        tmp_path, {"data": {"source": http_server.url("/cifar.tgz"), "sha256": wrong, "md5": None, "retries": 0}}
+    )
+    code = main(["--params", str(params), "download", "--out", str(tmp_path / "raw"), "--cache", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert code == 2
     assert f"expected {wrong}" in err and f"actual {sha256(archive_bytes)}" in err
@@ -134,6 +134,7 @@ def test_existing_output_survives_a_failed_run(tmp_path: Path) -> None:
 
 # --- malicious or broken archives ---------------------------------------------------------------
 
+
 def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.linkname = kind, link
@@ -153,8 +154,7 @@ def bad_archive(tmp_path: Path, members) -> Path:
         ((member("cifar-10-batches-bin/../../evil"), b"x"), "path traversal"),
         ((member("/etc/evil"), b"x"), "absolute path"),
         ((member("cifar-10-batches-bin/link", tarfile.SYMTYPE, "/etc/passwd"), None), "is a link"),
-        ((member("cifar-10-batches-bin/hard", tarfile.LNKTYPE, "cifar-10-batches-bin/test_batch.bin"), None),
-         "is a link"),
+        ((member("cifar-10-batches-bin/hard", tarfile.LNKTYPE, "cifar-10-batches-bin/test_batch.bin"), None), "is a link"),
         ((member("dev", tarfile.CHRTYPE), None), "device"),
         ((member("fifo", tarfile.FIFOTYPE), None), "device or fifo"),
     ],
@@ -215,6 +215,7 @@ def test_counts_are_reported_not_assumed(tmp_path: Path) -> None:
 
 
 # --- image folders ------------------------------------------------------------------------------
+
 
 def image_folder(root: Path, per_class: int = 3, size: int = 32, classes=("cat", "dog", "frog")) -> Path:
     rng = np.random.default_rng(0)

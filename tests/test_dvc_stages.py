@@ -48,8 +48,15 @@ def changed(ws: Path) -> set[str]:
 def test_local_archive_source_and_editing_it(workspace: Path) -> None:
     archive = workspace / "local.tgz"
     write_synth_archive(archive, 300, 100, seed=1)
-    set_params(workspace, **{"profiles.smoke.data.source": str(archive), "profiles.smoke.data.sha256": None,
-                             "profiles.smoke.data.allow_unverified": True, "profiles.smoke.data.val_size": 50})
+    set_params(
+        workspace,
+        **{
+            "profiles.smoke.data.source": str(archive),
+            "profiles.smoke.data.sha256": None,
+            "profiles.smoke.data.allow_unverified": True,
+            "profiles.smoke.data.val_size": 50,
+        },
+    )
     assert ran(run_in(workspace, "dvc", "repro", "validate").stdout) == ["download", "preprocess", "validate"]
     assert ran(run_in(workspace, "dvc", "repro", "validate").stdout) == ["download"]
     before = json.loads((workspace / "data/shards/manifest.json").read_text())

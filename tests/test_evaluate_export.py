@@ -20,8 +20,10 @@ from cifarflow.export import Entry, bless, mcnemar, rank
 CLASSES = ["c0", "c1", "c2"]
 
 
-@pytest.mark.parametrize(("correct", "n", "low", "high"), [(0, 10, 0.0, 0.2775), (1, 10, 0.0179, 0.4042),
-                                                             (10, 10, 0.7225, 1.0), (50, 100, 0.4038, 0.5962)])
+@pytest.mark.parametrize(
+    ("correct", "n", "low", "high"),
+    [(0, 10, 0.0, 0.2775), (1, 10, 0.0179, 0.4042), (10, 10, 0.7225, 1.0), (50, 100, 0.4038, 0.5962)],
+)
 def test_wilson_interval_known_cases(correct: int, n: int, low: float, high: float) -> None:
     assert wilson(correct, n) == pytest.approx((low, high), abs=1e-4)
 
@@ -41,12 +43,15 @@ def entry(arch: str, val: float, params: int, loss: float = 1.0) -> Entry:
     return Entry(arch, params, 1, val, [0, 1], loss, val, [0, 1], loss)
 
 
-@pytest.mark.parametrize(("entries", "metric", "winner"), [
-    ([entry("a", 0.7, 100), entry("b", 0.8, 100)], "val_accuracy", "b"),
-    ([entry("a", 0.8, 200), entry("b", 0.8, 100)], "val_accuracy", "b"),  # tie: fewer parameters
-    ([entry("a", 0.8, 100), entry("b", 0.8, 100)], "val_accuracy", "a"),  # full tie: by name
-    ([entry("a", 0.9, 1, loss=0.5), entry("b", 0.7, 1, loss=0.4)], "val_loss", "b"),  # lower loss wins
-])
+@pytest.mark.parametrize(
+    ("entries", "metric", "winner"),
+    [
+        ([entry("a", 0.7, 100), entry("b", 0.8, 100)], "val_accuracy", "b"),
+        ([entry("a", 0.8, 200), entry("b", 0.8, 100)], "val_accuracy", "b"),  # tie: fewer parameters
+        ([entry("a", 0.8, 100), entry("b", 0.8, 100)], "val_accuracy", "a"),  # full tie: by name
+        ([entry("a", 0.9, 1, loss=0.5), entry("b", 0.7, 1, loss=0.4)], "val_loss", "b"),  # lower loss wins
+    ],
+)
 def test_selection(entries: list[Entry], metric: str, winner: str) -> None:
     assert rank(entries, metric)[0].arch == winner
 
@@ -60,20 +65,22 @@ def test_mcnemar_counts_discordant_pairs_only() -> None:
     assert mcnemar(first, first)["p_value"] == 1.0
 
 
-@pytest.mark.parametrize(("accuracy", "champion", "blessed", "fragment"), [
-    (0.60, None, True, "no champion"),
-    (0.40, None, False, "< export.min_accuracy"),
-    (0.60, 0.605, True, "within export.tolerance"),
-    (0.60, 0.70, False, "more than export.tolerance"),
-    (0.80, 0.70, True, "within"),
-])
+@pytest.mark.parametrize(
+    ("accuracy", "champion", "blessed", "fragment"),
+    [
+        (0.60, None, True, "no champion"),
+        (0.40, None, False, "< export.min_accuracy"),
+        (0.60, 0.605, True, "within export.tolerance"),
+        (0.60, 0.70, False, "more than export.tolerance"),
+        (0.80, 0.70, True, "within"),
+    ],
+)
 def test_blessing(accuracy: float, champion: float | None, blessed: bool, fragment: str) -> None:
     verdict, reasons = bless(accuracy, champion, min_accuracy=0.5, tolerance=0.01)
     assert verdict is blessed and any(fragment in r for r in reasons)
 
 
 # --- the real stages, on the session's smoke workspace ------------------------------------------
-
 
 
 @pytest.mark.slow
@@ -107,13 +114,16 @@ def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
 
 @pytest.mark.slow
 def test_saved_model_takes_raw_uint8_without_project_code(smoke_workspace: Path) -> None:
-    code = ("import sys, numpy as np, tensorflow as tf\n"
-            "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
-            "out = list(serve(images=tf.zeros([3, 32, 32, 3], tf.uint8)).values())[0].numpy()\n"
-            "assert out.shape == (3, 10) and np.allclose(out.sum(1), 1, atol=1e-5)\n"
-            "assert not [m for m in sys.modules if m.startswith('cifarflow')]\n")
-    done = subprocess.run([sys.executable, "-c", code, str(smoke_workspace / "data/export/saved_model")],
-                          capture_output=True, text=True, cwd="/")
+    code = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "out = list(serve(images=tf.zeros([3, 32, 32, 3], tf.uint8)).values())[0].numpy()\n"
+        "assert out.shape == (3, 10) and np.allclose(out.sum(1), 1, atol=1e-5)\n"
+        "assert not [m for m in sys.modules if m.startswith('cifarflow')]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(smoke_workspace / "data/export/saved_model")], capture_output=True, text=True, cwd="/"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -138,8 +148,19 @@ def test_predict_good_oversized_and_corrupt_files(smoke_workspace: Path, tmp_pat
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(tmp_path / "big.jpg")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    cmd = [sys.executable, "-m", "cifarflow", "--params", str(smoke_workspace / "params.yaml"), "predict",
-           str(tmp_path), "--model", str(smoke_workspace / "data/export"), "--format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarflow",
+        "--params",
+        str(smoke_workspace / "params.yaml"),
+        "predict",
+        str(tmp_path),
+        "--model",
+        str(smoke_workspace / "data/export"),
+        "--format",
+        "json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env())
     assert done.returncode == 1
     results = json.loads(done.stdout)
@@ -158,9 +179,23 @@ def test_predict_real_jpegs(smoke_workspace: Path) -> None:
     sample = Path(real or "/nonexistent") / "cifar10-jpeg-sample"
     if not sample.is_dir():
         pytest.skip("real data not available: set CIFARFLOW_REAL_DATA to ../shared/data to run")
-    done = subprocess.run([sys.executable, "-m", "cifarflow", "predict", str(sample), "--model",
-                           str(smoke_workspace / "data/export"), "--format", "csv"],
-                          capture_output=True, text=True, env=cli_env(), cwd=smoke_workspace)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifarflow",
+            "predict",
+            str(sample),
+            "--model",
+            str(smoke_workspace / "data/export"),
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=smoke_workspace,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.splitlines()) == 1 + 500
 

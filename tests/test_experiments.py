@@ -37,8 +37,10 @@ def experiments(workspace: Path) -> dict[str, dict]:
             for revision in exp["revs"]:
                 data = revision.get("data") or {}
                 if revision.get("name") and data.get("metrics"):
-                    found[revision["name"]] = {"params": data["params"]["params.yaml"]["data"],
-                                               "metrics": data["metrics"][METRICS]["data"]}
+                    found[revision["name"]] = {
+                        "params": data["params"]["params.yaml"]["data"],
+                        "metrics": data["metrics"][METRICS]["data"],
+                    }
     return found
 
 

@@ -50,20 +50,59 @@ def cli(capsys: pytest.CaptureFixture[str], root: Path, *args: str | Path, fmt: 
 
 def validate(capsys: pytest.CaptureFixture[str], shards: Path) -> tuple[int, str]:
     root = shards.parent
-    return cli(capsys, root, "validate", "--shards", shards, "--metrics", root / "validation/metrics.json",
-               "--report", root / "validation/report.md", "--verdict", root / "validation/verdict.json")
+    return cli(
+        capsys,
+        root,
+        "validate",
+        "--shards",
+        shards,
+        "--metrics",
+        root / "validation/metrics.json",
+        "--report",
+        root / "validation/report.md",
+        "--verdict",
+        root / "validation/verdict.json",
+    )
 
 
 def train(capsys: pytest.CaptureFixture[str], shards: Path, fmt: str | None = None) -> tuple[int, str]:
     root = shards.parent
-    return cli(capsys, root, "train", "lenet", "--shards", shards, "--out", root / "out", "--runinfo", root / "run",
-               "--checkpoints", root / "ckpt", "--verdict", root / "validation/verdict.json", fmt=fmt)
+    return cli(
+        capsys,
+        root,
+        "train",
+        "lenet",
+        "--shards",
+        shards,
+        "--out",
+        root / "out",
+        "--runinfo",
+        root / "run",
+        "--checkpoints",
+        root / "ckpt",
+        "--verdict",
+        root / "validation/verdict.json",
+        fmt=fmt,
+    )
 
 
 def evaluate(capsys: pytest.CaptureFixture[str], shards: Path, fmt: str | None = None) -> tuple[int, str]:
     root = shards.parent
-    return cli(capsys, root, "evaluate", "lenet", "--shards", shards, "--model", root / "out", "--out", root / "eval",
-               "--verdict", root / "validation/verdict.json", fmt=fmt)
+    return cli(
+        capsys,
+        root,
+        "evaluate",
+        "lenet",
+        "--shards",
+        shards,
+        "--model",
+        root / "out",
+        "--out",
+        root / "eval",
+        "--verdict",
+        root / "validation/verdict.json",
+        fmt=fmt,
+    )
 
 
 def relabel(shards: Path, fmt: str, name: str, label: int) -> Path:
@@ -167,8 +206,20 @@ def test_export_checks_the_test_shards(data: Path, capsys: pytest.CaptureFixture
     shard.write_bytes(shard.read_bytes()[:-1])
     root = data.parent
     for extra in ([], ["--verdict", root / "validation/verdict.json"]):
-        code, err = cli(capsys, root, "export", "--shards", data, "--models", root / "out", "--evals", root / "eval",
-                        "--out", root / "export", *extra)
+        code, err = cli(
+            capsys,
+            root,
+            "export",
+            "--shards",
+            data,
+            "--models",
+            root / "out",
+            "--evals",
+            root / "eval",
+            "--out",
+            root / "export",
+            *extra,
+        )
         assert code == 2 and f"{shard}: sha256 differs" in err, err
 
 
@@ -223,8 +274,18 @@ def test_killed_preprocess_leftover_is_removed_by_the_next_run(tmp_path: Path) -
     source = {"source": "synth:train=5000,test=500,seed=3", "md5": None, "val_size": 500, "shards": 2}
     download.run(make_params(**source), tmp_path / "raw", tmp_path / "cache")
     params = write_params(tmp_path, {"data": source})
-    cmd = [sys.executable, "-m", "cifarflow", "--params", str(params), "preprocess", "--raw", str(tmp_path / "raw"),
-           "--out", str(tmp_path / "shards")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarflow",
+        "--params",
+        str(params),
+        "preprocess",
+        "--raw",
+        str(tmp_path / "raw"),
+        "--out",
+        str(tmp_path / "shards"),
+    ]
     env = {**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     killed = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -270,9 +331,11 @@ def test_atomic_writes_remove_dead_writers_temps_only(tmp_path: Path) -> None:
         path.write_text("half")
     ours_earlier = tmp_path / f".metrics.json.{os.getpid()}.q1w2e3r4.tmp"  # our PID, but not made by this process
     ours_earlier.write_text("half")
-    keep = [tmp_path / ".metrics.json.1.a1b2c3d4.tmp",  # PID 1 is always alive
-            tmp_path / f".other.json.{dead}.a1b2c3d4.tmp",  # another target's
-            tmp_path / f".metrics.json.v2.{dead}.a1b2c3d4.tmp"]  # the temp of a target named metrics.json.v2
+    keep = [
+        tmp_path / ".metrics.json.1.a1b2c3d4.tmp",  # PID 1 is always alive
+        tmp_path / f".other.json.{dead}.a1b2c3d4.tmp",  # another target's
+        tmp_path / f".metrics.json.v2.{dead}.a1b2c3d4.tmp",
+    ]  # the temp of a target named metrics.json.v2
     for path in keep:
         path.write_text("keep")
     assert stale_temps(target) == sorted([*stale, ours_earlier])

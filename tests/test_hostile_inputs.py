@@ -76,8 +76,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return urllib.parse.urlsplit(self.path).path
 
     def do_GET(self) -> None:
-        self.server.requests.append({"path": self.path, "range": self.headers.get("Range"),
-                                     "accept_encoding": self.headers.get("Accept-Encoding")})
+        self.server.requests.append(
+            {"path": self.path, "range": self.headers.get("Range"), "accept_encoding": self.headers.get("Accept-Encoding")}
+        )
         action = self.server.routes.get(self.route)
         try:
             if action is None:
@@ -102,12 +103,14 @@ def body(data: bytes, *, status: int = 200, headers: dict[str, str] | None = Non
         if length:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
-        h.write_counted(iter([data[i:i + 65536] for i in range(0, len(data), 65536)]))
+        h.write_counted(iter([data[i : i + 65536] for i in range(0, len(data), 65536)]))
+
     return action
 
 
 def ranged(data: bytes) -> Route:
     """Serves Range requests with 206, like a real static server."""
+
     def action(h: Handler) -> None:
         start = int((h.headers.get("Range") or "bytes=0-").removeprefix("bytes=").split("-")[0])
         h.send_response(206 if start else 200)
@@ -116,11 +119,13 @@ def ranged(data: bytes) -> Route:
         h.send_header("Content-Length", str(len(data) - start))
         h.end_headers()
         h.write_counted(iter([data[start:]]))
+
     return action
 
 
 def zeros(total: int, *, announce: int | None = None) -> Route:
     """`total` zero bytes; no Content-Length unless `announce` (then that value, true or not)."""
+
     def action(h: Handler) -> None:
         h.send_response(200)
         if announce is not None:
@@ -128,6 +133,7 @@ def zeros(total: int, *, announce: int | None = None) -> Route:
         h.end_headers()
         block = bytes(65536)
         h.write_counted(block for _ in range(total // len(block)))
+
     return action
 
 
@@ -137,19 +143,22 @@ def redirect(location: str, status: int = 302) -> Route:
         h.send_header("Location", location)
         h.send_header("Content-Length", "0")
         h.end_headers()
+
     return action
 
 
 def trickle(head: bytes, tail: bytes, every: float) -> Route:
     """Writes `head` at once, then `tail` one byte every `every` seconds: never silent long enough
     for a socket timeout, never done either."""
+
     def action(h: Handler) -> None:
         h.wfile.write(head)
         h.wfile.flush()
         for i in range(len(tail)):
             time.sleep(every)
-            h.wfile.write(tail[i:i + 1])
+            h.wfile.write(tail[i : i + 1])
             h.wfile.flush()
+
     return action
 
 
@@ -179,6 +188,7 @@ def leftovers(tmp_path: Path) -> list[str]:
 
 # --- crafted archives and images -----------------------------------------------------------------
 
+
 def tar_bomb(path: Path, members: list[tuple[str, int, bytes]], level: int = 1) -> Path:
     """A .tar.gz of members (name, size, tar type) whose data is all zeros, written in a stream:
     megabytes on disk, any size decompressed, never held in memory here."""
@@ -191,7 +201,7 @@ def tar_bomb(path: Path, members: list[tuple[str, int, bytes]], level: int = 1) 
             out.write(comp.compress(info.tobuf(tarfile.GNU_FORMAT)))
             left = size + (-size % 512)
             while left:
-                out.write(comp.compress(zero[:min(left, MB)]))
+                out.write(comp.compress(zero[: min(left, MB)]))
                 left -= min(left, MB)
         out.write(comp.compress(bytes(1024)) + comp.flush())
     return path
@@ -211,13 +221,19 @@ def header_with_checksum(buf: bytearray) -> bytes:
 
 def png_bomb(path: Path, width: int, height: int) -> Path:
     """A valid all-black 1-bit PNG: a few KB on disk, width x height pixels once decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     row = bytes(1 + (width + 7) // 8)
     comp = zlib.compressobj(9)
     idat = b"".join([comp.compress(row) for _ in range(height)] + [comp.flush()])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -265,13 +281,20 @@ def isolated(tmp_path: Path, code: str, timeout: float = 40) -> Any:
     it prints one JSON line last."""
     env = cli_env()
     env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
-    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- 1. checksum first: nothing unverified is decompressed ---------------------------------------
+
 
 def test_wrong_checksum_is_found_before_decompressing(tmp_path: Path) -> None:
     """A small archive that inflates to 256 MB, with a wrong md5: refused having hashed its few
@@ -285,16 +308,21 @@ def test_wrong_checksum_is_found_before_decompressing(tmp_path: Path) -> None:
 
 # --- 2. caps on decompression, members, download size --------------------------------------------
 
-@pytest.mark.parametrize("layout", [
-    pytest.param([(f"{cb.FOLDER}/data_batch_1.bin", 64 * MB, tarfile.REGTYPE)], id="one-big-expected-member"),
-    pytest.param([("padding.bin", 64 * MB, tarfile.REGTYPE), (f"{cb.FOLDER}/test_batch.bin", 3073, tarfile.REGTYPE)],
-                 id="big-skipped-member"),
-    pytest.param([(f"{cb.FOLDER}/x{i}", MB, tarfile.REGTYPE) for i in range(40)], id="many-small-members"),
-])
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param([(f"{cb.FOLDER}/data_batch_1.bin", 64 * MB, tarfile.REGTYPE)], id="one-big-expected-member"),
+        pytest.param(
+            [("padding.bin", 64 * MB, tarfile.REGTYPE), (f"{cb.FOLDER}/test_batch.bin", 3073, tarfile.REGTYPE)],
+            id="big-skipped-member",
+        ),
+        pytest.param([(f"{cb.FOLDER}/x{i}", MB, tarfile.REGTYPE) for i in range(40)], id="many-small-members"),
+    ],
+)
 def test_gzip_bomb_stops_at_max_extract_mb(tmp_path: Path, layout: list) -> None:
     bomb = tar_bomb(tmp_path / "bomb.tgz", layout)
-    raised, peak = peak_traced(lambda: run(tmp_path, source=str(bomb), md5=None, allow_unverified=True,
-                                           max_extract_mb=8))
+    raised, peak = peak_traced(lambda: run(tmp_path, source=str(bomb), md5=None, allow_unverified=True, max_extract_mb=8))
     assert isinstance(raised, InputError), raised
     assert "over data.max_extract_mb=8; raise it if this archive is genuine" in str(raised)
     assert peak < 24 * MB, f"{peak / MB:.0f} MB allocated for an 8 MB cap"
@@ -326,8 +354,11 @@ def test_a_million_headers_stop_at_max_members(tmp_path: Path) -> None:
     assert reader.consumed < len(blob) // 4, "the archive was read far past the cap"
 
 
-@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK],
-                         ids=["pax", "global-pax", "gnu-long-name", "gnu-long-link"])
+@pytest.mark.parametrize(
+    "kind",
+    [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK],
+    ids=["pax", "global-pax", "gnu-long-name", "gnu-long-link"],
+)
 def test_huge_metadata_header_is_refused_unread(tmp_path: Path, kind: bytes) -> None:
     """tarfile reads a pax or long-name header's data whole before yielding anything: 64 MB of it is
     refused from the header, with the default caps, before a byte of it is read."""
@@ -389,6 +420,7 @@ def test_resumed_part_counts_toward_max_download_mb(tmp_path: Path, server: Serv
 
 # --- 3. HTTP: raw bytes, deadline, redirects, protocol errors ------------------------------------
 
+
 def test_gzip_content_encoding_keeps_the_bytes_as_sent(tmp_path: Path, archive_bytes: bytes, server: Server) -> None:
     """A server labelling a .tar.gz `Content-Encoding: gzip` (a common misconfiguration): the file is
     the bytes sent, which is what the checksum is for; nothing is inflated on the way in."""
@@ -426,8 +458,15 @@ def test_stalled_tls_handshake_stops_at_deadline(tmp_path: Path) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(SourceUnavailableError, match=r"not complete within data.deadline_s=2"):
-            run(tmp_path, source=f"https://127.0.0.1:{listener.getsockname()[1]}/a.tgz", sha256="0" * 64, md5=None,
-                timeout_s=30, deadline_s=2, retries=2)
+            run(
+                tmp_path,
+                source=f"https://127.0.0.1:{listener.getsockname()[1]}/a.tgz",
+                sha256="0" * 64,
+                md5=None,
+                timeout_s=30,
+                deadline_s=2,
+                retries=2,
+            )
     finally:
         listener.close()
     assert time.monotonic() - started < 20
@@ -442,26 +481,42 @@ def hops(server: Server, archive: bytes) -> None:
 
 BROKEN_MIRRORS: dict[str, tuple[Callable[[Server, bytes], None], str]] = {
     "redirect-loop": (lambda s, a: s.routes.update({"/bad.tgz": redirect("/bad.tgz")}), r"redirect loop"),
-    "redirect-ping-pong": (lambda s, a: s.routes.update({"/bad.tgz": redirect("/b"), "/b": redirect("/bad.tgz", 307)}),
-                           r"redirect loop"),
-    "redirect-to-file": (lambda s, a: s.routes.update({"/bad.tgz": redirect("file:///etc/passwd")}),
-                         r"redirected to a file: URL .*only http\(s\) redirects"),
-    "redirect-to-ftp": (lambda s, a: s.routes.update({"/bad.tgz": redirect("ftp://127.0.0.1/x.tgz", 301)}),
-                        r"redirected to a ftp: URL"),
+    "redirect-ping-pong": (
+        lambda s, a: s.routes.update({"/bad.tgz": redirect("/b"), "/b": redirect("/bad.tgz", 307)}),
+        r"redirect loop",
+    ),
+    "redirect-to-file": (
+        lambda s, a: s.routes.update({"/bad.tgz": redirect("file:///etc/passwd")}),
+        r"redirected to a file: URL .*only http\(s\) redirects",
+    ),
+    "redirect-to-ftp": (
+        lambda s, a: s.routes.update({"/bad.tgz": redirect("ftp://127.0.0.1/x.tgz", 301)}),
+        r"redirected to a ftp: URL",
+    ),
     "too-many-redirects": (hops, r"more than 5 redirects"),
-    "206-without-range": (lambda s, a: s.routes.update({"/bad.tgz": body(a, status=206, headers={
-        "Content-Range": f"bytes 0-{len(a) - 1}/{len(a)}"})}), r"HTTP 206 .* without Range"),
-    "206-without-content-range": (lambda s, a: s.routes.update({"/bad.tgz": body(a, status=206)}),
-                                  r"HTTP 206 .* without Range"),
-    "broken-content-encoding": (lambda s, a: s.routes.update({"/bad.tgz": body(b"\x1f\x8bnot gzip at all" * 100, headers={
-        "Content-Encoding": "gzip"})}), r"sha256 mismatch"),
-    "gzip-bomb-content-encoding": (lambda s, a: s.routes.update({"/bad.tgz": body(gzip.compress(bytes(32 * MB), 1),
-                                                                                  headers={"Content-Encoding": "gzip"})}),
-                                   r"sha256 mismatch"),
-    "deflate-content-encoding": (lambda s, a: s.routes.update({"/bad.tgz": body(zlib.compress(a), headers={
-        "Content-Encoding": "deflate"})}), r"sha256 mismatch"),
-    "204-no-content": (lambda s, a: s.routes.update({"/bad.tgz": body(b"", status=204, length=False)}),
-                       r"HTTP 204 .*expected 200"),
+    "206-without-range": (
+        lambda s, a: s.routes.update(
+            {"/bad.tgz": body(a, status=206, headers={"Content-Range": f"bytes 0-{len(a) - 1}/{len(a)}"})}
+        ),
+        r"HTTP 206 .* without Range",
+    ),
+    "206-without-content-range": (lambda s, a: s.routes.update({"/bad.tgz": body(a, status=206)}), r"HTTP 206 .* without Range"),
+    "broken-content-encoding": (
+        lambda s, a: s.routes.update({"/bad.tgz": body(b"\x1f\x8bnot gzip at all" * 100, headers={"Content-Encoding": "gzip"})}),
+        r"sha256 mismatch",
+    ),
+    "gzip-bomb-content-encoding": (
+        lambda s, a: s.routes.update({"/bad.tgz": body(gzip.compress(bytes(32 * MB), 1), headers={"Content-Encoding": "gzip"})}),
+        r"sha256 mismatch",
+    ),
+    "deflate-content-encoding": (
+        lambda s, a: s.routes.update({"/bad.tgz": body(zlib.compress(a), headers={"Content-Encoding": "deflate"})}),
+        r"sha256 mismatch",
+    ),
+    "204-no-content": (
+        lambda s, a: s.routes.update({"/bad.tgz": body(b"", status=204, length=False)}),
+        r"HTTP 204 .*expected 200",
+    ),
 }
 
 
@@ -470,8 +525,9 @@ def test_broken_mirror_moves_on_to_the_next(tmp_path: Path, archive_bytes: bytes
     setup, reason = BROKEN_MIRRORS[attack]
     setup(server, archive_bytes)
     server.routes["/good.tgz"] = body(archive_bytes)
-    manifest = run(tmp_path, source=[server.url("/bad.tgz"), server.url("/good.tgz")], sha256=sha256(archive_bytes),
-                   md5=None, retries=1)
+    manifest = run(
+        tmp_path, source=[server.url("/bad.tgz"), server.url("/good.tgz")], sha256=sha256(archive_bytes), md5=None, retries=1
+    )
     assert manifest["counts"]["train"] == TRAIN
     failed = run_info(tmp_path)["failed_mirrors"]
     assert len(failed) == 1 and failed[0].startswith(server.url("/bad.tgz")) and re.search(reason, failed[0]), failed
@@ -497,6 +553,7 @@ def test_bad_url_mirror_moves_on(tmp_path: Path, archive_bytes: bytes, server: S
 
 # --- 4. a cap or checksum failure of one mirror; all failed -------------------------------------
 
+
 def test_capped_local_mirror_moves_on(tmp_path: Path, archive: Path) -> None:
     bomb = tar_bomb(tmp_path / "bomb.tgz", [(f"{cb.FOLDER}/data_batch_1.bin", 16 * MB, tarfile.REGTYPE)])
     manifest = run(tmp_path, source=[str(bomb), str(archive)], md5=None, allow_unverified=True, max_extract_mb=4)
@@ -508,8 +565,13 @@ def test_capped_local_mirror_moves_on(tmp_path: Path, archive: Path) -> None:
 def test_capped_http_mirror_moves_on(tmp_path: Path, archive_bytes: bytes, server: Server) -> None:
     server.routes["/endless.tgz"] = zeros(16 * MB)
     server.routes["/good.tgz"] = body(archive_bytes)
-    manifest = run(tmp_path, source=[server.url("/endless.tgz"), server.url("/good.tgz")], sha256=sha256(archive_bytes),
-                   md5=None, max_download_mb=1)
+    manifest = run(
+        tmp_path,
+        source=[server.url("/endless.tgz"), server.url("/good.tgz")],
+        sha256=sha256(archive_bytes),
+        md5=None,
+        max_download_mb=1,
+    )
     assert manifest["counts"]["train"] == TRAIN
     assert "data.max_download_mb=1" in run_info(tmp_path)["failed_mirrors"][0]
 
@@ -517,9 +579,19 @@ def test_capped_http_mirror_moves_on(tmp_path: Path, archive_bytes: bytes, serve
 def test_all_mirrors_failing_on_caps_is_exit_2_listing_each(tmp_path: Path, server: Server, capsys) -> None:
     server.routes["/endless.tgz"] = zeros(16 * MB)
     bomb = tar_bomb(tmp_path / "bomb.tgz", [(f"{cb.FOLDER}/data_batch_1.bin", 16 * MB, tarfile.REGTYPE)])
-    params = write_params(tmp_path, {"data": {"source": [server.url("/endless.tgz"), str(bomb)], "md5": None,
-                                              "allow_unverified": True, "max_download_mb": 1, "max_extract_mb": 4,
-                                              "retries": 0}})
+    params = write_params(
+        tmp_path,
+        {
+            "data": {
+                "source": [server.url("/endless.tgz"), str(bomb)],
+                "md5": None,
+                "allow_unverified": True,
+                "max_download_mb": 1,
+                "max_extract_mb": 4,
+                "retries": 0,
+            }
+        },
+    )
     code = main(["--params", str(params), "download", "--out", str(tmp_path / "raw"), "--cache", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert code == 2
@@ -529,10 +601,13 @@ def test_all_mirrors_failing_on_caps_is_exit_2_listing_each(tmp_path: Path, serv
 
 # --- 5. FIFOs, devices and sockets are refused unopened ------------------------------------------
 
+
 def test_special_files_as_source_are_refused_unopened(tmp_path: Path, archive: Path, archive_bytes: bytes) -> None:
     os.mkfifo(tmp_path / "fifo.tgz")
     (tmp_path / "zero.tgz").symlink_to("/dev/zero")
-    result = isolated(tmp_path, f"""
+    result = isolated(
+        tmp_path,
+        f"""
         sources = ["fifo.tgz", "/dev/zero", "zero.tgz", Path("fifo.tgz").resolve().as_uri(), {str(archive)!r}]
         params = make_params(source=sources, sha256={sha256(archive_bytes)!r}, md5=None)
         download.run(params, Path("raw"), Path("cache"), Path("run.json"))
@@ -544,7 +619,8 @@ def test_special_files_as_source_are_refused_unopened(tmp_path: Path, archive: P
         except CifarflowError as exc:
             code = exc.exit_code
         print(json.dumps({{"failed": info["failed_mirrors"], "all_bad_exit": code}}))
-    """)
+    """,
+    )
     failed = result["failed"]
     assert [f.split(":")[0] for f in failed[:3]] == ["fifo.tgz", "/dev/zero", "zero.tgz"]
     assert "is a FIFO (named pipe), not an archive file or an image folder" in failed[0]
@@ -573,7 +649,9 @@ def special_entry_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         root = image_folder(tmp / entry)
         make(root / "train" / "cat" / "bad.png", tmp / "private.png")
         (root / "train" / "cat" / "loop").symlink_to(root / "train")  # a folder symlink loop: never walked
-    return isolated(tmp, f"""
+    return isolated(
+        tmp,
+        f"""
         results = {{}}
         for entry in {list(SPECIAL_ENTRIES)!r}:
             try:
@@ -582,7 +660,8 @@ def special_entry_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             except CifarflowError as exc:
                 results[entry] = {{"code": exc.exit_code, "message": str(exc)}}
         print(json.dumps(results))
-    """)
+    """,
+    )
 
 
 @pytest.mark.parametrize("entry", list(SPECIAL_ENTRIES))
@@ -600,8 +679,12 @@ def test_image_folder_stops_at_max_members(tmp_path: Path) -> None:
 
 # --- 6. image bombs -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("size", "cap"), [((15000, 15000), None), ((12000, 12000), None), ((100, 100), 1024)],
-                         ids=["15000px-pillow-bomb-error", "12000px-over-default-cap", "100px-over-small-cap"])
+
+@pytest.mark.parametrize(
+    ("size", "cap"),
+    [((15000, 15000), None), ((12000, 12000), None), ((100, 100), 1024)],
+    ids=["15000px-pillow-bomb-error", "12000px-over-default-cap", "100px-over-small-cap"],
+)
 def test_image_folder_bomb_is_input_error_naming_file(tmp_path: Path, size: tuple[int, int], cap: int | None) -> None:
     root = image_folder(tmp_path / "folder")
     png_bomb(root / "test" / "dog" / "bomb.png", *size)
@@ -636,8 +719,11 @@ def test_predict_one_bad_image_does_not_abort_the_batch(tmp_path: Path, monkeypa
     Image.new("RGB", (32, 32)).save(tmp_path / "notpng.png", format="BMP")  # a decoder outside PNG/JPEG
     os.mkfifo(tmp_path / "pipe.png")
     classes = list(cb.CIFAR10_CLASSES)
-    monkeypatch.setattr(predict, "load_model", lambda model_dir: (classes, lambda batch: np.tile(
-        np.linspace(1, 0, 10, dtype=np.float32), (len(batch), 1))))
+    monkeypatch.setattr(
+        predict,
+        "load_model",
+        lambda model_dir: (classes, lambda batch: np.tile(np.linspace(1, 0, 10, dtype=np.float32), (len(batch), 1))),
+    )
     code = predict.run([tmp_path], tmp_path / "model", "json", 4096 * 4096)
     out, err = capsys.readouterr()
     assert code == 1
@@ -652,18 +738,23 @@ def test_predict_huge_png_is_refused_before_decoding(tmp_path: Path) -> None:
     """A 12000x12000 PNG (18 KB on disk) took 1.4 GB to decode; the header check refuses it first."""
     png_bomb(tmp_path / "huge.png", 12000, 12000)
     Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
-    result = isolated(tmp_path, """
+    result = isolated(
+        tmp_path,
+        """
         images, names, errors = predict.load_images([Path("huge.png"), Path("ok.png")], 4096 * 4096)
         print(json.dumps({"names": names, "errors": errors, "grown_mb": grown_mb()}))
-    """)
+    """,
+    )
     assert result["names"] == ["ok.png"] and "huge.png: image over data.max_image_pixels" in result["errors"][0]
     assert result["grown_mb"] < 100, f"{result['grown_mb']:.0f} MB: the image was decoded"
 
 
 # --- 7. secrets in URLs ---------------------------------------------------------------------------
 
-def test_signed_urls_never_reach_logs_messages_or_run_info(tmp_path: Path, archive_bytes: bytes, server: Server,
-                                                           caplog, capsys) -> None:
+
+def test_signed_urls_never_reach_logs_messages_or_run_info(
+    tmp_path: Path, archive_bytes: bytes, server: Server, caplog, capsys
+) -> None:
     closed = Server()  # a port where nothing listens
     dead = f"http://127.0.0.1:{closed.server_address[1]}/a.tgz?X-Amz-Signature=SECRET2"
     closed.server_close()
@@ -671,8 +762,13 @@ def test_signed_urls_never_reach_logs_messages_or_run_info(tmp_path: Path, archi
     server.routes["/hop"] = redirect("file:///srv/a.tgz?token=SECRET3")
     server.routes["/loop"] = redirect("/loop?X-Amz-Signature=SECRET4")
     server.routes["/ok.tgz"] = body(archive_bytes)
-    sources = [server.url("/gone.tgz?X-Amz-Signature=SECRET1"), dead, server.url("/hop?sig=SECRET3a"),
-               server.url("/loop?X-Amz-Signature=SECRET4a"), server.url("/ok.tgz?X-Amz-Signature=SECRET5")]
+    sources = [
+        server.url("/gone.tgz?X-Amz-Signature=SECRET1"),
+        dead,
+        server.url("/hop?sig=SECRET3a"),
+        server.url("/loop?X-Amz-Signature=SECRET4a"),
+        server.url("/ok.tgz?X-Amz-Signature=SECRET5"),
+    ]
     with caplog.at_level(logging.DEBUG):
         run(tmp_path, source=sources, sha256=sha256(archive_bytes), md5=None, retries=1)
         with pytest.raises(SourceUnavailableError) as raised:
@@ -698,20 +794,39 @@ def test_random_bytes_as_archive_are_input_error(data: bytes, kind: str) -> None
         read_batches(io.BytesIO(COMPRESS[kind](data)), 32 << 10, "fuzz", **CAPS)
 
 
-NAMES = st.sampled_from([f"{cb.FOLDER}/{name}" for name in cb.EXPECTED_FILES] + [
-    "../evil", "/abs", "a/../../b", "C:x", "\\\\server\\x", "x" * 150, cb.FOLDER, ".", "", "ok/file", "./" + cb.FOLDER])
-TYPES = st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
-                         tarfile.CHRTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE, tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                         b"Z"])
+NAMES = st.sampled_from(
+    [f"{cb.FOLDER}/{name}" for name in cb.EXPECTED_FILES]
+    + ["../evil", "/abs", "a/../../b", "C:x", "\\\\server\\x", "x" * 150, cb.FOLDER, ".", "", "ok/file", "./" + cb.FOLDER]
+)
+TYPES = st.sampled_from(
+    [
+        tarfile.REGTYPE,
+        tarfile.AREGTYPE,
+        tarfile.DIRTYPE,
+        tarfile.SYMTYPE,
+        tarfile.LNKTYPE,
+        tarfile.CHRTYPE,
+        tarfile.FIFOTYPE,
+        tarfile.CONTTYPE,
+        tarfile.XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        b"Z",
+    ]
+)
 MEMBERS = st.lists(st.tuples(NAMES, TYPES, st.binary(max_size=20000)), max_size=30)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(members=MEMBERS, kind=st.sampled_from(sorted(COMPRESS)), cut=st.none() | st.integers(0, 60000),
-       flip=st.none() | st.tuples(st.integers(0, 60000), st.integers(1, 255)), fmt=st.sampled_from(
-           [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT]))
-def test_random_tar_layouts_are_input_error_or_bounded(members: list, kind: str, cut: int | None,
-                                                       flip: tuple[int, int] | None, fmt: int) -> None:
+@given(
+    members=MEMBERS,
+    kind=st.sampled_from(sorted(COMPRESS)),
+    cut=st.none() | st.integers(0, 60000),
+    flip=st.none() | st.tuples(st.integers(0, 60000), st.integers(1, 255)),
+    fmt=st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT]),
+)
+def test_random_tar_layouts_are_input_error_or_bounded(
+    members: list, kind: str, cut: int | None, flip: tuple[int, int] | None, fmt: int
+) -> None:
     buffer = io.BytesIO()
     try:
         with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
@@ -748,6 +863,7 @@ def test_random_bytes_as_image_are_that_files_error(tmp_path: Path, data: bytes,
 
 # --- 8. size caps on local files, generated archives, predict's labels and walk, redaction -------
 
+
 def sparse(path: Path, size: int) -> Path:
     """`truncate -s SIZE path`: a file of `size` bytes that takes no disk space."""
     path.write_bytes(b"")
@@ -762,7 +878,9 @@ def test_huge_sparse_files_are_refused_by_their_size(tmp_path: Path) -> None:
     size = 200 << 30
     sparse(tmp_path / "huge.tar.gz", size)
     sparse(image_folder(tmp_path / "folder") / "train" / "cat" / "x.png", size)
-    result = isolated(tmp_path, """
+    result = isolated(
+        tmp_path,
+        """
         import time
         out = {}
         capped = {"sha256": "0" * 64, "md5": None, "max_download_mb": 1}
@@ -778,15 +896,20 @@ def test_huge_sparse_files_are_refused_by_their_size(tmp_path: Path) -> None:
                                                     4096 * 4096)
         out["predict"] = {"names": names, "errors": errors}
         print(json.dumps(out))
-    """, timeout=60)
+    """,
+        timeout=60,
+    )
     for name in ("path", "file-url"):
         assert result[name]["code"] == 2, result[name]
         assert "214,748,364,800 bytes, over data.max_download_mb=1" in result[name]["message"], result[name]
         assert result[name]["seconds"] < 5, result[name]
     folder = result["folder"]
     assert folder["code"] == 2 and folder["seconds"] < 5, folder
-    assert re.search(r"folder/train/cat/x\.png: 214,748,364,800 bytes, over the [\d,]+ bytes an image within "
-                     r"data\.max_image_pixels=16777216", folder["message"]), folder
+    assert re.search(
+        r"folder/train/cat/x\.png: 214,748,364,800 bytes, over the [\d,]+ bytes an image within "
+        r"data\.max_image_pixels=16777216",
+        folder["message"],
+    ), folder
     assert result["predict"]["names"] == ["folder/train/cat/0.png"], result["predict"]
     [error] = result["predict"]["errors"]
     assert error.startswith("folder/train/cat/x.png: 214,748,364,800 bytes") and "data.max_image_pixels" in error
@@ -803,14 +926,18 @@ def test_synth_archive_is_synth_data_whatever_serves_it(tmp_path: Path, server: 
     cb.write_archive(tmp_path / "plain.tgz", synth_files(TRAIN, 50, seed=5))  # the same data, unmarked
     server.routes["/synth.tgz"] = body(blob)
     verified = {"sha256": sha256(blob), "md5": None, "retries": 0}
-    cases = {"path": (str(tmp_path / "synth.tgz"), verified), "file-url": ((tmp_path / "synth.tgz").as_uri(), verified),
-             "http": (server.url("/synth.tgz"), verified),
-             "http-unverified": (server.url("/synth.tgz"), {"md5": None, "allow_unverified": True, "retries": 0}),
-             "plain": (str(tmp_path / "plain.tgz"), {"md5": None, "allow_unverified": True})}
+    cases = {
+        "path": (str(tmp_path / "synth.tgz"), verified),
+        "file-url": ((tmp_path / "synth.tgz").as_uri(), verified),
+        "http": (server.url("/synth.tgz"), verified),
+        "http-unverified": (server.url("/synth.tgz"), {"md5": None, "allow_unverified": True, "retries": 0}),
+        "plain": (str(tmp_path / "plain.tgz"), {"md5": None, "allow_unverified": True}),
+    }
     kinds = {}
     for name, (source, data) in cases.items():
-        manifest = download.run(make_params(source=source, **data), tmp_path / name, tmp_path / "cache",
-                                tmp_path / f"{name}.json", backoff_s=0.01)
+        manifest = download.run(
+            make_params(source=source, **data), tmp_path / name, tmp_path / "cache", tmp_path / f"{name}.json", backoff_s=0.01
+        )
         kinds[name] = manifest["kind"]
         assert sorted(os.listdir(tmp_path / name / cb.FOLDER)) == sorted(cb.EXPECTED_FILES)
     assert kinds == {"path": "synth", "file-url": "synth", "http": "synth", "http-unverified": "synth", "plain": "archive"}
@@ -863,8 +990,11 @@ def test_predict_walk_stops_at_max_members(tmp_path: Path, monkeypatch: pytest.M
         for i in range(4):
             Image.new("RGB", (32, 32)).save(photos / sub / f"{i}.png")
     classes = list(cb.CIFAR10_CLASSES)
-    monkeypatch.setattr(predict, "load_model", lambda model_dir: (classes, lambda batch: np.tile(
-        np.linspace(1, 0, 10, dtype=np.float32), (len(batch), 1))))
+    monkeypatch.setattr(
+        predict,
+        "load_model",
+        lambda model_dir: (classes, lambda batch: np.tile(np.linspace(1, 0, 10, dtype=np.float32), (len(batch), 1))),
+    )
     code = predict.run([photos], tmp_path / "model", "json", 4096 * 4096, max_files=5)
     out, err = capsys.readouterr()
     assert code == 1

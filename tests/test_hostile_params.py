@@ -21,8 +21,13 @@ from cifarflow.cli import main
 from cifarflow.config import MAX_YAML_NODES, read_yaml, resolve
 from cifarflow.errors import ConfigError, InputError
 
-RECIPE = {"model": "lenet", "epochs": 1, "batch_size": 8, "optimizer": {"name": "adam", "learning_rate": 0.001},
-          "normalization": "center"}
+RECIPE = {
+    "model": "lenet",
+    "epochs": 1,
+    "batch_size": 8,
+    "optimizer": {"name": "adam", "learning_rate": 0.001},
+    "normalization": "center",
+}
 
 
 def check(tmp_path: Path, raw: dict, capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -42,9 +47,19 @@ def with_key(dotted: str, value: object) -> dict:
     return raw
 
 
-FLOATS = ["data.timeout_s", "data.deadline_s", "train.x.optimizer.learning_rate", "train.x.optimizer.momentum",
-          "train.x.schedule.decay", "train.x.schedule.factor", "train.x.schedule.min_lr", "train.x.mixup.alpha",
-          "export.min_accuracy", "export.tolerance", "export.significance"]
+FLOATS = [
+    "data.timeout_s",
+    "data.deadline_s",
+    "train.x.optimizer.learning_rate",
+    "train.x.optimizer.momentum",
+    "train.x.schedule.decay",
+    "train.x.schedule.factor",
+    "train.x.schedule.min_lr",
+    "train.x.mixup.alpha",
+    "export.min_accuracy",
+    "export.tolerance",
+    "export.significance",
+]
 
 
 @pytest.mark.parametrize("key", FLOATS)
@@ -54,23 +69,38 @@ def test_every_float_is_finite(tmp_path: Path, capsys: pytest.CaptureFixture, ke
     assert code == 2 and key in err and ("finite" in err or "greater" in err or "less" in err), err
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("data.retries", 10**9), ("data.max_download_mb", 10**12), ("data.val_size", 10**12), ("data.shards", 10**6),
-    ("data.max_members", -1), ("data.max_image_pixels", 10**15), ("train.x.epochs", 10**9),
-    ("train.x.batch_size", 10**9), ("train.x.optimizer.learning_rate", 1e6), ("evaluate.batch_size", 0),
-    ("runtime.logical_cpus", 10**6), ("seed", 2**40), ("train.x.schedule.boundaries", list(range(1000))),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.retries", 10**9),
+        ("data.max_download_mb", 10**12),
+        ("data.val_size", 10**12),
+        ("data.shards", 10**6),
+        ("data.max_members", -1),
+        ("data.max_image_pixels", 10**15),
+        ("train.x.epochs", 10**9),
+        ("train.x.batch_size", 10**9),
+        ("train.x.optimizer.learning_rate", 1e6),
+        ("evaluate.batch_size", 0),
+        ("runtime.logical_cpus", 10**6),
+        ("seed", 2**40),
+        ("train.x.schedule.boundaries", list(range(1000))),
+    ],
+)
 def test_counts_and_sizes_are_bounded(tmp_path: Path, capsys: pytest.CaptureFixture, key: str, value: object) -> None:
     code, err = check(tmp_path, with_key(key, value), capsys)
     assert code == 2 and key in err, err
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    ({"source": "synth:train=999999999,test=50"}, "less than or equal to 200000"),
-    ({"source": "synth:train=100,test=50", "val_size": 100}, "set 0 < data.val_size < 100"),
-    ({"source": "synth:train=100,test=12", "val_size": 20, "shards": 16}, "set data.shards <= 12"),
-    ({"source": "synth:train=100,test=50", "val_size": 3, "shards": 4}, "set data.shards <= 3"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"source": "synth:train=999999999,test=50"}, "less than or equal to 200000"),
+        ({"source": "synth:train=100,test=50", "val_size": 100}, "set 0 < data.val_size < 100"),
+        ({"source": "synth:train=100,test=12", "val_size": 20, "shards": 16}, "set data.shards <= 12"),
+        ({"source": "synth:train=100,test=50", "val_size": 3, "shards": 4}, "set data.shards <= 3"),
+    ],
+)
 def test_cross_field_rules_before_work(tmp_path: Path, capsys: pytest.CaptureFixture, data: dict, fragment: str) -> None:
     code, err = check(tmp_path, {"data": {"md5": None, **data}}, capsys)
     assert code == 2 and fragment in err, err
@@ -95,8 +125,15 @@ def test_architecture_names_cannot_leave_data(tmp_path: Path, capsys: pytest.Cap
 
 def test_error_messages_are_bounded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     huge = "x" * 200_000  # the file stays under the 1 MiB a params file may have
-    code, err = check(tmp_path, {"data": {"md5": huge, "shards": ["y" * 1000] * 300, "val_size": {"a": huge}},
-                                 "seed": huge, **{f"typo{i}": 1 for i in range(50)}}, capsys)
+    code, err = check(
+        tmp_path,
+        {
+            "data": {"md5": huge, "shards": ["y" * 1000] * 300, "val_size": {"a": huge}},
+            "seed": huge,
+            **{f"typo{i}": 1 for i in range(50)},
+        },
+        capsys,
+    )
     assert code == 2 and len(err) < 4000, len(err)
     assert "more" in err  # the rest counted, not listed
     with pytest.raises(ConfigError) as caught:  # in memory, no file limit: a value of 10 MB
@@ -133,8 +170,13 @@ def test_make_pipeline_checks_params_before_dvc_parses_them(tmp_path: Path) -> N
         shutil.copy2(REPO / name, project / name)
     (project / "params.yaml").write_text(bomb())
     venv = Path(sys.executable).parent.parent
-    done = subprocess.run(["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", "pipeline"],
-                          capture_output=True, text=True, timeout=120, env=cli_env())
+    done = subprocess.run(
+        ["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", "pipeline"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env(),
+    )
     assert done.returncode != 0
     assert "YAML nodes" in done.stderr and "dvc repro" not in done.stdout.split("params --check")[-1], done.stdout
 
@@ -151,10 +193,14 @@ def test_flow_select_refuses_the_bomb_before_touching_it(tmp_path: Path) -> None
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
-                                                                                        max_size=4), max_leaves=20),
-       st.sampled_from(["data", "train", "export", "runtime", "evaluate", "archs", "profiles", "seed", "profile"]))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        max_leaves=20,
+    ),
+    st.sampled_from(["data", "train", "export", "runtime", "evaluate", "archs", "profiles", "seed", "profile"]),
+)
 def test_any_value_anywhere_is_valid_or_a_config_error(value: object, section: str) -> None:
     try:
         resolve({section: value})
@@ -182,13 +228,50 @@ def test_a_diverging_recipe_stops_with_exit_2_naming_it(tiny_shards: Path, tmp_p
     params = train_params("lenet", epochs=2)
     path = write_params(tmp_path, yaml.safe_load(yaml.safe_dump(params.model_dump(mode="json"))))
     verdict = tmp_path / "verdict.json"
-    assert main(["--params", str(path), "validate", "--shards", str(tiny_shards), "--metrics", str(tmp_path / "m.json"),
-                 "--report", str(tmp_path / "r.md"), "--verdict", str(verdict)]) == 0
+    assert (
+        main(
+            [
+                "--params",
+                str(path),
+                "validate",
+                "--shards",
+                str(tiny_shards),
+                "--metrics",
+                str(tmp_path / "m.json"),
+                "--report",
+                str(tmp_path / "r.md"),
+                "--verdict",
+                str(verdict),
+            ]
+        )
+        == 0
+    )
     env = cli_env() | {"CIFARFLOW_FAULT_NAN_AT": "0:2", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-m", "cifarflow", "--params", str(path), "train", "lenet", "--shards",
-                           str(tiny_shards), "--out", str(tmp_path / "out"), "--runinfo", str(tmp_path / "ri"),
-                           "--checkpoints", str(tmp_path / "ck"), "--verdict", str(verdict)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifarflow",
+            "--params",
+            str(path),
+            "train",
+            "lenet",
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "out"),
+            "--runinfo",
+            str(tmp_path / "ri"),
+            "--checkpoints",
+            str(tmp_path / "ck"),
+            "--verdict",
+            str(verdict),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train.lenet diverges" in done.stderr and "not finite in epoch 0" in done.stderr
     assert not (tmp_path / "out" / "model.keras").exists() and "Traceback" not in done.stderr
@@ -202,20 +285,30 @@ def test_profile_names_cannot_leave_runs(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_deep_nesting_duplicate_keys_and_odd_yaml_are_config_errors(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    for text, fragment in (("x: " + "[" * 500 + "]" * 500 + "\n", "nested more than|recursion"),
-                           ("x: " + "{a: " * 300 + "1" + "}" * 300 + "\n", "nested more than|recursion"),
-                           ("seed: 1\nseed: 2\n", "appears twice"),
-                           ("seed: 2001-02-31\n", "not valid YAML")):
+    for text, fragment in (
+        ("x: " + "[" * 500 + "]" * 500 + "\n", "nested more than|recursion"),
+        ("x: " + "{a: " * 300 + "1" + "}" * 300 + "\n", "nested more than|recursion"),
+        ("seed: 1\nseed: 2\n", "appears twice"),
+        ("seed: 2001-02-31\n", "not valid YAML"),
+    ):
         path.write_text(text)
         with pytest.raises(ConfigError, match=fragment):
             read_yaml(path)
 
 
-@pytest.mark.parametrize("source", ["HTTP://bob:hunter2@127.0.0.1:9/x.tgz", " https://bob:hunter2@h/x.tgz",
-                                    "ftp://bob:hunter2@h/x.tgz", "s3://KEY:hunter2@bucket/x", "https:\\\\bob:hunter2@h/x",
-                                    "http:/bob:hunter2@h/x.tgz", "Https://bob:hunter2@h/x"])
-def test_credentials_in_any_url_shape_are_refused_unechoed(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                           source: str) -> None:
+@pytest.mark.parametrize(
+    "source",
+    [
+        "HTTP://bob:hunter2@127.0.0.1:9/x.tgz",
+        " https://bob:hunter2@h/x.tgz",
+        "ftp://bob:hunter2@h/x.tgz",
+        "s3://KEY:hunter2@bucket/x",
+        "https:\\\\bob:hunter2@h/x",
+        "http:/bob:hunter2@h/x.tgz",
+        "Https://bob:hunter2@h/x",
+    ],
+)
+def test_credentials_in_any_url_shape_are_refused_unechoed(tmp_path: Path, capsys: pytest.CaptureFixture, source: str) -> None:
     code, err = check(tmp_path, {"data": {"source": [source], "md5": None, "allow_unverified": True}}, capsys)
     assert code == 2 and "hunter2" not in err, err
 

@@ -33,9 +33,17 @@ def fake_export(root: Path, name: str, accuracy: float, blessed: bool = True, ki
     (export / "saved_model" / "saved_model.pb").write_bytes(f"graph {name}".encode() * 100)
     (export / "saved_model" / "variables" / "variables.data").write_bytes(os.urandom(2048))
     (export / "labels.txt").write_text("a\nb\n")
-    card = {"arch": name, "blessed": blessed, "blessing_reasons": ["ok"], "test": {"accuracy": accuracy},
-            "weights_sha256": hashlib.sha256(name.encode()).hexdigest(), "git_commit": "c0ffee",
-            "profile": "full", "data_source_kind": kind, "data_manifest_sha256": MANIFEST}
+    card = {
+        "arch": name,
+        "blessed": blessed,
+        "blessing_reasons": ["ok"],
+        "test": {"accuracy": accuracy},
+        "weights_sha256": hashlib.sha256(name.encode()).hexdigest(),
+        "git_commit": "c0ffee",
+        "profile": "full",
+        "data_source_kind": kind,
+        "data_manifest_sha256": MANIFEST,
+    }
     (export / "model_card.json").write_text(json.dumps(card))
     return export
 
@@ -61,8 +69,11 @@ def test_promote_list_rollback_and_refusals(tmp_path: Path) -> None:
     assert first["to"].startswith("0001-") and first["verdict"]["champion"] is None
     assert registry.promote(tmp_path / "a", reg, gate())["kind"] == "unchanged"  # already the champion
     second = registry.promote(fake_export(tmp_path, "b", 0.795), reg, gate())  # within tolerance of a
-    assert second["verdict"]["champion"] == {"version": first["to"], "weights_sha256": first["weights_sha256"],
-                                             "test_accuracy": 0.80}
+    assert second["verdict"]["champion"] == {
+        "version": first["to"],
+        "weights_sha256": first["weights_sha256"],
+        "test_accuracy": 0.80,
+    }
     with pytest.raises(registry.PromotionRefused, match="more than export.tolerance"):
         registry.promote(fake_export(tmp_path, "worse", 0.70), reg, gate())
     with pytest.raises(registry.PromotionRefused, match="not blessed"):
@@ -83,7 +94,8 @@ def test_promote_list_rollback_and_refusals(tmp_path: Path) -> None:
     kinds = [(e["kind"], e["to"]) for e in registry.history(reg)]
     assert [k for k, _ in kinds] == ["promote", "promote", "rollback", "promote"]
     assert {"seq", "time", "by", "arch", "weights_sha256", "test_accuracy", "blessed", "git_commit"} <= set(
-        registry.history(reg)[0])
+        registry.history(reg)[0]
+    )
     listing = registry.render(reg)
     assert "* | 0003-" in listing and "rollback" in listing and "FORCED" in listing and "by operator" in listing
 
@@ -127,8 +139,9 @@ registry.promote(sys.argv[1], sys.argv[2], registry.Gate(0.0, 1.0, "m" * 64, lam
 
 
 def promote_process(export: Path, reg: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PROMOTE, str(export), str(reg)], env={**cli_env(), **env},
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", PROMOTE, str(export), str(reg)], env={**cli_env(), **env}, stderr=subprocess.PIPE, text=True
+    )
 
 
 def durable_calls_outside_durable() -> list[str]:
@@ -136,8 +149,26 @@ def durable_calls_outside_durable() -> list[str]:
     tree = ast.parse((REPO / "cifarflow" / "registry.py").read_text())
     durable = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Durable")
     inside = {id(n) for n in ast.walk(durable)}
-    writers = {"replace", "rename", "write", "fsync", "unlink", "rmtree", "copyfile", "copy", "copytree", "mkdir",
-               "write_text", "write_bytes", "makedirs", "rmdir", "symlink_to", "touch", "move", "write_json_atomic"}
+    writers = {
+        "replace",
+        "rename",
+        "write",
+        "fsync",
+        "unlink",
+        "rmtree",
+        "copyfile",
+        "copy",
+        "copytree",
+        "mkdir",
+        "write_text",
+        "write_bytes",
+        "makedirs",
+        "rmdir",
+        "symlink_to",
+        "touch",
+        "move",
+        "write_json_atomic",
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and id(node) not in inside:
@@ -182,7 +213,8 @@ def test_sigkill_before_and_after_every_durability_point(tmp_path: Path) -> None
         assert assert_one_complete_champion(reg) == "new"
         events = registry.history(reg)
         assert events[-1]["to"] == registry.pointer(reg)["version"] and [e["seq"] for e in events] == list(
-            range(1, len(events) + 1)), (n, points[n - 1], events)
+            range(1, len(events) + 1)
+        ), (n, points[n - 1], events)
         assert not (reg / registry.INCOMING).exists() and len(registry.versions(reg)) == 2, (n, again)
     assert outcomes["old"] and outcomes["new"], outcomes  # kills fell on both sides of the switch
 
@@ -207,7 +239,7 @@ def test_concurrent_promoters_never_corrupt(tmp_path: Path) -> None:
     exports = [fake_export(tmp_path, f"c{i}", 0.5) for i in range(12)]
     names = {e.name for e in exports}
     for round_ in range(3):  # several processes at once, several rounds
-        batch = exports[round_ * 4:(round_ + 1) * 4]
+        batch = exports[round_ * 4 : (round_ + 1) * 4]
         processes = [promote_process(e, reg) for e in batch]
         deadline = time.monotonic() + 120
         while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
@@ -236,21 +268,24 @@ def test_a_second_promoter_waits_then_fails_clearly(tmp_path: Path) -> None:
 # --- champion_dir: each forbidden place apart, through params --check -------------------------------
 
 
-@pytest.mark.parametrize(("value", "fragment"), [
-    ("data", "inside data/"),
-    ("data/champion", "inside data/"),
-    ("data/models/lenet/best", "inside data/"),
-    ("dvc_out_elsewhere/x", "the DVC output dvc_out_elsewhere"),
-    (".", "the project folder itself"),
-    ("sub/..", "the project folder itself"),
-    ("/", "filesystem root"),
-    ("..", "an ancestor of the project"),
-    (".git/champion", "inside .git"),
-    (".dvc/champion", "inside .dvc"),
-    ("link", "is a symlink"),
-    ("plainfile", "not a folder"),
-    ("", "at least 1 character"),
-])
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("data", "inside data/"),
+        ("data/champion", "inside data/"),
+        ("data/models/lenet/best", "inside data/"),
+        ("dvc_out_elsewhere/x", "the DVC output dvc_out_elsewhere"),
+        (".", "the project folder itself"),
+        ("sub/..", "the project folder itself"),
+        ("/", "filesystem root"),
+        ("..", "an ancestor of the project"),
+        (".git/champion", "inside .git"),
+        (".dvc/champion", "inside .dvc"),
+        ("link", "is a symlink"),
+        ("plainfile", "not a folder"),
+        ("", "at least 1 character"),
+    ],
+)
 def test_forbidden_champion_dirs(tmp_path: Path, capsys: pytest.CaptureFixture, value: str, fragment: str) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -282,8 +317,13 @@ def test_predict_without_champion_is_an_error_not_a_fallback(tmp_path: Path) -> 
     path = write_params(tmp_path, {"export": {"champion_dir": "champion"}})
     (tmp_path / "data" / "export" / "saved_model").mkdir(parents=True)  # an export that must NOT be used silently
     (tmp_path / "x.png").write_bytes(b"")
-    done = subprocess.run([sys.executable, "-m", "cifarflow", "--params", str(path), "predict", str(tmp_path / "x.png")],
-                          capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "cifarflow", "--params", str(path), "predict", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr
     assert "has no champion" in done.stderr and "--model" in done.stderr and "Traceback" not in done.stderr
 
@@ -333,13 +373,23 @@ def test_a_torn_history_line_does_not_lose_a_rollback(tmp_path: Path) -> None:
     assert [e["seq"] for e in registry.history(reg)] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize(("target", "content"), [
-    ("CURRENT", b""), ("CURRENT", b"garbage"), ("CURRENT", b"\xff\xfe"), ("CURRENT", b"[]"),
-    ("CURRENT", b'{"version": 5, "event": {}}'), ("CURRENT", b'{"version": "0001-aaaaaaaaaaaa"}'),
-    ("history.jsonl", b"5\n"), ("history.jsonl", b'{"seq": "x"}\n'), ("history.jsonl", b"\xff\n"),
-])
-def test_damaged_registry_files_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture, target: str,
-                                                 content: bytes) -> None:
+@pytest.mark.parametrize(
+    ("target", "content"),
+    [
+        ("CURRENT", b""),
+        ("CURRENT", b"garbage"),
+        ("CURRENT", b"\xff\xfe"),
+        ("CURRENT", b"[]"),
+        ("CURRENT", b'{"version": 5, "event": {}}'),
+        ("CURRENT", b'{"version": "0001-aaaaaaaaaaaa"}'),
+        ("history.jsonl", b"5\n"),
+        ("history.jsonl", b'{"seq": "x"}\n'),
+        ("history.jsonl", b"\xff\n"),
+    ],
+)
+def test_damaged_registry_files_are_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture, target: str, content: bytes
+) -> None:
     project = tmp_path / "project"
     project.mkdir()
     path = write_params(project, {"export": {"champion_dir": "champion"}})

@@ -77,6 +77,7 @@ def serving(status: int) -> Iterator[Hook]:
 
 # --- fast: the interface and notify -----------------------------------------------------------------
 
+
 def test_the_flow_takes_no_webhook_url() -> None:
     """A parameter value is stored by Prefect and shown in the UI: no parameter may carry a URL."""
     from cifarflow.cli import build_parser
@@ -88,8 +89,9 @@ def test_the_flow_takes_no_webhook_url() -> None:
         pipeline.main(["--webhook-url", "https://hooks.example.com/services/T/B/x"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["flow", "run", "--webhook-url", "https://hooks.example.com/services/T/B/x"])
-    assert build_parser().parse_args(["flow", "run", "--webhook-secret", "cifarflow-webhook"]).webhook_secret \
-        == "cifarflow-webhook"
+    assert (
+        build_parser().parse_args(["flow", "run", "--webhook-secret", "cifarflow-webhook"]).webhook_secret == "cifarflow-webhook"
+    )
 
 
 def failed_alert_logs(caplog: pytest.LogCaptureFixture, url: str) -> list[str]:
@@ -111,9 +113,11 @@ def test_an_unreachable_webhook_is_not_quoted(caplog: pytest.LogCaptureFixture, 
     """requests' ConnectionError quotes the URL's path and query ("Max retries exceeded with url:
     /services/...?token=..."): none of it may reach the log."""
     token, port = secrets.token_hex(16), free_port()  # nothing listens on `port`
-    url = {"path": f"http://127.0.0.1:{port}/services/T000/B000/{token}",
-           "query": f"http://127.0.0.1:{port}/hook?token={token}&sig=%2F{token}",
-           "userinfo": f"http://alerts:{token}@127.0.0.1:{port}/hook"}[shape]
+    url = {
+        "path": f"http://127.0.0.1:{port}/services/T000/B000/{token}",
+        "query": f"http://127.0.0.1:{port}/hook?token={token}&sig=%2F{token}",
+        "userinfo": f"http://alerts:{token}@127.0.0.1:{port}/hook",
+    }[shape]
     messages = failed_alert_logs(caplog, url)
     assert len(messages) == 1 and messages[0].startswith(f"alert to http://127.0.0.1:{port} failed: ConnectionError")
     assert "refused" in messages[0].lower(), messages[0]  # the reason is still there
@@ -141,6 +145,7 @@ def test_the_failure_alert_does_not_forward_a_signed_url(monkeypatch: pytest.Mon
 
 # --- slow: a real server, a failing run, and a search of everything it left ---------------------------
 
+
 @pytest.fixture
 def server(prefect_server: dict[str, str]) -> dict[str, str]:
     """The session's Prefect server (test_prefect.prefect_server). One server for the whole suite: a
@@ -167,8 +172,15 @@ def run_logs(env: dict[str, str], flow_run_id: str, until: str, timeout_s: float
     deadline = time.monotonic() + timeout_s
     while True:
         logs: list[dict[str, Any]] = []
-        while page := api(env, "POST", "/logs/filter", logs={"flow_run_id": {"any_": [flow_run_id]}}, sort="TIMESTAMP_ASC",
-                          limit=200, offset=len(logs)):
+        while page := api(
+            env,
+            "POST",
+            "/logs/filter",
+            logs={"flow_run_id": {"any_": [flow_run_id]}},
+            sort="TIMESTAMP_ASC",
+            limit=200,
+            offset=len(logs),
+        ):
             logs += page
         if any(until in entry["message"] for entry in logs) or time.monotonic() > deadline:
             return logs
@@ -189,7 +201,7 @@ class Finds:
         for name, needle in self.needles.items():
             at = blob.find(needle)
             if at >= 0:
-                context = blob[max(0, at - 160):at + len(needle) + 40].decode(errors="replace")
+                context = blob[max(0, at - 160) : at + len(needle) + 40].decode(errors="replace")
                 self.places[name].append(f"{where}: ...{context}...")
 
     def search_tree(self, label: str, root: Path, skip: set[str] = frozenset()) -> None:
@@ -208,10 +220,19 @@ class Finds:
 def test_no_secret_is_stored_anywhere(server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token, signature, credential = secrets.token_hex(20), secrets.token_hex(32), f"AKIA{secrets.token_hex(8).upper()}"
     dead_port = free_port()
-    mirror = (f"http://127.0.0.1:{dead_port}/cifar.tgz"  # nothing listens there: the download fails
-              f"?X-Amz-Signature={signature}&X-Amz-Credential={credential}%2F20250101%2Fus-east-1%2Fs3%2Faws4_request")
-    set_params(workspace, **{"profiles.smoke.data.source": [mirror], "profiles.smoke.data.md5": None,
-                             "profiles.smoke.data.allow_unverified": True, "profiles.smoke.data.retries": 0})
+    mirror = (
+        f"http://127.0.0.1:{dead_port}/cifar.tgz"  # nothing listens there: the download fails
+        f"?X-Amz-Signature={signature}&X-Amz-Credential={credential}%2F20250101%2Fus-east-1%2Fs3%2Faws4_request"
+    )
+    set_params(
+        workspace,
+        **{
+            "profiles.smoke.data.source": [mirror],
+            "profiles.smoke.data.md5": None,
+            "profiles.smoke.data.allow_unverified": True,
+            "profiles.smoke.data.retries": 0,
+        },
+    )
     monkeypatch.delenv(pipeline.WEBHOOK_ENV, raising=False)
     with serving(500) as hook:  # it takes the alert, then answers 500: the failed-alert log line is searched too
         save_secret(server, SECRET_BLOCK, hook.url(token))
@@ -244,20 +265,24 @@ def test_no_secret_is_stored_anywhere(server: dict[str, str], workspace: Path, m
     found.search_tree("PREFECT_HOME", home)  # prefect.db (+ -wal), server.log, result storage
     found.search_tree("workspace", workspace, skip={"params.yaml", "dvc.lock"})  # data/runinfo/, .dvc/tmp, ...
     controls = " ".join(found.places["mirror_host"])
-    assert "API: its logs" in controls and "PREFECT_HOME/prefect.db" in controls, \
+    assert "API: its logs" in controls and "PREFECT_HOME/prefect.db" in controls, (
         f"the searches cannot see what the run stored (control not found): {found.places['mirror_host']}"
-    assert found.places["webhook_token"] == [], (
-        "the webhook token (Secret block value) was stored or logged:\n" + found.report("webhook_token"))
+    )
+    assert found.places["webhook_token"] == [], "the webhook token (Secret block value) was stored or logged:\n" + found.report(
+        "webhook_token"
+    )
     assert found.places["signature"] == found.places["credential"] == [], (
         "data.source credentials (X-Amz-Signature / X-Amz-Credential of a signed mirror URL) were stored or logged. "
         "The flow itself only passes on what cifarflow/data/download.py and fetch.py put into their log lines, "
         "exception messages and run info (the task's state message and log are the CLI's stderr); the redaction "
-        "there is another engineer's work in progress:\n" + found.report("signature", "credential"))
+        "there is another engineer's work in progress:\n" + found.report("signature", "credential")
+    )
 
 
 @pytest.mark.slow
-def test_a_missing_secret_block_fails_the_run_by_name(server: dict[str, str], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_secret_block_fails_the_run_by_name(
+    server: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Chosen behaviour: a run naming a block that does not exist fails before any stage runs, with a
     message naming the block and how to create it; the failure hook then warns and sends nothing."""
     missing = f"no-such-webhook-{secrets.token_hex(4)}"
@@ -265,11 +290,13 @@ def test_a_missing_secret_block_fails_the_run_by_name(server: dict[str, str], tm
     assert state.is_failed()
     assert missing in state.message and "prefect block create secret" in state.message, state.message
     flow_run_id = str(state.state_details.flow_run_id)
-    assert api(server, "POST", "/task_runs/filter", task_runs={"flow_run_id": {"any_": [flow_run_id]}}) == [], \
+    assert api(server, "POST", "/task_runs/filter", task_runs={"flow_run_id": {"any_": [flow_run_id]}}) == [], (
         "no task should run before the check (not even params-check)"
+    )
     logs = run_logs(server, flow_run_id, until="alert not sent")
-    assert any(entry["message"].startswith(f"alert not sent: the Secret block '{missing}'") for entry in logs), \
-        [entry["message"] for entry in logs]
+    assert any(entry["message"].startswith(f"alert not sent: the Secret block '{missing}'") for entry in logs), [
+        entry["message"] for entry in logs
+    ]
 
 
 def test_a_webhook_url_given_as_the_block_name_is_refused_unechoed() -> None:
@@ -281,7 +308,13 @@ def test_a_webhook_url_given_as_the_block_name_is_refused_unechoed() -> None:
     with pytest.raises(WebhookSecretError) as refused:
         secret_name(url)
     assert "XOXSECRET" not in str(refused.value) and "not the webhook URL" in str(refused.value)
-    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--webhook-secret", url], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--webhook-secret", url],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "XOXSECRET" not in done.stdout + done.stderr
     assert secret_name("cifarflow-webhook") == "cifarflow-webhook"

@@ -48,8 +48,10 @@ def test_flow_selection_keeps_comments_and_layout(tmp_path: Path) -> None:
     assert select(tmp_path, ["lenet", "simple_cnn"], "smoke") == ["lenet", "simple_cnn"]
     before, after = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert changed == [("profile: full", "profile: smoke"),
-                       ("archs: [simple_cnn, lenet, lenet_mixup, resnet56, densenet121]", "archs: [lenet, simple_cnn]")]
+    assert changed == [
+        ("profile: full", "profile: smoke"),
+        ("archs: [simple_cnn, lenet, lenet_mixup, resnet56, densenet121]", "archs: [lenet, simple_cnn]"),
+    ]
     assert select(tmp_path, None, None) == ["lenet", "simple_cnn"]
 
 
@@ -66,8 +68,9 @@ def test_outputs_state_profile_and_synthetic_data_and_refuse_promotion(workspace
     assert "FORCED" in forced.stdout and registry.history(workspace / "champion")[-1]["verdict"]["forced"]
 
 
-def test_rollback_then_nightly_flow_does_not_repromote(prefect_server: dict[str, str], workspace: Path,
-                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rollback_then_nightly_flow_does_not_repromote(
+    prefect_server: dict[str, str], workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two promoted models, an operator's rollback: the next flow run finds its export up to date and
     blessed, and the registry refuses to undo the rollback (the smoke data is synthetic, so the two
     promotions are forced; the refusal must name the rollback, not only the data)."""
@@ -89,15 +92,20 @@ def test_rollback_then_nightly_flow_does_not_repromote(prefect_server: dict[str,
     assert summary["blessed"] and not summary["promoted"], summary
     assert "rolled back from version" in summary["promotion"]["message"]
     assert registry.current(reg).name == first and [e["kind"] for e in registry.history(reg)] == [
-        "promote", "promote", "rollback"]
-    artifacts = api(prefect_server, "POST", "/artifacts/filter",
-                    artifacts={"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}})
+        "promote",
+        "promote",
+        "rollback",
+    ]
+    artifacts = api(
+        prefect_server, "POST", "/artifacts/filter", artifacts={"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}
+    )
     blessing = next(a for a in artifacts if a["key"] == "blessing")["data"]
     assert "Profile `smoke`, data source: synth" in blessing and f"against champion {first}" in blessing
 
 
-def test_the_flow_checks_params_before_anything_parses_them(prefect_server: dict[str, str],
-                                                            workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_flow_checks_params_before_anything_parses_them(
+    prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from test_hostile_params import bomb
 
     (workspace / "params.yaml").write_text(bomb())

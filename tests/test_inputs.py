@@ -16,14 +16,19 @@ RNG = np.random.default_rng(0)
 
 
 def recipe(**changes) -> Recipe:
-    base = {"model": "lenet", "variant": "tiny", "epochs": 3, "batch_size": 16, "optimizer": {"name": "adam",
-            "learning_rate": 1e-3}, "normalization": "center"}
+    base = {
+        "model": "lenet",
+        "variant": "tiny",
+        "epochs": 3,
+        "batch_size": 16,
+        "optimizer": {"name": "adam", "learning_rate": 1e-3},
+        "normalization": "center",
+    }
     return Recipe.model_validate({**base, **changes})
 
 
 def split(n: int = 40) -> Split:
-    return Split(RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8),
-                 np.arange(n))
+    return Split(RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8), np.arange(n))
 
 
 def test_normalizations_match_their_definitions() -> None:
@@ -44,7 +49,7 @@ def test_crop_flip_is_a_shifted_window_of_the_padded_image() -> None:
     padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
     flips = 0
     for i in range(len(x)):
-        windows = [(padded[i, dy:dy + 32, dx:dx + 32], f) for dy in range(9) for dx in range(9) for f in (0, 1)]
+        windows = [(padded[i, dy : dy + 32, dx : dx + 32], f) for dy in range(9) for dx in range(9) for f in (0, 1)]
         matches = [f for w, f in windows if np.array_equal(out[i], w[:, ::-1] if f else w)]
         assert matches, i
         flips += matches[0]

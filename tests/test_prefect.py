@@ -57,8 +57,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 def prefect_cli(env: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -69,8 +70,7 @@ def api(env: dict[str, str], method: str, path: str, **body: Any) -> Any:
     return response.json()
 
 
-def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], workspace: Path,
-                                               receiver: Receiver) -> None:
+def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], workspace: Path, receiver: Receiver) -> None:
     env = prefect_server | {"CIFARFLOW_WORKSPACE": str(workspace)}
     set_params(workspace, **{"profiles.smoke.export.min_accuracy": 0.99})  # force the unblessed alert
     run_in(workspace, "git", "commit", "-qam", "smoke threshold")
@@ -83,8 +83,12 @@ def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], w
     assert deployment["work_pool_name"] == "gpu-pool"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the scheduler creates the upcoming nightly runs
-        scheduled = api(env, "POST", "/flow_runs/filter", flow_runs={"deployment_id": {"any_": [deployment["id"]]},
-                                                                     "state": {"type": {"any_": ["SCHEDULED"]}}})
+        scheduled = api(
+            env,
+            "POST",
+            "/flow_runs/filter",
+            flow_runs={"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}},
+        )
         if scheduled:
             break
         time.sleep(1)
@@ -95,8 +99,12 @@ def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], w
 
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):  # the URL is a secret, not a parameter
         Secret(value=receiver.url).save("cifarflow-webhook", overwrite=True)
-    run = api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", parameters={
-        "archs": [ARCH], "profile": "smoke", "webhook_secret": "cifarflow-webhook", "workspace": "."})
+    run = api(
+        env,
+        "POST",
+        f"/deployments/{deployment['id']}/create_flow_run",
+        parameters={"archs": [ARCH], "profile": "smoke", "webhook_secret": "cifarflow-webhook", "workspace": "."},
+    )
     prefect_cli(env, workspace, "worker", "start", "--pool", "gpu-pool", "--run-once", timeout=900)
     final = api(env, "GET", f"/flow_runs/{run['id']}")
     assert final["state"]["type"] == "COMPLETED", final["state"]
@@ -116,6 +124,7 @@ def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], w
 
 # --- faults, with the flow called in-process against the same server ------------------------------
 
+
 def run_flow(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, workspace: Path, **kwargs: Any) -> Any:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -126,8 +135,9 @@ def run_flow(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, workspace: Pa
     monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.setenv("PYTHONPATH", f"{workspace}{os.pathsep}{env['PYTHONPATH']}")
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        return cifar10_pipeline(archs=[ARCH], profile="smoke", workspace=str(workspace), return_state=True,
-                                **{"promote": False, **kwargs})
+        return cifar10_pipeline(
+            archs=[ARCH], profile="smoke", workspace=str(workspace), return_state=True, **{"promote": False, **kwargs}
+        )
 
 
 def task_runs(env: dict[str, str], state: Any) -> dict[str, dict[str, Any]]:
@@ -140,8 +150,9 @@ def retrain(workspace: Path) -> None:
     set_params(workspace, **{f"profiles.smoke.train.{ARCH}.epochs": 2})
 
 
-def test_killed_training_is_retried_and_resumes_bit_identically(prefect_server: dict[str, str], workspace: Path,
-                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_training_is_retried_and_resumes_bit_identically(
+    prefect_server: dict[str, str], workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     reference = tmp_path / "reference"
@@ -159,8 +170,9 @@ def test_killed_training_is_retried_and_resumes_bit_identically(prefect_server: 
     assert digest == (reference / f"data/models/{ARCH}/weights.sha256").read_text()
 
 
-def test_transient_failure_is_retried_once(prefect_server: dict[str, str], workspace: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transient_failure_is_retried_once(
+    prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     retrain(workspace)
     monkeypatch.setenv("CIFARFLOW_FAULT_FAIL_AT", "0:1")
     state = run_flow(prefect_server, monkeypatch, workspace)
@@ -175,10 +187,10 @@ def test_transient_failure_is_retried_once(prefect_server: dict[str, str], works
     assert all(s["seconds"] == 0.0 for name, s in stages.items() if name != "download")  # DVC not started
 
 
-def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    set_params(workspace, **{"profiles.smoke.data.source": str(workspace / "missing.tgz"),
-                             "profiles.smoke.data.allow_unverified": True})  # valid params, bad input
+def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_params(
+        workspace, **{"profiles.smoke.data.source": str(workspace / "missing.tgz"), "profiles.smoke.data.allow_unverified": True}
+    )  # valid params, bad input
     state = run_flow(prefect_server, monkeypatch, workspace)
     assert state.is_failed()
     runs = task_runs(prefect_server, state)

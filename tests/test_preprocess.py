@@ -93,11 +93,15 @@ def test_tfrecord_bytes_equal_tensorflow_serialization(tmp_path: Path) -> None:
     expected = tmp_path / "tf.tfrecord"
     with tf.io.TFRecordWriter(str(expected)) as writer:
         for image, label, idx in zip(images, labels, index, strict=True):
-            example = tf.train.Example(features=tf.train.Features(feature={
-                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(idx)])),
-            }))
+            example = tf.train.Example(
+                features=tf.train.Features(
+                    feature={
+                        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+                        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+                        "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(idx)])),
+                    }
+                )
+            )
             serialized = example.SerializeToString(deterministic=True)
             assert tfrecord.encode_example(image.tobytes(), int(label), int(idx)) == serialized
             writer.write(serialized)

@@ -16,16 +16,17 @@ from cifarflow.data import download, preprocess, shards, validate
 REAL = os.environ.get("CIFARFLOW_REAL_DATA")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not REAL or not Path(REAL, "make_cifar10_binary.py").is_file(),
-                       reason="real data not available: set CIFARFLOW_REAL_DATA to ../shared/data to run"),
+    pytest.mark.skipif(
+        not REAL or not Path(REAL, "make_cifar10_binary.py").is_file(),
+        reason="real data not available: set CIFARFLOW_REAL_DATA to ../shared/data to run",
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def real_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("real") / "cifar-10-binary.tar.gz"
-    subprocess.run([sys.executable, str(Path(REAL, "make_cifar10_binary.py")), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(Path(REAL, "make_cifar10_binary.py")), str(out)], check=True, capture_output=True)
     return out
 
 

@@ -68,8 +68,9 @@ def test_nodes_share_trainings_through_the_run_cache(origin: Path, tmp_path: Pat
     assert {"export", "report", *(f"evaluate@{arch}" for arch in ARCHS)} <= ran, out
     assert (gather / "data/export/model_card.json").is_file()
     for arch in ARCHS:  # the very weights the nodes trained
-        assert (gather / f"data/models/{arch}/weights.sha256").read_text() == \
-               (nodes[arch] / f"data/models/{arch}/weights.sha256").read_text()
+        assert (gather / f"data/models/{arch}/weights.sha256").read_text() == (
+            nodes[arch] / f"data/models/{arch}/weights.sha256"
+        ).read_text()
     assert stale(gather) == {}
     run_in(gather, "dvc", "push")
     run_in(gather, *GIT, "add", "dvc.lock")

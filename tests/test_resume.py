@@ -15,14 +15,24 @@ import pytest
 from conftest import cli_env, make_params, write_params
 
 pytestmark = pytest.mark.slow
-BASE = {"variant": "tiny", "epochs": 3, "batch_size": 32, "optimizer": {"name": "adam", "learning_rate": 0.002},
-        "normalization": "minmax"}
+BASE = {
+    "variant": "tiny",
+    "epochs": 3,
+    "batch_size": 32,
+    "optimizer": {"name": "adam", "learning_rate": 0.002},
+    "normalization": "minmax",
+}
 RECIPES = {
     # dropout (its random stream must be restored) and an exponential schedule
     "drop": {**BASE, "model": "simple_cnn", "schedule": {"kind": "exponential", "decay": 0.7}},
     # mixup from epoch 1 and a plateau schedule (state outside the model)
-    "mix": {**BASE, "model": "lenet", "mixup": {"alpha": 1.0, "warmup": 1}, "monitor": "val_loss",
-            "schedule": {"kind": "plateau", "patience": 0, "factor": 0.5}},
+    "mix": {
+        **BASE,
+        "model": "lenet",
+        "mixup": {"alpha": 1.0, "warmup": 1},
+        "monitor": "val_loss",
+        "schedule": {"kind": "plateau", "patience": 0, "factor": 0.5},
+    },
 }
 
 
@@ -30,9 +40,7 @@ DATA = {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shard
 
 
 def params_file(root: Path, **runtime) -> Path:
-    raw = {"data": DATA, "archs": list(RECIPES),
-           "train": RECIPES,
-           "runtime": runtime}
+    raw = {"data": DATA, "archs": list(RECIPES), "train": RECIPES, "runtime": runtime}
     root.mkdir(parents=True, exist_ok=True)
     return write_params(root, raw)
 
@@ -48,9 +56,25 @@ def verdict(tiny_shards: Path) -> Path:
 
 
 def train(root: Path, arch: str, shards: Path, params: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "cifarflow", "--params", str(params), "train", arch, "--shards", str(shards),
-           "--out", str(root / "out" / arch), "--runinfo", str(root / "run" / arch), "--checkpoints",
-           str(root / "ckpt" / arch), "--verdict", str(shards.parent / "validation" / "verdict.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarflow",
+        "--params",
+        str(params),
+        "train",
+        arch,
+        "--shards",
+        str(shards),
+        "--out",
+        str(root / "out" / arch),
+        "--runinfo",
+        str(root / "run" / arch),
+        "--checkpoints",
+        str(root / "ckpt" / arch),
+        "--verdict",
+        str(shards.parent / "validation" / "verdict.json"),
+    ]
     return subprocess.run(cmd, env={**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "2", **env}, capture_output=True, text=True)
 
 
@@ -75,8 +99,7 @@ def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.parametrize("arch", list(RECIPES))
 @pytest.mark.parametrize("at", ["1:0", "1:4", "2:3"])
-def test_sigkill_then_resume_is_bit_identical(arch: str, at: str, uninterrupted: Path, tiny_shards: Path,
-                                              tmp_path: Path) -> None:
+def test_sigkill_then_resume_is_bit_identical(arch: str, at: str, uninterrupted: Path, tiny_shards: Path, tmp_path: Path) -> None:
     params = params_file(tmp_path)
     killed = train(tmp_path, arch, tiny_shards, params, CIFARFLOW_FAULT_KILL_AT=at)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -97,8 +120,7 @@ def test_state_with_another_fingerprint_is_discarded(uninterrupted: Path, tiny_s
     state = json.loads((tmp_path / "ckpt/mix/state.json").read_text())
     raw = json.loads(json.dumps(RECIPES))
     raw["mix"]["optimizer"]["learning_rate"] = 0.003  # a param edit: the old state must not be reused
-    write_params(tmp_path, {"data": DATA, "archs": list(RECIPES),
-                            "train": raw})
+    write_params(tmp_path, {"data": DATA, "archs": list(RECIPES), "train": raw})
     rerun = train(tmp_path, "mix", tiny_shards, params)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"fingerprint {state['fingerprint']}" in rerun.stderr and "discarding resume state" in rerun.stderr
@@ -150,12 +172,10 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tiny_shards: Path, tm
 
     recipe = {**RECIPES["mix"], "epochs": 2, "mixup": None}
     weights = {}
-    for name, runtime in (("single", {"distribution": "none"}),
-                          ("mirrored", {"distribution": "mirrored", "logical_cpus": 2})):
+    for name, runtime in (("single", {"distribution": "none"}), ("mirrored", {"distribution": "mirrored", "logical_cpus": 2})):
         root = tmp_path / name
         root.mkdir()
-        params = write_params(root, {"data": DATA, "archs": ["mix"],
-                                     "train": {"mix": recipe}, "runtime": runtime})
+        params = write_params(root, {"data": DATA, "archs": ["mix"], "train": {"mix": recipe}, "runtime": runtime})
         done = train(root, "mix", tiny_shards, params)
         assert done.returncode == 0, done.stderr[-2000:]
         info = run_info(root, "mix")

@@ -20,8 +20,19 @@ from cifarflow.data.synth import prototypes, synth_archive_bytes
 def test_cli_writes_byte_identical_archives(tmp_path: Path) -> None:
     digests = []
     for name in ("a.tgz", "b.tgz"):
-        cmd = [sys.executable, "-m", "cifarflow", "synth-archive", str(tmp_path / name), "--train", "50",
-               "--test", "20", "--seed", "7"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cifarflow",
+            "synth-archive",
+            str(tmp_path / name),
+            "--train",
+            "50",
+            "--test",
+            "20",
+            "--seed",
+            "7",
+        ]
         subprocess.run(cmd, check=True, env=cli_env(), capture_output=True)
         digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
     assert digests[0] == digests[1]

@@ -47,21 +47,26 @@ def test_both_formats_train_identically(tiny_shards: Path, verdict: Path, tmp_pa
     for fmt in ("parquet", "tfrecord"):
         raw["data"]["format"] = fmt
         params = type(train_params()).model_validate(raw)
-        digests.append(train(params, "lenet", tiny_shards, tmp_path / fmt, tmp_path / f"run_{fmt}",
-                             tmp_path / f"ck_{fmt}", verdict)["weights_sha256"])
+        digests.append(
+            train(params, "lenet", tiny_shards, tmp_path / fmt, tmp_path / f"run_{fmt}", tmp_path / f"ck_{fmt}", verdict)[
+                "weights_sha256"
+            ]
+        )
     assert digests[0] == digests[1]
 
 
 def test_mixup_and_plateau_recipes_train(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
-    params = train_params(mixup={"alpha": 1.0, "warmup": 1}, monitor="val_loss",
-                          schedule={"kind": "plateau", "patience": 0, "factor": 0.5})
+    params = train_params(
+        mixup={"alpha": 1.0, "warmup": 1}, monitor="val_loss", schedule={"kind": "plateau", "patience": 0, "factor": 0.5}
+    )
     summary = train(params, "lenet", tiny_shards, tmp_path / "m", tmp_path / "run", tmp_path / "ck", verdict)
     assert summary["monitor"] == "val_loss" and summary["best_epoch"] in (0, 1)
 
 
 def test_plateau_schedule() -> None:
-    recipe = train_params(schedule={"kind": "plateau", "monitor": "val_loss", "patience": 2, "factor": 0.1,
-                                    "min_lr": 1e-5}).train["lenet"]
+    recipe = train_params(
+        schedule={"kind": "plateau", "monitor": "val_loss", "patience": 2, "factor": 0.1, "min_lr": 1e-5}
+    ).train["lenet"]
     lr = LearningRate(recipe)
     rates = []
     for loss in [1.0, 0.9, 0.95, 0.93, 0.92, 0.91, 0.95, 0.99]:
@@ -73,27 +78,32 @@ def test_plateau_schedule() -> None:
 
 
 def test_step_schedule_scales_with_batch() -> None:
-    recipe = train_params(batch_size=64, optimizer={"name": "sgd", "learning_rate": 0.1, "lr_reference_batch": 128,
-                                                    "momentum": 0.9},
-                          schedule={"kind": "step", "boundaries": [30, 45], "multipliers": [0.1, 0.01]}).train["lenet"]
+    recipe = train_params(
+        batch_size=64,
+        optimizer={"name": "sgd", "learning_rate": 0.1, "lr_reference_batch": 128, "momentum": 0.9},
+        schedule={"kind": "step", "boundaries": [30, 45], "multipliers": [0.1, 0.01]},
+    ).train["lenet"]
     lr = LearningRate(recipe)
     assert [lr.rate(e) for e in (0, 29, 30, 44, 45, 59)] == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005])
 
 
 def cli(tmp_path: Path, raw: dict, *args: str) -> subprocess.CompletedProcess[str]:
     params = write_params(tmp_path, raw)
-    return subprocess.run([sys.executable, "-m", "cifarflow", "--params", str(params), *args], env=cli_env(),
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "cifarflow", "--params", str(params), *args], env=cli_env(), capture_output=True, text=True
+    )
 
 
 def test_bad_arch_and_bad_recipe_exit_2(tmp_path: Path) -> None:
     raw = train_params().model_dump(mode="json")
-    done = cli(tmp_path, raw, "train", "lenett", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c",
-               "--verdict", "v")
+    done = cli(
+        tmp_path, raw, "train", "lenett", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c", "--verdict", "v"
+    )
     assert done.returncode == 2 and "unknown arch 'lenett': did you mean lenet?" in done.stderr
     raw["train"]["lenet"]["batch_size"] = 0
-    done = cli(tmp_path, raw, "train", "lenet", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c",
-               "--verdict", "v")
+    done = cli(
+        tmp_path, raw, "train", "lenet", "--shards", "x", "--out", "y", "--runinfo", "z", "--checkpoints", "c", "--verdict", "v"
+    )
     assert done.returncode == 2 and "train.lenet.batch_size" in done.stderr
     raw["train"]["lenet"]["batch_size"] = 8
     raw["train"]["lenet"]["optimizer"]["nmae"] = "adam"

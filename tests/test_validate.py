@@ -17,8 +17,7 @@ from cifarflow.data import preprocess, validate
 from cifarflow.errors import InputError
 
 
-def raw_with(tmp_path: Path, train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-             test_labels: np.ndarray) -> Path:
+def raw_with(tmp_path: Path, train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray) -> Path:
     raw = tmp_path / "raw"
     (raw / cb.FOLDER).mkdir(parents=True)
     for name, data in cb.batch_files(train, train_labels, test, test_labels, cb.CIFAR10_CLASSES).items():
@@ -32,8 +31,9 @@ def images(n: int, seed: int) -> np.ndarray:
 
 
 def shards_of(tmp_path: Path, raw: Path, **data) -> Path:
-    preprocess.run(make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2, **data), raw,
-                   tmp_path / "shards")
+    preprocess.run(
+        make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2, **data), raw, tmp_path / "shards"
+    )
     return tmp_path / "shards"
 
 
@@ -62,8 +62,12 @@ def leaky_raw(tmp_path: Path) -> Path:
 
 
 def test_leakage_is_counted_and_reported(tmp_path: Path) -> None:
-    metrics = validate.run(make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2),
-                           shards_of(tmp_path, leaky_raw(tmp_path)), tmp_path / "m.json", tmp_path / "r.md")
+    metrics = validate.run(
+        make_params(md5=None, source="synth:train=100,test=30", val_size=20, shards=2),
+        shards_of(tmp_path, leaky_raw(tmp_path)),
+        tmp_path / "m.json",
+        tmp_path / "r.md",
+    )
     within = metrics["duplicates_within"]["train"] + metrics["duplicates_within"]["val"]
     assert metrics["leakage"]["train_test"] + metrics["leakage"]["val_test"] == 3
     assert within + metrics["leakage"]["train_val"] == 1
@@ -72,10 +76,25 @@ def test_leakage_is_counted_and_reported(tmp_path: Path) -> None:
 
 def test_fail_on_leakage_exits_2(tmp_path: Path, capsys) -> None:
     root = shards_of(tmp_path, leaky_raw(tmp_path))
-    params = write_params(tmp_path, {"data": {"source": "synth:train=100,test=30", "md5": None, "val_size": 20, "shards": 2,
-                                              "fail_on_leakage": True}})
-    code = main(["--params", str(params), "validate", "--shards", str(root), "--metrics", str(tmp_path / "m.json"),
-                 "--report", str(tmp_path / "r.md"), "--verdict", str(tmp_path / "verdict.json")])
+    params = write_params(
+        tmp_path,
+        {"data": {"source": "synth:train=100,test=30", "md5": None, "val_size": 20, "shards": 2, "fail_on_leakage": True}},
+    )
+    code = main(
+        [
+            "--params",
+            str(params),
+            "validate",
+            "--shards",
+            str(root),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--report",
+            str(tmp_path / "r.md"),
+            "--verdict",
+            str(tmp_path / "verdict.json"),
+        ]
+    )
     assert code == 2 and "appear in more than one split" in capsys.readouterr().err
 
 
@@ -83,8 +102,13 @@ def test_schema_violation_exits_2(tmp_path: Path) -> None:
     raw = raw_with(tmp_path, images(100, 1), np.arange(100) % 10, images(30, 2), np.arange(30) % 10)
     root = shards_of(tmp_path, raw)
     bad = root / "parquet" / "test-00001-of-00002.parquet"
-    table = pa.table({"image": pa.array([b"\0" * 100] * 15, pa.binary()), "label": pa.array([1] * 15, pa.int64()),
-                      "index": pa.array(range(15), pa.int64())})
+    table = pa.table(
+        {
+            "image": pa.array([b"\0" * 100] * 15, pa.binary()),
+            "label": pa.array([1] * 15, pa.int64()),
+            "index": pa.array(range(15), pa.int64()),
+        }
+    )
     pq.write_table(table, bad)
     manifest = json.loads((root / "manifest.json").read_text())
     from cifarflow.fileio import sha256_file

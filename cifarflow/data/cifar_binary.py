@@ -120,8 +120,13 @@ def read_raw(folder: Path) -> tuple[Split, Split, list[str]]:
     return splits[0], splits[1], classes
 
 
-def batch_files(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-                test_labels: np.ndarray, classes: list[str] | tuple[str, ...]) -> dict[str, bytes]:
+def batch_files(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    classes: list[str] | tuple[str, ...],
+) -> dict[str, bytes]:
     """The files of the batches folder: five near-equal train batches, the test batch, the meta."""
     files = {}
     for i, rows in enumerate(np.array_split(np.arange(len(train_labels)), len(TRAIN_FILES))):
@@ -134,9 +139,12 @@ def batch_files(train_images: np.ndarray, train_labels: np.ndarray, test_images:
 def write_archive(out: Path | io.BytesIO, files: dict[str, bytes]) -> None:
     """A .tar.gz in the official layout, byte-identical for equal input (no timestamps). It holds
     `files` under FOLDER, and nothing else: a generated archive adds SYNTH_MARKER to `files`."""
+
     def _write(raw: io.IOBase) -> None:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with (
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+        ):
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(f"{FOLDER}/{name}")
                 info.size, info.mode, info.mtime = len(data), 0o644, 0

@@ -37,8 +37,10 @@ from cifarflow.redact import REDACTED, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-SOURCE_HINT = ("set data.source in params.yaml to a reachable http(s):// or file:// URL, a local "
-               "archive, an image folder, or synth:train=N,test=M,seed=S (see README, 'Real data')")
+SOURCE_HINT = (
+    "set data.source in params.yaml to a reachable http(s):// or file:// URL, a local "
+    "archive, an image folder, or synth:train=N,test=M,seed=S (see README, 'Real data')"
+)
 
 
 class MirrorFailed(Exception):
@@ -58,8 +60,9 @@ class Obtained:
     notes: list[str] = field(default_factory=list)
 
 
-def digests(path: Path, algorithms: tuple[str, ...] = ("md5", "sha256"), data: DataParams | None = None,
-            label: str | None = None) -> dict[str, str]:
+def digests(
+    path: Path, algorithms: tuple[str, ...] = ("md5", "sha256"), data: DataParams | None = None, label: str | None = None
+) -> dict[str, str]:
     """Digests of a regular file in one pass (a FIFO or device is an InputError, never read); with
     `data`, a file over data.max_download_mb is refused unread (MirrorFailed)."""
     with open_regular(path) as f:
@@ -74,16 +77,22 @@ def _digests(f: IO[bytes], algorithms: tuple[str, ...], data: DataParams | None 
     if data is not None:
         limit, size = data.max_download_mb << 20, os.fstat(f.fileno()).st_size
         if size > limit:
-            raise MirrorFailed(f"{label}: {size:,} bytes, over data.max_download_mb={data.max_download_mb} (the most a "
-                               "download may bring or a local archive may have); refused unread, raise it if this "
-                               "archive is genuine", bad_input=True)
+            raise MirrorFailed(
+                f"{label}: {size:,} bytes, over data.max_download_mb={data.max_download_mb} (the most a "
+                "download may bring or a local archive may have); refused unread, raise it if this "
+                "archive is genuine",
+                bad_input=True,
+            )
     hashes = {name: hashlib.new(name) for name in algorithms}
     done = 0
     while block := f.read(CHUNK):
         done += len(block)
         if done > limit >= 0:
-            raise MirrorFailed(f"{label}: more than {limit:,} bytes read, over data.max_download_mb={limit >> 20} "
-                               "(the file grew while being read); raise it if this archive is genuine", bad_input=True)
+            raise MirrorFailed(
+                f"{label}: more than {limit:,} bytes read, over data.max_download_mb={limit >> 20} "
+                "(the file grew while being read); raise it if this archive is genuine",
+                bad_input=True,
+            )
         for digest in hashes.values():
             digest.update(block)
     return {name: digest.hexdigest() for name, digest in hashes.items()}
@@ -152,8 +161,7 @@ def read_verified(path: Path, data: DataParams, label: str) -> tuple[Archive, di
     except OSError as exc:  # as run() treats an OSError (maybe transient), but naming the label only
         raise MirrorFailed(f"{label}: cannot read ({exc.__class__.__name__}: {exc.strerror})") from None
     except InputError:  # NotRegularFile: a FIFO or device swapped in after obtain's stat
-        raise MirrorFailed(f"{label}: not a regular file (changed while being opened); refused unread",
-                           bad_input=True) from None
+        raise MirrorFailed(f"{label}: not a regular file (changed while being opened); refused unread", bad_input=True) from None
     with f:
         actual = _digests(f, content_algorithms(data), data, label)
         check_digests(actual, data, label)
@@ -200,8 +208,15 @@ def fetch_http(url: str, data: DataParams, cache: Path, backoff_s: float) -> tup
 def _fetch(url: str, part: Path, data: DataParams, backoff_s: float) -> None:
     """fetch.download within the data.* caps; any failure of it is this mirror's MirrorFailed."""
     try:
-        fetch.download(url, part, retries=data.retries, timeout_s=data.timeout_s, deadline_s=data.deadline_s,
-                       max_bytes=data.max_download_mb << 20, backoff_s=backoff_s)
+        fetch.download(
+            url,
+            part,
+            retries=data.retries,
+            timeout_s=data.timeout_s,
+            deadline_s=data.deadline_s,
+            max_bytes=data.max_download_mb << 20,
+            backoff_s=backoff_s,
+        )
     except (fetch.PermanentError, fetch.TransientError) as exc:  # fetch turns every client error into these
         raise MirrorFailed(f"{redact_url(url)}: {fetch.scrub(str(exc))}", bad_input=isinstance(exc, fetch.LimitError)) from None
 
@@ -224,8 +239,12 @@ def obtain(source: str, data: DataParams, cache: Path, backoff_s: float = 1.0) -
             try:
                 _fetch(source, part, data, backoff_s)
                 content = digests(part, ("sha256",), data, label)
-                return _obtained(read_archive(part, max_member, label, **caps(data)), content, label,
-                                 ["unverified download (data.allow_unverified)"])
+                return _obtained(
+                    read_archive(part, max_member, label, **caps(data)),
+                    content,
+                    label,
+                    ["unverified download (data.allow_unverified)"],
+                )
             finally:
                 part.unlink(missing_ok=True)
         path, content = fetch_http(source, data, cache, backoff_s)
@@ -245,8 +264,11 @@ def obtain(source: str, data: DataParams, cache: Path, backoff_s: float = 1.0) -
         files, sha = read_image_folder(path, max_files=data.max_members, max_pixels=data.max_image_pixels)
         return Obtained("image-folder", files, {"sha256": sha}, label)
     if not stat.S_ISREG(mode):
-        raise MirrorFailed(f"{label}: is a {file_kind(mode)}, not an archive file or an image folder (refused "
-                           "unread: it could block or never end)", bad_input=True)
+        raise MirrorFailed(
+            f"{label}: is a {file_kind(mode)}, not an archive file or an image folder (refused "
+            "unread: it could block or never end)",
+            bad_input=True,
+        )
     _checked(data, "archive", source)
     archive, content = read_verified(path, data, label)
     return _obtained(archive, content, label)
@@ -299,10 +321,16 @@ def run(params: Params, out: Path, cache: Path, runinfo: Path | None = None, bac
             (tmp / cb.FOLDER / name).write_bytes(blob)
         (tmp / MANIFEST).write_text(dumps_json(manifest))
     if runinfo is not None:
-        write_json_atomic(runinfo, {
-            "origin": obtained.origin, "failed_mirrors": [str(f) for f in failures],
-            "notes": obtained.notes, "seconds": round(time.perf_counter() - started, 3),
-        })
-    log.info("download: %s train / %s test images from %s", summary["counts"]["train"], summary["counts"]["test"],
-             obtained.origin)
+        write_json_atomic(
+            runinfo,
+            {
+                "origin": obtained.origin,
+                "failed_mirrors": [str(f) for f in failures],
+                "notes": obtained.notes,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+    log.info(
+        "download: %s train / %s test images from %s", summary["counts"]["train"], summary["counts"]["test"], obtained.origin
+    )
     return manifest

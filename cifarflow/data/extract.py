@@ -29,13 +29,22 @@ DEFAULT_MAX_MEMBERS = DataParams.model_fields["max_members"].default
 READ = 1 << 20  # member bytes per read: the cap is checked between reads, not after a whole member
 # Compressed formats by magic number; anything else is read as a plain tar.
 DECOMPRESSORS: tuple[tuple[bytes, Callable[[IO[bytes]], IO[bytes]]], ...] = (
-    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
 MAX_META_BYTES = 1 << 20  # one pax or GNU long-name header holds names and attributes, never megabytes
 MAX_META_CHAIN = 32  # such headers in a row before a member
 META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 WANTED = frozenset((*cb.EXPECTED_FILES, cb.SYNTH_MARKER))  # read; every other member is skipped (but counted)
-KINDS = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
-         (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink"))
+KINDS = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISLNK, "symlink"),
+)
 
 
 class NotRegularFile(InputError):
@@ -105,8 +114,10 @@ class _Counted:
         data = self.inner.read(left if size is None or size < 0 else min(size, left))
         self.count += len(data)
         if self.count > self.limit:
-            raise InputError(f"{self.label}: decompresses to more than {self.limit:,} bytes, over "
-                             f"data.max_extract_mb={self.limit >> 20}; raise it if this archive is genuine")
+            raise InputError(
+                f"{self.label}: decompresses to more than {self.limit:,} bytes, over "
+                f"data.max_extract_mb={self.limit >> 20}; raise it if this archive is genuine"
+            )
         return data
 
 
@@ -140,24 +151,34 @@ class Archive:
     marker: str | None  # the first line of cb.SYNTH_MARKER when the archive holds it (a generated archive)
 
 
-def read_batches(archive: Path | IO[bytes], max_member_bytes: int, label: str | None = None, *,
-                 max_extract_bytes: int = DEFAULT_MAX_EXTRACT, max_members: int = DEFAULT_MAX_MEMBERS) -> dict[str, bytes]:
+def read_batches(
+    archive: Path | IO[bytes],
+    max_member_bytes: int,
+    label: str | None = None,
+    *,
+    max_extract_bytes: int = DEFAULT_MAX_EXTRACT,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> dict[str, bytes]:
     """The expected batch files of a .tar(.gz|.bz2|.xz) archive, by file name, reading at most
     `max_extract_bytes` decompressed bytes and `max_members` headers."""
-    return read_archive(archive, max_member_bytes, label, max_extract_bytes=max_extract_bytes,
-                        max_members=max_members).files
+    return read_archive(archive, max_member_bytes, label, max_extract_bytes=max_extract_bytes, max_members=max_members).files
 
 
-def read_archive(archive: Path | IO[bytes], max_member_bytes: int, label: str | None = None, *,
-                 max_extract_bytes: int = DEFAULT_MAX_EXTRACT, max_members: int = DEFAULT_MAX_MEMBERS) -> Archive:
+def read_archive(
+    archive: Path | IO[bytes],
+    max_member_bytes: int,
+    label: str | None = None,
+    *,
+    max_extract_bytes: int = DEFAULT_MAX_EXTRACT,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> Archive:
     """read_batches, and whether the archive is a generated one: the cb.SYNTH_MARKER member is read
     when present (at most cb.MAX_MARKER_BYTES), never required."""
     label = label or str(archive)
     if isinstance(archive, Path):
         try:
             with open_regular(archive) as f:
-                return read_archive(f, max_member_bytes, label, max_extract_bytes=max_extract_bytes,
-                                    max_members=max_members)
+                return read_archive(f, max_member_bytes, label, max_extract_bytes=max_extract_bytes, max_members=max_members)
         except OSError as exc:
             raise InputError(f"{label}: cannot open ({exc.strerror or exc})") from None
     files: dict[str, bytes] = {}
@@ -172,15 +193,19 @@ def read_archive(archive: Path | IO[bytes], max_member_bytes: int, label: str | 
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo) as tar:
             for count, member in enumerate(tar, 1):
                 if count > max_members:
-                    raise InputError(f"{label}: more than {max_members:,} members, over data.max_members="
-                                     f"{max_members}; a CIFAR-10 archive holds {len(cb.EXPECTED_FILES) + 1} (its folder and "
-                                     f"{len(cb.EXPECTED_FILES)} files)")
+                    raise InputError(
+                        f"{label}: more than {max_members:,} members, over data.max_members="
+                        f"{max_members}; a CIFAR-10 archive holds {len(cb.EXPECTED_FILES) + 1} (its folder and "
+                        f"{len(cb.EXPECTED_FILES)} files)"
+                    )
                 check_member(member, label, max_member_bytes)
                 if member.isfile() and member.offset_data + member.size > max_extract_bytes:
                     # Known from the header alone: fail before decompressing (or skipping) the data.
-                    raise InputError(f"{label}: member {member.name[:200]!r} ends at byte "
-                                     f"{member.offset_data + member.size:,} of the decompressed archive, over "
-                                     f"data.max_extract_mb={max_extract_bytes >> 20}; raise it if this archive is genuine")
+                    raise InputError(
+                        f"{label}: member {member.name[:200]!r} ends at byte "
+                        f"{member.offset_data + member.size:,} of the decompressed archive, over "
+                        f"data.max_extract_mb={max_extract_bytes >> 20}; raise it if this archive is genuine"
+                    )
                 if not member.isfile() or member.name.rpartition("/")[2] not in WANTED:
                     continue
                 path = PurePosixPath(member.name)
@@ -191,8 +216,10 @@ def read_archive(archive: Path | IO[bytes], max_member_bytes: int, label: str | 
                 if path.name != cb.SYNTH_MARKER:
                     files[path.name] = _read_member(tar, member, label)
                 elif member.size > cb.MAX_MARKER_BYTES:
-                    raise InputError(f"{label}: member {member.name[:200]!r} is {member.size:,} bytes; the marker of a "
-                                     f"generated archive holds one line (at most {cb.MAX_MARKER_BYTES:,} bytes)")
+                    raise InputError(
+                        f"{label}: member {member.name[:200]!r} is {member.size:,} bytes; the marker of a "
+                        f"generated archive holds one line (at most {cb.MAX_MARKER_BYTES:,} bytes)"
+                    )
                 else:
                     marker = _read_member(tar, member, label)
     except (InputError, MemoryError):
@@ -202,8 +229,9 @@ def read_archive(archive: Path | IO[bytes], max_member_bytes: int, label: str | 
     except RecursionError:  # tarfile follows chained pax/GNU headers recursively
         raise InputError(f"{label}: too many chained tar headers; not a readable tar archive") from None
     except Exception as exc:  # whatever tarfile, gzip, bz2 or lzma raise on hostile bytes is bad input
-        raise InputError(f"{label}: not a readable tar archive, or truncated "
-                         f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
+        raise InputError(
+            f"{label}: not a readable tar archive, or truncated ({exc.__class__.__name__}: {str(exc)[:200]})"
+        ) from None
     missing = [f for f in cb.EXPECTED_FILES if f not in files]
     if missing:
         raise InputError(

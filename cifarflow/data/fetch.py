@@ -67,9 +67,17 @@ class DeadlineError(PermanentError):
 
 
 # Failures of the connection rather than of the URL: a retry (resuming with Range) may get further.
-TRANSIENT = (TransientError, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-             urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError, http.client.HTTPException,
-             ConnectionError, TimeoutError)
+TRANSIENT = (
+    TransientError,
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,15 @@ class Limits:
     def deadline_error(self, written: int | None = None, last: str = "") -> DeadlineError:
         got = f" ({written:,} bytes so far)" if written is not None else ""
         previous = f"; last error: {last}" if last else ""
-        return DeadlineError(f"not complete within data.deadline_s={self.deadline_s:g}{got}, with data.timeout_s="
-                             f"{self.timeout_s:g} per read; raise data.deadline_s if the server is genuinely this slow"
-                             f"{previous}")
+        return DeadlineError(
+            f"not complete within data.deadline_s={self.deadline_s:g}{got}, with data.timeout_s="
+            f"{self.timeout_s:g} per read; raise data.deadline_s if the server is genuinely this slow"
+            f"{previous}"
+        )
 
     def limit_error(self, size: int, announced: bool = False) -> LimitError:
         what = f"announces {size:,} bytes" if announced else f"sent more than {self.max_bytes:,} bytes"
-        return LimitError(f"the server {what}, over data.max_download_mb={self.max_bytes >> 20}; "
-                          "raise it if the file is genuine")
+        return LimitError(f"the server {what}, over data.max_download_mb={self.max_bytes >> 20}; raise it if the file is genuine")
 
 
 def scrub(text: str) -> str:
@@ -112,8 +121,9 @@ def shown_name(url: str) -> str:
         return "download"
 
 
-def download(url: str, part: Path, *, retries: int, timeout_s: float, deadline_s: float, max_bytes: int,
-             backoff_s: float = 1.0) -> None:
+def download(
+    url: str, part: Path, *, retries: int, timeout_s: float, deadline_s: float, max_bytes: int, backoff_s: float = 1.0
+) -> None:
     """Download `url` into `part`, resuming what `part` already holds. Raises PermanentError (its
     subclasses LimitError and DeadlineError included) or TransientError (after `retries` retries); every
     other exception of the HTTP client is turned into one of these, its message redacted."""
@@ -158,8 +168,9 @@ def _get(session: requests.Session, url: str, headers: dict[str, str], limits: L
     """GET `url`, following at most MAX_REDIRECTS redirects by hand: only to http(s), never in a loop."""
     chain = [url]
     for _ in range(MAX_REDIRECTS + 1):
-        response = session.get(chain[-1], stream=True, timeout=(limits.timeout_s, limits.timeout_s), headers=headers,
-                               allow_redirects=False)
+        response = session.get(
+            chain[-1], stream=True, timeout=(limits.timeout_s, limits.timeout_s), headers=headers, allow_redirects=False
+        )
         location = response.headers.get("Location")
         if response.status_code not in REDIRECT_STATUS or not location:
             return response
@@ -213,13 +224,20 @@ def _attempt(session: requests.Session, url: str, part: Path, limits: Limits) ->
             raise limits.limit_error(total, announced=True)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            log.info("%s: Content-Encoding %s although identity was asked; keeping the bytes as sent (the checksum "
-                     "decides)", redact_url(url), encoding[:40])
+            log.info(
+                "%s: Content-Encoding %s although identity was asked; keeping the bytes as sent (the checksum decides)",
+                redact_url(url),
+                encoding[:40],
+            )
         if have:
             log.info("%s: resuming at byte %d", redact_url(url), have)
         written = have
-        with open(part, mode) as out, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                           desc=shown_name(url), disable=None, mininterval=1.0) as bar:
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=shown_name(url), disable=None, mininterval=1.0
+            ) as bar,
+        ):
             while True:
                 if time.monotonic() >= limits.deadline:
                     raise limits.deadline_error(written)

@@ -37,8 +37,10 @@ def check_image_bytes(path: Path | str, size: int, max_pixels: int) -> None:
     """InputError naming `path` and the param if `size` bytes is more than an image may be."""
     cap = max_image_bytes(max_pixels)
     if size > cap:
-        raise InputError(f"{path}: {size:,} bytes, over the {cap:,} bytes an image within "
-                         f"data.max_image_pixels={max_pixels} may have (4 bytes a pixel + 1 MiB); refused unread")
+        raise InputError(
+            f"{path}: {size:,} bytes, over the {cap:,} bytes an image within "
+            f"data.max_image_pixels={max_pixels} may have (4 bytes a pixel + 1 MiB); refused unread"
+        )
 
 
 @contextmanager
@@ -72,8 +74,10 @@ class _Budget:
                 for entry in listing:
                     self.count += 1
                     if self.count > self.limit:
-                        raise InputError(f"{self.root}: more than {self.limit:,} files and folders, over "
-                                         f"data.max_members={self.limit}; raise it if this image folder is genuine")
+                        raise InputError(
+                            f"{self.root}: more than {self.limit:,} files and folders, over "
+                            f"data.max_members={self.limit}; raise it if this image folder is genuine"
+                        )
                     entries.append(entry)
         except OSError as exc:
             raise InputError(f"{folder}: unreadable folder ({exc.strerror})") from None
@@ -86,8 +90,9 @@ def _inside(path: str, is_symlink: bool, real_root: str) -> None:
     if is_symlink:
         target = os.path.realpath(path)
         if os.path.commonpath([target, real_root]) != real_root:
-            raise InputError(f"{path}: a symlink to {target}, outside the image folder {real_root}; "
-                             "copy it into the folder instead")
+            raise InputError(
+                f"{path}: a symlink to {target}, outside the image folder {real_root}; copy it into the folder instead"
+            )
 
 
 def _classes(folder: Path, budget: _Budget, real_root: str) -> list[str]:
@@ -158,8 +163,10 @@ def _decode(path: Path, max_pixels: int) -> np.ndarray:
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's check, at open
-        raise InputError(f"{path}: image over data.max_image_pixels={max_pixels}, refused before decoding "
-                         "(an image-folder image must be 32x32)") from None
+        raise InputError(
+            f"{path}: image over data.max_image_pixels={max_pixels}, refused before decoding "
+            "(an image-folder image must be 32x32)"
+        ) from None
     except Exception as exc:  # whatever a decoder raises on hostile bytes: this file is bad input
         raise InputError(f"{path}: unreadable image ({exc.__class__.__name__}: {str(exc)[:200]})") from None
 

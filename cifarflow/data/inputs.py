@@ -129,8 +129,7 @@ class InputPipeline:
                 images = crop_flip(images, tf.random.experimental.stateless_fold_in(augment_seed, step))
             x = normalize(images, self.recipe.normalization)
             if mix:
-                x, labels = mixup(x, labels, self.recipe.mixup.alpha,
-                                  tf.random.experimental.stateless_fold_in(mixup_seed, step))
+                x, labels = mixup(x, labels, self.recipe.mixup.alpha, tf.random.experimental.stateless_fold_in(mixup_seed, step))
             return x, labels
 
         dataset = self._batches(make, self.steps(training=True))

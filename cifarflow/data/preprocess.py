@@ -92,8 +92,7 @@ def run(params: Params, raw: Path, out: Path) -> dict[str, Any]:
             "classes": classes,
             "counts": {name: len(rows) for name, (_, rows) in splits.items()},
             "class_counts": {
-                name: np.bincount(src.labels[rows], minlength=len(classes)).tolist()
-                for name, (src, rows) in splits.items()
+                name: np.bincount(src.labels[rows], minlength=len(classes)).tolist() for name, (src, rows) in splits.items()
             },
             "shards": files,
             "shards_per_split": params.data.shards,

@@ -64,8 +64,9 @@ def check_parquet_schema(path: Path, schema: pa.Schema) -> None:
 
 def _images_view(column: pa.FixedSizeBinaryArray) -> np.ndarray:
     """(N, 32, 32, 3) uint8 view of a fixed-size binary column's data buffer (no copy)."""
-    images = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * cb.IMAGE_BYTES,
-                           offset=column.offset * cb.IMAGE_BYTES)
+    images = np.frombuffer(
+        column.buffers()[1], np.uint8, count=len(column) * cb.IMAGE_BYTES, offset=column.offset * cb.IMAGE_BYTES
+    )
     return images.reshape(-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS)
 
 
@@ -78,8 +79,9 @@ def _read_table(path: Path) -> pa.Table:
 def read_parquet_file(path: Path) -> Split:
     """One Parquet shard -> Split; the images are a zero-copy view of the memory-mapped column."""
     table = _read_table(path)
-    return Split(_images_view(table.column("image").combine_chunks()),
-                 table.column("label").to_numpy(), table.column("index").to_numpy())
+    return Split(
+        _images_view(table.column("image").combine_chunks()), table.column("label").to_numpy(), table.column("index").to_numpy()
+    )
 
 
 def read_parquet(paths: list[Path]) -> Split:
@@ -96,11 +98,15 @@ def write_tfrecord(path: Path, images: np.ndarray, labels: np.ndarray, index: np
     Feature, Example, Features = tf.train.Feature, tf.train.Example, tf.train.Features
     with tf.io.TFRecordWriter(str(path)) as writer:
         for image, label, idx in zip(images, labels, index, strict=True):
-            example = Example(features=Features(feature={
-                "image": Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-                "label": Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                "index": Feature(int64_list=tf.train.Int64List(value=[int(idx)])),
-            }))
+            example = Example(
+                features=Features(
+                    feature={
+                        "image": Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+                        "label": Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+                        "index": Feature(int64_list=tf.train.Int64List(value=[int(idx)])),
+                    }
+                )
+            )
             writer.write(example.SerializeToString())
 
 
@@ -126,5 +132,8 @@ def read_tfrecord(paths: list[Path]) -> Split:
         labels.append(int(example["label"]))
         index.append(int(example["index"]))
     shape = (-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS)
-    return Split(np.stack(images).reshape(shape) if images else np.empty((0, 32, 32, 3), np.uint8),
-                 np.array(labels, np.uint8), np.array(index, np.int64))
+    return Split(
+        np.stack(images).reshape(shape) if images else np.empty((0, 32, 32, 3), np.uint8),
+        np.array(labels, np.uint8),
+        np.array(index, np.int64),
+    )

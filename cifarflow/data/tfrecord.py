@@ -50,9 +50,7 @@ def _entry(key: bytes, feature: bytes) -> bytes:
 def encode_example(image: bytes, label: int, index: int) -> bytes:
     """Serialized tf.train.Example {image: bytes_list, index: int64_list, label: int64_list}."""
     image_feature = _field(1, _field(1, image))  # Feature.bytes_list (1) -> BytesList.value (1)
-    features = _entry(b"image", image_feature) + _entry(b"index", _int64_feature(index)) + _entry(
-        b"label", _int64_feature(label)
-    )
+    features = _entry(b"image", image_feature) + _entry(b"index", _int64_feature(index)) + _entry(b"label", _int64_feature(label))
     return _field(1, features)  # Example.features (1)
 
 

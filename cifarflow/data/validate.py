@@ -43,12 +43,15 @@ def check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     n = manifest.get("shards_per_split")
     if not isinstance(n, int) or n < 1:
         raise InputError(f"{root / MANIFEST}: shards_per_split is {n!r}, not a positive count; rerun preprocess")
-    names = {f"{fmt}/{shards.shard_name(split, i, n, fmt)}" for fmt in shards.FORMATS for split in shards.SPLITS
-             for i in range(n)}
+    names = {
+        f"{fmt}/{shards.shard_name(split, i, n, fmt)}" for fmt in shards.FORMATS for split in shards.SPLITS for i in range(n)
+    }
     if listed != names:
         wrong = sorted(listed ^ names)
-        raise InputError(f"{root / MANIFEST}: does not list {n} shards per split in each of {sorted(shards.FORMATS)} "
-                         f"(differs in {wrong[:4]}{' ...' if len(wrong) > 4 else ''}); rerun preprocess")
+        raise InputError(
+            f"{root / MANIFEST}: does not list {n} shards per split in each of {sorted(shards.FORMATS)} "
+            f"(differs in {wrong[:4]}{' ...' if len(wrong) > 4 else ''}); rerun preprocess"
+        )
     present = {f"{p.parent.name}/{p.name}" for fmt in shards.FORMATS for p in (root / fmt).glob("*")}
     if present - listed:
         raise InputError(f"{root}: shards not in {MANIFEST}: {sorted(present - listed)}")
@@ -77,8 +80,7 @@ def image_hashes(images: np.ndarray) -> list[bytes]:
     return [hashlib.sha256(row.data).digest() for row in flat]  # sha256 runs on SHA-NI: fastest here
 
 
-def run(params: Params, root: Path, metrics_path: Path, report_path: Path,
-        verdict_path: Path | None = None) -> dict[str, Any]:
+def run(params: Params, root: Path, metrics_path: Path, report_path: Path, verdict_path: Path | None = None) -> dict[str, Any]:
     """Validate `root` (the preprocess output); write the metrics JSON and a markdown summary, and
     the verdict at `verdict_path` only if the shards pass."""
     root = Path(root)
@@ -131,28 +133,44 @@ def measure(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     leakage = {f"{a}_{b}": len(unique[a] & unique[b]) for a, b in combinations(shards.SPLITS, 2)}
     leakage["total"] = sum(leakage.values())
     return {
-        "counts": counts, "class_counts": class_counts, "pixel": stats,
-        "duplicates_within": within, "leakage": leakage, "schema_ok": True,
+        "counts": counts,
+        "class_counts": class_counts,
+        "pixel": stats,
+        "duplicates_within": within,
+        "leakage": leakage,
+        "schema_ok": True,
     }
 
 
 def render_report(metrics: dict[str, Any], manifest: dict[str, Any]) -> str:
     lines = [
-        "# Data validation report", "",
-        f"Source: {manifest['source']['kind']}, content {json.dumps(manifest['source']['content'], sort_keys=True)}", "",
+        "# Data validation report",
+        "",
+        f"Source: {manifest['source']['kind']}, content {json.dumps(manifest['source']['content'], sort_keys=True)}",
+        "",
         "| split | examples | duplicates within | pixel mean (R, G, B) | pixel std (R, G, B) |",
         "|---|---:|---:|---|---|",
     ]
     for split in shards.SPLITS:
         p = metrics["pixel"][split]
-        lines.append(f"| {split} | {metrics['counts'][split]} | {metrics['duplicates_within'][split]} | "
-                     f"{', '.join(f'{v:.2f}' for v in p['mean'])} | {', '.join(f'{v:.2f}' for v in p['std'])} |")
+        lines.append(
+            f"| {split} | {metrics['counts'][split]} | {metrics['duplicates_within'][split]} | "
+            f"{', '.join(f'{v:.2f}' for v in p['mean'])} | {', '.join(f'{v:.2f}' for v in p['std'])} |"
+        )
     leak = metrics["leakage"]
-    lines += ["", "## Leakage (the same image in two splits)", "",
-              "| train-val | train-test | val-test | total |", "|---:|---:|---:|---:|",
-              f"| {leak['train_val']} | {leak['train_test']} | {leak['val_test']} | {leak['total']} |", "",
-              "## Class counts", "", "| class | " + " | ".join(shards.SPLITS) + " |",
-              "|---|" + "---:|" * len(shards.SPLITS)]
+    lines += [
+        "",
+        "## Leakage (the same image in two splits)",
+        "",
+        "| train-val | train-test | val-test | total |",
+        "|---:|---:|---:|---:|",
+        f"| {leak['train_val']} | {leak['train_test']} | {leak['val_test']} | {leak['total']} |",
+        "",
+        "## Class counts",
+        "",
+        "| class | " + " | ".join(shards.SPLITS) + " |",
+        "|---|" + "---:|" * len(shards.SPLITS),
+    ]
     for name in manifest["classes"]:
         lines.append(f"| {name} | " + " | ".join(str(metrics["class_counts"][s][name]) for s in shards.SPLITS) + " |")
     return "\n".join(lines) + "\n"

@@ -50,8 +50,11 @@ def read_manifest(root: Path) -> tuple[bytes, dict[str, Any]]:
         raise InputError(f"{path}: not found; run the preprocess stage first") from None
     try:
         manifest = json.loads(data)
-        if not (isinstance(manifest["classes"], list) and isinstance(manifest["counts"], dict)
-                and isinstance(manifest["shards"], dict)):
+        if not (
+            isinstance(manifest["classes"], list)
+            and isinstance(manifest["counts"], dict)
+            and isinstance(manifest["shards"], dict)
+        ):
             raise TypeError("classes, counts or shards has the wrong type")
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a preprocess manifest ({exc}); rerun preprocess") from None
@@ -64,17 +67,21 @@ def check_verdict(path: Path, manifest_path: Path, manifest_bytes: bytes) -> Non
     try:
         verdict = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise InputError(f"{path}: not found: the shards in {manifest_path.parent} have not passed validation; "
-                         "run the validate stage (dvc repro validate)") from None
+        raise InputError(
+            f"{path}: not found: the shards in {manifest_path.parent} have not passed validation; "
+            "run the validate stage (dvc repro validate)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: not a validation verdict ({exc}); rerun the validate stage (dvc repro validate)") from None
     if not isinstance(verdict, dict) or verdict.get("valid") is not True:
         raise InputError(f"{path}: does not say the shards are valid; rerun the validate stage and fix what it reports")
     expected = verdict_of(manifest_bytes)["manifest_sha256"]
     if verdict.get("manifest_sha256") != expected:
-        raise InputError(f"{path}: validated a manifest with sha256 {str(verdict.get('manifest_sha256'))[:12]}..., but "
-                         f"{manifest_path} has {expected[:12]}...: the shards changed after validation; "
-                         "rerun the validate stage (dvc repro validate)")
+        raise InputError(
+            f"{path}: validated a manifest with sha256 {str(verdict.get('manifest_sha256'))[:12]}..., but "
+            f"{manifest_path} has {expected[:12]}...: the shards changed after validation; "
+            "rerun the validate stage (dvc repro validate)"
+        )
 
 
 @dataclass(frozen=True)
@@ -98,14 +105,14 @@ class CheckedShards:
         """A loaded split has the manifest's count of examples and only labels below the number of classes."""
         expected = self.manifest["counts"].get(split)
         if len(labels) != expected:
-            raise InputError(f"{self.root / self.fmt}: {split} has {len(labels)} examples, {MANIFEST} says {expected}; "
-                             f"{RERUN}")
+            raise InputError(f"{self.root / self.fmt}: {split} has {len(labels)} examples, {MANIFEST} says {expected}; {RERUN}")
         bad = np.flatnonzero(np.asarray(labels) >= len(self.classes))
         if len(bad):
             row = int(bad[0])
             shard = self._file_of(split, row, len(labels))
-            raise InputError(f"{shard}: label {int(labels[row])} >= {len(self.classes)} classes "
-                             f"({len(bad)} such labels in {split}); {RERUN}")
+            raise InputError(
+                f"{shard}: label {int(labels[row])} >= {len(self.classes)} classes ({len(bad)} such labels in {split}); {RERUN}"
+            )
 
     def _file_of(self, split: str, row: int, n: int) -> Path:
         """The shard holding row `row` of a split of `n` rows."""
@@ -128,11 +135,15 @@ def check_shards(root: Path, verdict: Path | None, fmt: str, splits: Sequence[st
     folder = root / fmt
     present = {f"{fmt}/{p.name}" for p in folder.iterdir()} if folder.is_dir() else set()
     if missing := sorted(listed - present):
-        raise InputError(f"{root / missing[0]}: listed in {root / MANIFEST} but missing"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {RERUN}")
+        raise InputError(
+            f"{root / missing[0]}: listed in {root / MANIFEST} but missing"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {RERUN}"
+        )
     if extra := sorted(present - listed):
-        raise InputError(f"{root / extra[0]}: not listed in {root / MANIFEST}"
-                         f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; remove it or {RERUN}")
+        raise InputError(
+            f"{root / extra[0]}: not listed in {root / MANIFEST}"
+            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; remove it or {RERUN}"
+        )
     checked = CheckedShards(root, fmt, manifest)
     for split in splits:
         files = checked.files(split)
@@ -140,6 +151,5 @@ def check_shards(root: Path, verdict: Path | None, fmt: str, splits: Sequence[st
             raise InputError(f"{root / MANIFEST}: lists no {split} shards in {fmt}; {RERUN}")
         for path in files:
             if sha256_file(path) != manifest["shards"][f"{fmt}/{path.name}"]:
-                raise InputError(f"{path}: sha256 differs from {root / MANIFEST}: the shard changed after preprocess; "
-                                 f"{RERUN}")
+                raise InputError(f"{path}: sha256 differs from {root / MANIFEST}: the shard changed after preprocess; {RERUN}")
     return checked

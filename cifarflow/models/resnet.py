@@ -19,8 +19,16 @@ CONFIGS = {"full": (9, (16, 32, 64)), "tiny": (1, (8, 16, 32))}  # blocks per st
 
 
 def _conv(filters: int, kernel: int, strides: int, name: str, padding: str = "same") -> layers.Conv2D:
-    return layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False,
-                         kernel_initializer="he_normal", kernel_regularizer=regularizers.L2(L2_WEIGHT_DECAY), name=name)
+    return layers.Conv2D(
+        filters,
+        kernel,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer="he_normal",
+        kernel_regularizer=regularizers.L2(L2_WEIGHT_DECAY),
+        name=name,
+    )
 
 
 def _bn(name: str) -> layers.BatchNormalization:
@@ -48,7 +56,12 @@ def build(num_classes: int = 10, variant: str = "full") -> keras.Model:
             strides = 2 if block == 0 and stage > 2 else 1
             x = _block(x, filters, stage, block, strides, project=block == 0)
     x = layers.GlobalAveragePooling2D(name="reduce_mean")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
-                           kernel_regularizer=regularizers.L2(L2_WEIGHT_DECAY),
-                           bias_regularizer=regularizers.L2(L2_WEIGHT_DECAY), name="fc10")(x)
+    outputs = layers.Dense(
+        num_classes,
+        activation="softmax",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+        kernel_regularizer=regularizers.L2(L2_WEIGHT_DECAY),
+        bias_regularizer=regularizers.L2(L2_WEIGHT_DECAY),
+        name="fc10",
+    )(x)
     return keras.Model(inputs, outputs, name=f"resnet{6 * blocks + 2}_{variant}")

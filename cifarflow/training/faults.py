@@ -19,8 +19,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-FAULTS = {"kill": "CIFARFLOW_FAULT_KILL_AT", "oom": "CIFARFLOW_FAULT_OOM_AT", "fail": "CIFARFLOW_FAULT_FAIL_AT",
-          "nan": "CIFARFLOW_FAULT_NAN_AT"}
+FAULTS = {
+    "kill": "CIFARFLOW_FAULT_KILL_AT",
+    "oom": "CIFARFLOW_FAULT_OOM_AT",
+    "fail": "CIFARFLOW_FAULT_FAIL_AT",
+    "nan": "CIFARFLOW_FAULT_NAN_AT",
+}
 
 
 def _parse(name: str, value: str) -> tuple[int, int]:

@@ -55,8 +55,11 @@ def code_digest() -> str:
 def fingerprint(params: Params, arch: str, shards_manifest: Path) -> str:
     """Everything that decides the weights: seed, data format, runtime, the recipe, the data, the code."""
     decided_by = {
-        "seed": params.seed, "format": params.data.format, "runtime": params.runtime.model_dump(mode="json"),
-        "recipe": params.recipe(arch).model_dump(mode="json"), "data": sha256_file(shards_manifest),
+        "seed": params.seed,
+        "format": params.data.format,
+        "runtime": params.runtime.model_dump(mode="json"),
+        "recipe": params.recipe(arch).model_dump(mode="json"),
+        "data": sha256_file(shards_manifest),
         "code": code_digest(),
     }
     return hashlib.sha256(dumps_json(decided_by).encode()).hexdigest()[:16]
@@ -75,8 +78,12 @@ class ResumeStore:
             return None
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") != self.fingerprint:
-            log.warning("discarding resume state in %s: it was written for fingerprint %s, this run is %s "
-                        "(params, data or code changed)", self.root, saved.get("fingerprint"), self.fingerprint)
+            log.warning(
+                "discarding resume state in %s: it was written for fingerprint %s, this run is %s (params, data or code changed)",
+                self.root,
+                saved.get("fingerprint"),
+                self.fingerprint,
+            )
             self.clear()
             return None
         state = RunState(**saved["state"])

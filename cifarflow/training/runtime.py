@@ -32,8 +32,7 @@ def split_cpu(count: int) -> None:
 
 
 TF_CONFIG = "TF_CONFIG"
-TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["node0:12345", "node1:12345"]}, '
-                     '"task": {"type": "worker", "index": 0}}')
+TF_CONFIG_EXAMPLE = '{"cluster": {"worker": ["node0:12345", "node1:12345"]}, "task": {"type": "worker", "index": 0}}'
 ROLES = ("chief", "worker")
 
 
@@ -41,8 +40,10 @@ def cluster_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The TF_CONFIG of this process, checked: MultiWorkerMirroredStrategy would otherwise fall
     back to a silent single-worker run (no TF_CONFIG) or fail deep inside gRPC."""
     text = (os.environ if environ is None else environ).get(TF_CONFIG, "")
-    need = (f"runtime.distribution: multi_worker needs the environment variable {TF_CONFIG} on every node, "
-            f"naming the cluster and this process's task, e.g. {TF_CONFIG}='{TF_CONFIG_EXAMPLE}'")
+    need = (
+        f"runtime.distribution: multi_worker needs the environment variable {TF_CONFIG} on every node, "
+        f"naming the cluster and this process's task, e.g. {TF_CONFIG}='{TF_CONFIG_EXAMPLE}'"
+    )
     if not text.strip():
         raise ConfigError(f"{need}; it is not set")
     try:
@@ -51,18 +52,21 @@ def cluster_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         raise ConfigError(f"{need}; it is not valid JSON ({exc})") from None
     cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
     if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise ConfigError(f"{need}; it has no \"cluster\" or \"task\" object: {text}")
+        raise ConfigError(f'{need}; it has no "cluster" or "task" object: {text}')
     if set(cluster) - set(ROLES) or (not cluster.get("worker") and not cluster.get("chief")):
-        raise ConfigError(f"{need}; its cluster must list \"worker\" (and at most one \"chief\") addresses, "
-                          f"got jobs {sorted(cluster)}")
+        raise ConfigError(
+            f'{need}; its cluster must list "worker" (and at most one "chief") addresses, got jobs {sorted(cluster)}'
+        )
     if any(not isinstance(v, list) or not all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
-        raise ConfigError(f"{need}; every job must be a list of \"host:port\" strings, got {cluster}")
+        raise ConfigError(f'{need}; every job must be a list of "host:port" strings, got {cluster}')
     if len(cluster.get("chief", [])) > 1:
         raise ConfigError(f"{need}; a cluster has at most one chief, got {cluster['chief']}")
     kind, index = task.get("type"), task.get("index")
     if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
-        raise ConfigError(f"{need}; its task {task} is not in the cluster {cluster} "
-                          "(type must be one of its jobs, index an integer position in that job's list)")
+        raise ConfigError(
+            f"{need}; its task {task} is not in the cluster {cluster} "
+            "(type must be one of its jobs, index an integer position in that job's list)"
+        )
     return config
 
 
@@ -73,8 +77,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
     if not cluster:
         return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
-                                             and "chief" not in cluster)
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster)
 
 
 def task_name(strategy: tf.distribute.Strategy) -> str:
@@ -93,17 +96,25 @@ def multi_worker_strategy(runtime: RuntimeParams) -> tf.distribute.MultiWorkerMi
     it starts this task's gRPC server, and its first collective waits (without limit) for all peers,
     so bad settings are refused before it starts."""
     if runtime.jit_compile:
-        raise ConfigError("runtime.jit_compile: true is not supported with runtime.distribution: multi_worker "
-                          "(its custom training loop runs without XLA); set jit_compile: false")
+        raise ConfigError(
+            "runtime.jit_compile: true is not supported with runtime.distribution: multi_worker "
+            "(its custom training loop runs without XLA); set jit_compile: false"
+        )
     if runtime.logical_cpus:
-        raise ConfigError("runtime.logical_cpus applies to distribution: mirrored; multi_worker uses one CPU, or "
-                          "all GPUs, per node: set logical_cpus: 0")
+        raise ConfigError(
+            "runtime.logical_cpus applies to distribution: mirrored; multi_worker uses one CPU, or "
+            "all GPUs, per node: set logical_cpus: 0"
+        )
     config = cluster_config()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if runtime.precision != "float32":
         keras.mixed_precision.set_global_policy(runtime.precision)
-    log.info("MultiWorkerMirroredStrategy: task %s of cluster %s, %d replicas", config["task"], config["cluster"],
-             strategy.num_replicas_in_sync)
+    log.info(
+        "MultiWorkerMirroredStrategy: task %s of cluster %s, %d replicas",
+        config["task"],
+        config["cluster"],
+        strategy.num_replicas_in_sync,
+    )
     return strategy
 
 
@@ -125,11 +136,16 @@ def make_strategy(runtime: RuntimeParams) -> tf.distribute.Strategy:
 def per_replica_batch(batch_size: int, strategy: tf.distribute.Strategy, key: str) -> int:
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
-        raise ConfigError(f"{key}={batch_size} does not divide over {replicas} replicas; "
-                          f"use a multiple of {replicas} (it is the global batch)")
+        raise ConfigError(
+            f"{key}={batch_size} does not divide over {replicas} replicas; use a multiple of {replicas} (it is the global batch)"
+        )
     return batch_size // replicas
 
 
 def describe(strategy: tf.distribute.Strategy, runtime: RuntimeParams) -> dict:
-    return {"strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-            "precision": runtime.precision, "jit_compile": runtime.jit_compile}
+    return {
+        "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync,
+        "precision": runtime.precision,
+        "jit_compile": runtime.jit_compile,
+    }

@@ -50,9 +50,7 @@ class LearningRate:
         if s.kind != "plateau":
             return
         value = logs[s.monitor]
-        improved = self.state.best is None or (
-            value < self.state.best if s.monitor == "val_loss" else value > self.state.best
-        )
+        improved = self.state.best is None or (value < self.state.best if s.monitor == "val_loss" else value > self.state.best)
         if improved and not math.isnan(value):
             self.state.best, self.state.wait = value, 0
             return

@@ -83,12 +83,17 @@ def make_optimizer(recipe: Recipe, rate: float, accumulation: int = 1) -> keras.
     return keras.optimizers.SGD(learning_rate=rate, momentum=o.momentum, **extra)
 
 
-def build_compiled(recipe: Recipe, num_classes: int, rate: float, accumulation: int = 1,
-                   jit_compile: bool = False) -> keras.Model:
+def build_compiled(
+    recipe: Recipe, num_classes: int, rate: float, accumulation: int = 1, jit_compile: bool = False
+) -> keras.Model:
     options = {"stem": recipe.stem} if recipe.stem else {}
     model = build_model(recipe.model, num_classes, recipe.variant, **options)
-    model.compile(optimizer=make_optimizer(recipe, rate, accumulation), loss=keras.losses.CategoricalCrossentropy(),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
+    model.compile(
+        optimizer=make_optimizer(recipe, rate, accumulation),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )
     return model
 
 
@@ -159,12 +164,24 @@ def history_csv(rows: list[dict[str, float]]) -> str:
 def run_info(arch: str, state: RunState, resumed_from: int | None, devices: dict) -> dict[str, Any]:
     rates = [t["images_per_second"] for t in state.timings]
     return {
-        "arch": arch, "resumed_from_epoch": resumed_from, "adaptations": state.adaptations, "epochs": state.timings,
-        "train_images_per_second": round(float(np.median(rates)), 1) if rates else None, "runtime": devices,
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                     "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]},
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                     "numpy": np.__version__},
+        "arch": arch,
+        "resumed_from_epoch": resumed_from,
+        "adaptations": state.adaptations,
+        "epochs": state.timings,
+        "train_images_per_second": round(float(np.median(rates)), 1) if rates else None,
+        "runtime": devices,
+        "hardware": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+        },
     }
 
 
@@ -172,9 +189,11 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
     """The state the next attempt starts from: the last checkpoint, with half the micro-batch."""
     half = micro // 2
     if micro % 2 or half < floor or recipe.batch_size % half:
-        raise CifarflowError(f"train@{arch}: out of memory at micro-batch {micro} (batch_size {recipe.batch_size}); "
-                             f"halving would go below runtime.oom_min_micro_batch={floor} or not divide the batch. "
-                             "Use a smaller model variant, precision: mixed_float16, or a bigger device.")
+        raise CifarflowError(
+            f"train@{arch}: out of memory at micro-batch {micro} (batch_size {recipe.batch_size}); "
+            f"halving would go below runtime.oom_min_micro_batch={floor} or not divide the batch. "
+            "Use a smaller model variant, precision: mixed_float16, or a bigger device."
+        )
     state.micro_batch = half
     state.adaptations.append({"epoch": epoch, "micro_batch": half, "accumulation": recipe.batch_size // half})
     return state
@@ -185,26 +204,38 @@ def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str) ->
     error: retrying the same recipe diverges again, and a NaN model must never be kept."""
     bad = [name for name in dict.fromkeys(("loss", "val_loss", monitor)) if not np.isfinite(logs.get(name, np.nan))]
     if bad:
-        raise ConfigError(f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch}: the recipe train.{arch} "
-                          "diverges (learning rate too high for this batch or normalization?); nothing of this epoch kept")
+        raise ConfigError(
+            f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch}: the recipe train.{arch} "
+            "diverges (learning rate too high for this batch or normalization?); nothing of this epoch kept"
+        )
 
 
-def record_epoch(state: RunState, schedule: LearningRate, recipe: Recipe, epoch: int, rate: float,
-                 logs: dict[str, float], seconds: float, images: int) -> None:
+def record_epoch(
+    state: RunState,
+    schedule: LearningRate,
+    recipe: Recipe,
+    epoch: int,
+    rate: float,
+    logs: dict[str, float],
+    seconds: float,
+    images: int,
+) -> None:
     """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next."""
     schedule.update(logs)
     state.schedule = schedule.to_dict()
     state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
-    state.timings.append({"epoch": epoch, "train_seconds": round(seconds, 3),
-                          "images_per_second": round(images / max(seconds, 1e-9), 1)})
+    state.timings.append(
+        {"epoch": epoch, "train_seconds": round(seconds, 3), "images_per_second": round(images / max(seconds, 1e-9), 1)}
+    )
     state.checkpoint = f"epoch-{epoch}.keras"
     if improved(recipe, logs[recipe.monitor], state.best):
         state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
     state.epoch = epoch + 1
 
 
-def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path,
-          verdict: Path) -> dict[str, Any]:
+def train(
+    params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path, verdict: Path
+) -> dict[str, Any]:
     """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short. Only shards the
     validate stage passed (its `verdict`) are read, and only if they are still the ones it checked."""
     recipe = params.recipe(arch)
@@ -224,8 +255,10 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
     micro = state.micro_batch or recipe.batch_size
     accumulation = recipe.batch_size // micro
     if accumulation > 1 and strategy.num_replicas_in_sync > 1:
-        raise CifarflowError(f"train@{arch}: out-of-memory adaptation needs gradient accumulation, which Keras "
-                             "3.15 does not support under a multi-device strategy; a single device is required")
+        raise CifarflowError(
+            f"train@{arch}: out-of-memory adaptation needs gradient accumulation, which Keras "
+            "3.15 does not support under a multi-device strategy; a single device is required"
+        )
     schedule = LearningRate(recipe, state.schedule)
     with strategy.scope():
         model = build_compiled(recipe, len(classes), schedule.rate(state.epoch), accumulation, params.runtime.jit_compile)
@@ -236,26 +269,40 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
     train_inputs = InputPipeline(load_checked(data, "train"), recipe, len(classes), params.seed, recipe.batch_size, micro)
     val_inputs = InputPipeline(load_checked(data, "val"), recipe, len(classes), params.seed, recipe.batch_size)
     if train_inputs.steps(training=True) == 0:
-        raise InputError(f"train has {len(train_inputs)} examples, fewer than one batch of "
-                         f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder")
+        raise InputError(
+            f"train has {len(train_inputs)} examples, fewer than one batch of "
+            f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder"
+        )
     out, runinfo = Path(out), Path(runinfo)
     devices = runtime.describe(strategy, params.runtime) | {"micro_batch": micro, "accumulation": accumulation}
     timer = EpochTimer()
-    callbacks = [timer, FaultInjector(checkpoints),
-                 keras.callbacks.TensorBoard(log_dir=str(runinfo / "tensorboard"), write_graph=False)]
+    callbacks = [
+        timer,
+        FaultInjector(checkpoints),
+        keras.callbacks.TensorBoard(log_dir=str(runinfo / "tensorboard"), write_graph=False),
+    ]
     validation = val_inputs.evaluation()
     for epoch in range(state.epoch, recipe.epochs):
         rate = schedule.rate(epoch)
         model.optimizer.learning_rate.assign(rate)
         reseed_layers(model, params.seed, epoch)
         try:
-            fit = model.fit(train_inputs.train(epoch), validation_data=validation, initial_epoch=epoch,
-                            epochs=epoch + 1, shuffle=False, callbacks=callbacks, verbose=2)
+            fit = model.fit(
+                train_inputs.train(epoch),
+                validation_data=validation,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=2,
+            )
         except tf.errors.ResourceExhaustedError as exc:
             committed = store.load() or RunState()  # the last completed epoch, not this half-done one
             store.commit(adapt_to_oom(committed, recipe, arch, micro, params.runtime.oom_min_micro_batch, epoch))
-            raise OutOfMemoryError(f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
-                                   f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}") from None
+            raise OutOfMemoryError(
+                f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
+                f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}"
+            ) from None
         logs = {k: float(v[-1]) for k, v in fit.history.items()}
         seen = train_inputs.steps(training=True) * recipe.batch_size
         check_finite(arch, epoch, logs, recipe.monitor)
@@ -267,8 +314,16 @@ def train(params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path,
     return finish(arch, recipe, state, store, out, runinfo, resumed_from, devices)
 
 
-def finish(arch: str, recipe: Recipe, state: RunState, store: ResumeStore, out: Path, runinfo: Path,
-           resumed_from: int | None, devices: dict) -> dict[str, Any]:
+def finish(
+    arch: str,
+    recipe: Recipe,
+    state: RunState,
+    store: ResumeStore,
+    out: Path,
+    runinfo: Path,
+    resumed_from: int | None,
+    devices: dict,
+) -> dict[str, Any]:
     """Write the outputs from the best checkpoint, then drop the resume state."""
     (out / f".{MODEL_FILE}.partial").unlink(missing_ok=True)  # a killed older version's temp (no PID in its name)
     with atomic_path(out / MODEL_FILE) as partial:
@@ -277,9 +332,16 @@ def finish(arch: str, recipe: Recipe, state: RunState, store: ResumeStore, out: 
     digest = weights_digest(best)
     best_row = state.history[state.best_epoch]
     summary = {
-        "arch": arch, "model": recipe.model, "variant": recipe.variant, "params": int(best.count_params()),
-        "epochs": recipe.epochs, "monitor": recipe.monitor, "best_epoch": state.best_epoch,
-        "val_accuracy": best_row["val_accuracy"], "val_loss": best_row["val_loss"], "weights_sha256": digest,
+        "arch": arch,
+        "model": recipe.model,
+        "variant": recipe.variant,
+        "params": int(best.count_params()),
+        "epochs": recipe.epochs,
+        "monitor": recipe.monitor,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": best_row["val_accuracy"],
+        "val_loss": best_row["val_loss"],
+        "weights_sha256": digest,
         "adaptations": state.adaptations,
     }
     write_bytes_atomic(out / DIGEST_FILE, f"{digest}\n".encode())
@@ -287,6 +349,13 @@ def finish(arch: str, recipe: Recipe, state: RunState, store: ResumeStore, out: 
     write_json_atomic(out / SUMMARY_FILE, summary)
     write_json_atomic(runinfo / "run.json", run_info(arch, state, resumed_from, devices))
     store.clear()
-    log.info("train@%s: best epoch %d, %s %.4f, weights %s, resumed_from_epoch %s", arch, state.best_epoch,
-             recipe.monitor, state.best, digest[:12], resumed_from)
+    log.info(
+        "train@%s: best epoch %d, %s %.4f, weights %s, resumed_from_epoch %s",
+        arch,
+        state.best_epoch,
+        recipe.monitor,
+        state.best,
+        digest[:12],
+        resumed_from,
+    )
     return summary | {"resumed_from_epoch": resumed_from}
