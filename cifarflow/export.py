@@ -26,7 +26,7 @@ import numpy as np
 
 from cifarflow import registry
 from cifarflow.config import Params
-from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.layout import IMAGE_SHAPE, MANIFEST
 from cifarflow.errors import CifarflowError, InputError
 from cifarflow.evaluate import read_predictions
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file, write_json_atomic
@@ -124,18 +124,18 @@ def save_serving_model(model: Any, normalization: str, path: Path) -> None:
     archive.add_endpoint(
         name="serving_default",
         fn=lambda images: model(normalize(images, normalization), training=False),
-        input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")],
+        input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")],
     )
     archive.write_out(str(path), verbose=False)
 
 
 # Runs in a fresh interpreter: TensorFlow, numpy and pyarrow only, nothing from this project.
-SERVING_CHECK = """
+SERVING_CHECK = f"""
 import sys, numpy as np, pyarrow.parquet as pq, tensorflow as tf
 saved_model, out, shards = sys.argv[1], sys.argv[2], sys.argv[3:]
 serve = tf.saved_model.load(saved_model).signatures["serving_default"]
 images = np.concatenate([np.frombuffer(b"".join(pq.read_table(s, columns=["image"]).column("image").to_pylist()),
-                                       np.uint8).reshape(-1, 32, 32, 3) for s in shards])  # uint8 HWC
+                                       np.uint8).reshape(-1, *{IMAGE_SHAPE!r}) for s in shards])  # uint8 HWC
 probs = [list(serve(images=tf.constant(images[i:i + 500])).values())[0].numpy() for i in range(0, len(images), 500)]
 np.save(out, np.concatenate(probs))
 """

@@ -26,6 +26,7 @@ import numpy as np
 
 from cifarflow.config import DataParams
 from cifarflow.data.extract import file_kind, open_regular
+from cifarflow.data.layout import HEIGHT, WIDTH
 from cifarflow.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,9 @@ def load_image(path: Path, max_pixels: int) -> np.ndarray:
                         "(raise it in params.yaml if the image is genuine)"
                     )
                 rgb = image.convert("RGB")
-        if rgb.size != (32, 32):
-            log.warning("%s: %dx%d, resized to 32x32", path, *rgb.size)
-            rgb = rgb.resize((32, 32), Image.Resampling.BILINEAR)
+        if rgb.size != (WIDTH, HEIGHT):
+            log.warning("%s: %dx%d, resized to %dx%d", path, *rgb.size, WIDTH, HEIGHT)
+            rgb = rgb.resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
     except InputError:
         raise

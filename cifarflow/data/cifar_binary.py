@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cifarflow.data.layout import CHANNELS, HEIGHT, WIDTH
 from cifarflow.errors import InputError
 
-HEIGHT = WIDTH = 32
-CHANNELS = 3
 IMAGE_BYTES = HEIGHT * WIDTH * CHANNELS  # 3072
 RECORD_BYTES = 1 + IMAGE_BYTES  # 3073
 NUM_LABELS = 10  # labels are one byte, 0..9

@@ -31,12 +31,12 @@ from cifarflow.data import cifar_binary as cb
 from cifarflow.data import fetch
 from cifarflow.data.extract import Archive, file_kind, open_regular, read_archive, read_batches
 from cifarflow.data.image_folder import is_image_folder, read_image_folder
+from cifarflow.data.layout import MANIFEST
 from cifarflow.errors import ConfigError, InputError, SourceUnavailableError
 from cifarflow.fileio import CHUNK, atomic_dir, dumps_json, write_json_atomic
 from cifarflow.redact import REDACTED, redact_text, redact_url
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 SOURCE_HINT = (
     "set data.source in params.yaml to a reachable http(s):// or file:// URL, a local "
     "archive, an image folder, or synth:train=N,test=M,seed=S (see README, 'Real data')"

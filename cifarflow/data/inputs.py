@@ -17,11 +17,12 @@ import tensorflow as tf
 from cifarflow.config import Recipe
 from cifarflow.data import shards
 from cifarflow.data.cifar_binary import Split
+from cifarflow.data.layout import HEIGHT, IMAGE_SHAPE
 from cifarflow.data.verdict import CheckedShards
 from cifarflow.models.normalization import normalize
 
 PAD = 4  # seed 002: pad 4 black pixels, then crop back to 32x32
-SIZE = 32
+SIZE = HEIGHT  # square images: one size for rows and columns
 # Independent streams: a new stream never shifts the numbers of an existing one.
 STREAM_SHUFFLE, STREAM_AUGMENT, STREAM_MIXUP = 1, 2, 3
 
@@ -49,8 +50,8 @@ def read_tfrecords(paths: list[Path]) -> Split:
         labels.append(batch["label"].numpy().astype(np.uint8))
         index.append(batch["index"].numpy())
     if not images:
-        return Split(np.empty((0, SIZE, SIZE, 3), np.uint8), np.empty(0, np.uint8), np.empty(0, np.int64))
-    return Split(np.concatenate(images).reshape(-1, SIZE, SIZE, 3), np.concatenate(labels), np.concatenate(index))
+        return Split(np.empty((0, *IMAGE_SHAPE), np.uint8), np.empty(0, np.uint8), np.empty(0, np.int64))
+    return Split(np.concatenate(images).reshape(-1, *IMAGE_SHAPE), np.concatenate(labels), np.concatenate(index))
 
 
 def stream_seed(seed: int, epoch: int, stream: int) -> np.ndarray:

@@ -18,11 +18,10 @@ from cifarflow.config import Params, check_split_sizes
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards, tfrecord
 from cifarflow.data.cifar_binary import Split
-from cifarflow.data.download import MANIFEST as RAW_MANIFEST
+from cifarflow.data.layout import MANIFEST
 from cifarflow.errors import InputError
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file
 
-MANIFEST = "manifest.json"
 WRITERS = {"parquet": shards.write_parquet, "tfrecord": tfrecord.write_tfrecord}
 
 
@@ -76,7 +75,7 @@ def write_shards(out: Path, splits: dict[str, tuple[Split, np.ndarray]], n_shard
 
 def run(params: Params, raw: Path, out: Path) -> dict[str, Any]:
     """Read the downloaded batches, split, and write `out/{parquet,tfrecord}/*` and the manifest."""
-    raw_manifest_path = Path(raw) / RAW_MANIFEST
+    raw_manifest_path = Path(raw) / MANIFEST
     if not raw_manifest_path.is_file():
         raise InputError(f"{raw_manifest_path}: not found; run the download stage first")
     raw_manifest = json.loads(raw_manifest_path.read_text())

@@ -28,7 +28,7 @@ import numpy as np
 from cifarflow.config import Params
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards
-from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.layout import MANIFEST
 from cifarflow.data.verdict import discard_verdict, read_manifest, write_verdict
 from cifarflow.errors import InputError
 from cifarflow.fileio import sha256_file, write_bytes_atomic, write_json_atomic

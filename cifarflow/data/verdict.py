@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from cifarflow.data.layout import MANIFEST
 from cifarflow.errors import InputError
 from cifarflow.fileio import sha256_file, write_json_atomic
 
-MANIFEST = "manifest.json"  # preprocess.MANIFEST, not imported from there: that module pulls in pyarrow
 RERUN = "rerun preprocess, then validate (dvc repro validate)"
 
 

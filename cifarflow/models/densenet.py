@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cifarflow.models.registry import INPUT_SHAPE
+from cifarflow.data.layout import IMAGE_SHAPE
 
 BN_EPSILON = 1.001e-5  # as in keras.applications.densenet
 CONFIGS = {"full": ((6, 12, 24, 16), 32, 64), "tiny": ((1, 1, 1, 1), 8, 16)}  # blocks, growth, stem width
@@ -43,7 +43,7 @@ def build(num_classes: int = 10, variant: str = "full", stem: str = "imagenet") 
     if stem not in STEMS:
         raise KeyError(f"unknown densenet stem {stem!r}; valid: {', '.join(STEMS)}")
     blocks, growth, width = CONFIGS[variant]
-    inputs = keras.Input(INPUT_SHAPE, name="image")
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
     if stem == "imagenet":
         x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
         x = layers.Conv2D(width, 7, strides=2, use_bias=False, name="conv1_conv")(x)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cifarflow.models.registry import INPUT_SHAPE
+from cifarflow.data.layout import IMAGE_SHAPE
 
 WIDTHS = {"full": (32, 64, 64, 64), "tiny": (8, 16, 16, 16)}
 
 
 def build(num_classes: int = 10, variant: str = "full") -> keras.Model:
     c1, c2, c3, dense = WIDTHS[variant]
-    inputs = keras.Input(INPUT_SHAPE, name="image")
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = layers.Conv2D(c1, 3, activation="relu", name="conv1")(inputs)
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Conv2D(c2, 3, activation="relu", name="conv2")(x)

@@ -8,7 +8,6 @@ from typing import Any
 
 FAMILIES = ("simple_cnn", "lenet", "resnet56", "densenet121")
 VARIANTS = ("full", "tiny")
-INPUT_SHAPE = (32, 32, 3)
 
 
 def _builder(family: str) -> Callable[..., Any]:

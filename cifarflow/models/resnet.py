@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import layers, regularizers
 
-from cifarflow.models.registry import INPUT_SHAPE
+from cifarflow.data.layout import IMAGE_SHAPE
 
 BN_MOMENTUM = 0.997
 BN_EPSILON = 1e-5
@@ -47,7 +47,7 @@ def _block(x: keras.KerasTensor, filters: int, stage: int, block: int, strides: 
 
 def build(num_classes: int = 10, variant: str = "full") -> keras.Model:
     blocks, widths = CONFIGS[variant]
-    inputs = keras.Input(INPUT_SHAPE, name="image")
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = layers.ZeroPadding2D(1, name="conv1_pad")(inputs)
     x = _conv(widths[0], 3, 1, "conv1", padding="valid")(x)
     x = layers.Activation("relu", name="conv1_relu")(_bn("bn_conv1")(x))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cifarflow.models.registry import INPUT_SHAPE
+from cifarflow.data.layout import IMAGE_SHAPE
 
 WIDTHS = {"full": (16, 32, 32, 64, 256), "tiny": (4, 8, 8, 16, 32)}
 
 
 def build(num_classes: int = 10, variant: str = "full") -> keras.Model:
     c1, c2, c3, c4, dense = WIDTHS[variant]
-    inputs = keras.Input(INPUT_SHAPE, name="image")
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = layers.Conv2D(c1, 3, padding="same", activation="relu", name="conv1")(inputs)
     x = layers.LeakyReLU(0.1, name="conv1_leaky")(x)
     x = layers.Conv2D(c2, 3, padding="same", name="conv2")(x)

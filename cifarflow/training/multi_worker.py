@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from cifarflow.config import Params
 from cifarflow.data.inputs import InputPipeline, load_checked
-from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.layout import MANIFEST
 from cifarflow.data.verdict import CheckedShards
 from cifarflow.errors import CifarflowError, ConfigError, InputError
 from cifarflow.training import runtime

@@ -34,7 +34,7 @@ import tensorflow as tf
 from cifarflow import keras_archive
 from cifarflow.config import Params, Recipe
 from cifarflow.data.inputs import InputPipeline, load_checked
-from cifarflow.data.preprocess import MANIFEST
+from cifarflow.data.layout import MANIFEST
 from cifarflow.data.verdict import check_shards
 from cifarflow.digest import weights_digest
 from cifarflow.errors import CifarflowError, ConfigError, InputError
