@@ -21,10 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cifarflow.executables import beside_python  # noqa: E402  (after the path setup)
+
 
 def dvc_repro_seconds(workspace: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=workspace, check=True, capture_output=True)
+    subprocess.run([beside_python("dvc"), "repro"], cwd=workspace, check=True, capture_output=True)
     return time.perf_counter() - started
 
 

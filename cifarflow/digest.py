@@ -1,5 +1,8 @@
-"""A digest of a model's weights: the deterministic identity of a trained model (saved model
-files embed timestamps, so their bytes differ run to run even when the weights do not)."""
+"""A digest of a model's weights: the identity of a trained model whatever file holds it. Our
+`.keras` files are byte-stable (cifarflow.keras_archive fixes their timestamps and shared-object ids),
+but a SavedModel export's bytes differ run to run, and the same weights loaded from either must
+be recognised as the same model: train writes this digest, export's model card and the champion
+registry compare it."""
 
 from __future__ import annotations
 

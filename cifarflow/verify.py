@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from cifarflow.errors import InputError
+from cifarflow.errors import NOT_RETRYABLE, CifarflowError, InputError, failure_class
+from cifarflow.executables import beside_python
 from cifarflow.fileio import hash_file, sha256_file
 
 # (pattern, why it is not compared). Everything else under data/ must be byte-identical.
@@ -153,11 +154,6 @@ def compare(a: Path, b: Path, report: Report, left: dict[str, str] | None = None
                 report.fail(describe_difference(name, a / name, b / name))
 
 
-def tool(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)  # the venv's dvc/cifarflow even when PATH lacks them
-    return str(beside) if beside.exists() else name
-
-
 def run(cmd: list[str], cwd: Path, log: Path | None = None) -> str:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     output = done.stdout + done.stderr
@@ -166,7 +162,10 @@ def run(cmd: list[str], cwd: Path, log: Path | None = None) -> str:
             f.write(f"$ {' '.join(cmd)}\n{output}\n")
     if done.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-25:])
-        raise InputError(f"`{' '.join(cmd)}` failed in {cwd} (exit {done.returncode}):\n{tail}")
+        # Exit 2 (bad config or input, e.g. the archive) is ours to report as such; anything else
+        # (`dvc repro` exits 255 for any stage failure, git's errors) is a runtime failure, exit 1.
+        error = InputError if failure_class(done.returncode) in NOT_RETRYABLE else CifarflowError
+        raise error(f"`{' '.join(cmd)}` failed in {cwd} (exit {done.returncode}):\n{tail}")
     return output
 
 
@@ -176,7 +175,7 @@ def always_changed(workspace: Path) -> set[str]:
 
 
 def stale_entries(workspace: Path, allowed: set[str]) -> dict[str, Any]:
-    status = json.loads(run([tool("dvc"), "status", "--json"], workspace) or "{}")
+    status = json.loads(run([beside_python("dvc"), "status", "--json"], workspace) or "{}")
     return {stage: entries for stage, entries in status.items() if not (stage in allowed and entries == ["always changed"])}
 
 
@@ -213,7 +212,7 @@ def select_profile(workspace: Path, source: Path, md5: str, archs: list[str] | N
 def build_archive(out: Path, real_data: Path | None, real_counts: tuple[int, int]) -> Path:
     archive = out / "cifar-10-binary.tar.gz"
     if real_data is None:
-        run([tool("cifarflow"), "synth-archive", str(archive), "--train", "2000", "--test", "500"], out)
+        run([beside_python("cifarflow"), "synth-archive", str(archive), "--train", "2000", "--test", "500"], out)
     else:
         script = real_data / "make_cifar10_binary.py"
         if not script.is_file():
@@ -231,7 +230,10 @@ def verify(
     echo: Any = print,
 ) -> Report:
     report = Report()
-    repo = Path(run(["git", "rev-parse", "--show-toplevel"], repo).strip())
+    try:
+        repo = Path(run(["git", "rev-parse", "--show-toplevel"], repo).strip())
+    except (CifarflowError, OSError) as exc:  # the path given is at fault, not the run: exit 2
+        raise InputError(f"{repo}: not a git repository (verify-repro clones its committed HEAD): {exc}") from None
     if run(["git", "status", "--porcelain", "--untracked-files=no"], repo).strip():
         echo("note: uncommitted changes are not part of the check; it clones the committed HEAD")
     archive = build_archive(workdir, real_data, real_counts)
@@ -244,7 +246,7 @@ def verify(
         select_profile(clone, archive, md5, archs)
 
     def reproduce(number: int, clone: Path) -> None:
-        run([tool("dvc"), "repro"], clone, workdir / f"clone-{number}.log")
+        run([beside_python("dvc"), "repro"], clone, workdir / f"clone-{number}.log")
         stale = stale_entries(clone, always_changed(clone))
         if stale:
             report.fail(f"clone {number}: dvc status is not clean after dvc repro: {json.dumps(stale)}")
@@ -259,7 +261,7 @@ def verify(
     first, allowed = clones[0], always_changed(clones[0])
     before = snapshot(first)
     echo("clone 1: second dvc repro")
-    output = run([tool("dvc"), "repro"], first, workdir / "clone-1.log")
+    output = run([beside_python("dvc"), "repro"], first, workdir / "clone-1.log")
     reran = sorted({m.group(1) for line in output.splitlines() if (m := DVC_OUTPUT_LINE.match(line))} - allowed)
     if reran:
         report.fail(f"a second dvc repro ran {', '.join(reran)} again (only {', '.join(sorted(allowed))} may run)")

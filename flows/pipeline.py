@@ -43,6 +43,28 @@ WEBHOOK_ENV = "CIFARFLOW_WEBHOOK_URL"
 # requests quotes the URL, or its path and query, in its messages ("Max retries exceeded with url: /T0/B0/token").
 QUOTED_URL = re.compile(r"((?:with|for) url: )\S+")
 DATA_STAGES = ("download", "preprocess", "validate")
+MODEL_CARD = "model_card.json"  # the file `cifarflow export` writes in its output folder
+
+
+def stage_outputs(workspace: Path) -> dict[str, list[str]]:
+    """stage -> the paths dvc.yaml declares as its outs, metrics and plots. dvc.yaml is the only place
+    stage paths are written: the flow reads them there, parsed once per call."""
+    from cifarflow.config import dvc_stage_outputs
+
+    outputs = dvc_stage_outputs(workspace)
+    if not outputs:
+        raise FileNotFoundError(f"{workspace / 'dvc.yaml'}: missing or has no stages; run the flow in a cifarflow workspace")
+    return outputs
+
+
+def declared(outputs: dict[str, list[str]], stage: str, name: str | None = None) -> str:
+    """The output of `stage` whose file name is `name`; with no name, its one output (a folder)."""
+    paths = outputs.get(stage, [])
+    found = [p for p in paths if name is None or Path(p).name == name]
+    if len(found) != 1:
+        wanted = f"an output named {name}" if name else "exactly one output"
+        raise LookupError(f"dvc.yaml: stage {stage!r} declares {paths or 'no outputs'}; the flow needs {wanted}")
+    return found[0]
 
 
 def select(workspace: Path, archs: list[str] | None, profile: str | None) -> list[str]:
@@ -214,8 +236,8 @@ class StageRunner:
         self.stale = stale_stages(workspace)
         self.results: dict[str, Any] = {}
 
-    def __call__(self, stage: str, stage_task: Any, *args: Any, timeout_s: float | None) -> None:
-        result = stage_task(*args, self.workspace, timeout_s, up_to_date=stage not in self.stale)
+    def __call__(self, stage: str, stage_task: Any, *, timeout_s: float | None) -> None:
+        result = stage_task(stage, self.workspace, timeout_s, up_to_date=stage not in self.stale)
         self.results[stage] = result
         if not result["skipped"]:
             self.stale = stale_stages(self.workspace)
@@ -223,8 +245,9 @@ class StageRunner:
 
 def publish(workspace: Path) -> dict[str, Any]:
     """The leaderboard as a table artifact; the report and the verdict as markdown."""
-    card = json.loads((workspace / "data/export/model_card.json").read_text())
-    report = json.loads((workspace / "data/reports/leaderboard.json").read_text())
+    outputs = stage_outputs(workspace)
+    card = json.loads((workspace / declared(outputs, "export") / MODEL_CARD).read_text())
+    report = json.loads((workspace / declared(outputs, "report", "leaderboard.json")).read_text())
     create_table_artifact(
         key="leaderboard",
         description="val/test accuracy per architecture",
@@ -243,7 +266,9 @@ def publish(workspace: Path) -> dict[str, Any]:
         ],
     )
     create_markdown_artifact(
-        key="report", markdown=(workspace / "data/reports/leaderboard.md").read_text(), description="the leaderboard report"
+        key="report",
+        markdown=(workspace / declared(outputs, "report", "leaderboard.md")).read_text(),
+        description="the leaderboard report",
     )
     verdict = "blessed" if card["blessed"] else "not blessed"
     champion = card.get("champion")
@@ -283,10 +308,10 @@ def cifar10_pipeline(
     params_check(str(ws))
     run = StageRunner(ws)
     for stage in DATA_STAGES:
-        run(stage, data_stage, stage, timeout_s=stage_timeout_s)
+        run(stage, data_stage, timeout_s=stage_timeout_s)
     for arch in selected:
-        run(f"train@{arch}", train_stage, arch, timeout_s=stage_timeout_s)
-        run(f"evaluate@{arch}", evaluate_stage, arch, timeout_s=stage_timeout_s)
+        run(f"train@{arch}", train_stage, timeout_s=stage_timeout_s)
+        run(f"evaluate@{arch}", evaluate_stage, timeout_s=stage_timeout_s)
     run("export", export_stage, timeout_s=stage_timeout_s)
     run("report", report_stage, timeout_s=stage_timeout_s)
     card = publish(ws)

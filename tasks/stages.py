@@ -6,6 +6,10 @@ really stop it.
 `dvc repro` exits 255 whatever went wrong, so the CLI writes the failure class to the file
 named by CIFARFLOW_STATUS_FILE and the task turns it into an exception that decides retrying:
 a bad config or input fails at once; out of memory and other runtime failures retry.
+
+One Prefect task, `stage_task`, runs any stage; the per-kind tasks are its `with_options` variants
+(name, tags, retries), and every task run is named after its DVC stage (`train@resnet56`).
+Tasks import only light library modules (errors, executables), never TensorFlow.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,9 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
-STATUS_ENV = "CIFARFLOW_STATUS_FILE"  # cifarflow.cli.STATUS_ENV (tasks never import the library)
+from cifarflow.errors import STATUS_ENV, ConfigError, InputError, failure_class
+from cifarflow.executables import beside_python
+
 KILL_GRACE_S = 10.0
 
 
@@ -51,7 +58,17 @@ class StageTimeout(RuntimeFailure):
     """The stage ran past its timeout; its whole process group was killed and reaped."""
 
 
-FAILURES = {"config": ConfigFailure, "input": ConfigFailure, "oom": OutOfMemory}
+# failure class (cifarflow.errors; "oom" is the trainer's OutOfMemoryError, which imports TensorFlow) -> exception
+FAILURES: dict[str, type[StageFailed]] = {
+    ConfigError.failure_class: ConfigFailure,
+    InputError.failure_class: ConfigFailure,
+    "oom": OutOfMemory,
+}
+
+
+def stage_failure(exit_code: int, status: dict[str, Any], message: str) -> StageFailed:
+    """The exception for a failed command, from its status file or else its exit code."""
+    return FAILURES.get(failure_class(exit_code, status), RuntimeFailure)(message)
 
 
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
@@ -59,9 +76,20 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.data, ConfigFailure)
 
 
-def dvc_executable() -> str:
-    beside = Path(sys.executable).with_name("dvc")  # the venv's dvc, even when PATH lacks it
-    return str(beside) if beside.exists() else "dvc"
+@contextmanager
+def status_file() -> Iterator[Path]:
+    """A fresh path for the CLI's status file (pass it as STATUS_ENV); removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="cifarflow-status-") as tmp:
+        yield Path(tmp) / "status.json"
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """What the CLI wrote to its status file: {} when it wrote nothing (killed, or not a CLI failure)."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def _stream(pipe: Any, lines: list[str], log: Any) -> None:
@@ -123,12 +151,11 @@ def run_dvc_stage(
         log.info("%s: up to date (dvc status), not started", stage)
         return {"stage": stage, "seconds": 0.0, "skipped": True}
     workspace = Path(workspace)
-    with tempfile.TemporaryDirectory(prefix="cifarflow-status-") as tmp:
-        status_file = Path(tmp) / "status.json"
-        env = {**os.environ, **(extra_env or {}), STATUS_ENV: str(status_file)}
+    with status_file() as status_path:
+        env = {**os.environ, **(extra_env or {}), STATUS_ENV: str(status_path)}
         started = time.monotonic()
         process = subprocess.Popen(
-            [dvc_executable(), "repro", "--single-item", stage],
+            [beside_python("dvc"), "repro", "--single-item", stage],
             cwd=workspace,
             env=env,
             stdout=subprocess.PIPE,
@@ -151,22 +178,16 @@ def run_dvc_stage(
         if code == 0:
             skipped = any("didn't change, skipping" in line for line in lines)
             return {"stage": stage, "seconds": seconds, "skipped": skipped}
-        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-        error = FAILURES.get(status.get("class"), RuntimeFailure)
-        message = status.get("message") or "".join(lines[-20:]).strip()
-        raise error(f"{stage} failed ({status.get('class', 'runtime')}): {message}")
+        status = read_status(status_path)
+    message = status.get("message") or "".join(lines[-20:]).strip()
+    raise stage_failure(code, status, f"{stage} failed ({failure_class(code, status)}): {message}")
 
 
 def check_params(workspace: str | Path) -> None:
     """`cifarflow params --check` before anything runs: a config error stops the flow at once."""
-    cli = Path(sys.executable).with_name("cifarflow")
-    done = subprocess.run(
-        [str(cli) if cli.exists() else "cifarflow", "params", "--check"], cwd=workspace, capture_output=True, text=True
-    )
-    if done.returncode == 2:
-        raise ConfigFailure(done.stderr.strip())
+    done = subprocess.run([beside_python("cifarflow"), "params", "--check"], cwd=workspace, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeFailure(done.stderr.strip())
+        raise stage_failure(done.returncode, {}, done.stderr.strip())
 
 
 RETRY = {
@@ -183,55 +204,37 @@ def params_check(workspace: str) -> None:
     check_params(workspace)
 
 
-@task(name="data-stage", task_run_name="{stage}", **RETRY)
-def data_stage(stage: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
-    """download, preprocess or validate."""
+@task(name="stage", task_run_name="{stage}", **RETRY)
+def stage_task(stage: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
+    """One DVC stage (`dvc repro --single-item <stage>`), its task run named after it."""
     return run_dvc_stage(stage, workspace, timeout_s, up_to_date=up_to_date)
 
 
-@task(name="train", task_run_name="train@{arch}", tags=["gpu"], **{**RETRY, "retries": 4})
-def train_stage(arch: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
-    """train@<arch>: GPU work; a retry resumes from the last epoch checkpoint."""
-    return run_dvc_stage(f"train@{arch}", workspace, timeout_s, up_to_date=up_to_date)
-
-
-@task(name="evaluate", task_run_name="evaluate@{arch}", **RETRY)
-def evaluate_stage(arch: str, workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
-    """evaluate@<arch>."""
-    return run_dvc_stage(f"evaluate@{arch}", workspace, timeout_s, up_to_date=up_to_date)
-
-
-@task(name="export", **RETRY)
-def export_stage(workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
-    """export: select, bless, serving check."""
-    return run_dvc_stage("export", workspace, timeout_s, up_to_date=up_to_date)
-
-
-@task(name="report", **RETRY)
-def report_stage(workspace: str, timeout_s: float | None = None, up_to_date: bool = False) -> dict[str, Any]:
-    """report: the leaderboard."""
-    return run_dvc_stage("report", workspace, timeout_s, up_to_date=up_to_date)
+data_stage = stage_task.with_options(name="data-stage")  # download, preprocess, validate
+# GPU work; a retry resumes from the last epoch. The backoff is given again: it was expanded for 2 retries.
+train_stage = stage_task.with_options(name="train", tags=["gpu"], retries=4, retry_delay_seconds=RETRY["retry_delay_seconds"])
+evaluate_stage = stage_task.with_options(name="evaluate")
+export_stage = stage_task.with_options(name="export")  # select, bless, serving check
+report_stage = stage_task.with_options(name="report")  # the leaderboard
 
 
 @task(name="promote", retries=0)
 def promote_export(workspace: str, by: str) -> dict[str, Any]:
     """Make the export the champion if the registry, re-checking it against the current champion
     under its lock, allows it; a refusal (worse, rolled back, synthetic...) is an outcome, not a failure."""
-    cli = Path(sys.executable).with_name("cifarflow")
-    with tempfile.TemporaryDirectory(prefix="cifarflow-status-") as tmp:
-        status_file = Path(tmp) / "status.json"
+    with status_file() as status_path:
         done = subprocess.run(
-            [str(cli) if cli.exists() else "cifarflow", "promote", "--by", by],
+            [beside_python("cifarflow"), "promote", "--by", by],
             cwd=workspace,
             capture_output=True,
             text=True,
-            env={**os.environ, STATUS_ENV: str(status_file)},
+            env={**os.environ, STATUS_ENV: str(status_path)},
         )
-        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+        status = read_status(status_path)
     if done.returncode == 0:
         message = done.stdout.strip()
         return {"promoted": message.startswith("promoted"), "message": message}
-    if status.get("class") == "refused":
-        _logger().warning("not promoted: %s", status["message"])
-        return {"promoted": False, "message": status["message"]}
-    raise (ConfigFailure if done.returncode == 2 else RuntimeFailure)(done.stderr.strip()[-3000:])
+    if status.get("class") == "refused":  # cifarflow.registry's PromotionRefused: an outcome, not a failure
+        _logger().warning("not promoted: %s", status.get("message"))
+        return {"promoted": False, "message": status.get("message", "")}
+    raise stage_failure(done.returncode, status, done.stderr.strip()[-3000:])

@@ -23,6 +23,7 @@ import yaml
 from cifarflow.config import Params, resolve
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data.synth import synth_archive_bytes, synth_files
+from cifarflow.executables import beside_python
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
@@ -266,6 +267,25 @@ def train_params(arch: str = "lenet", **recipe: Any) -> Params:
 # --- Prefect ----------------------------------------------------------------------------------
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Prefect's console handlers write to whatever sys.stderr was when Prefect set up logging: in a
+    test, pytest's capture file, which pytest closes at exit. Prefect still logs after that (the
+    temporary server's atexit `stop`: "Stopping temporary server on ..."), which printed a "Logging
+    error ... I/O operation on closed file" traceback after the summary. Point them at the real
+    stderr, and keep only warnings and errors: the teardown's INFO chatter is not news."""
+    import logging
+
+    if "prefect" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        handler.setStream(sys.__stderr__)
+        handler.console.file = sys.__stderr__
+        handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -292,10 +312,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = prefect_env(api, home) | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
-    bin_dir = Path(sys.executable).parent
     log = open(home / "server.log", "w")
     server = subprocess.Popen(
-        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [beside_python("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

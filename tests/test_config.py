@@ -113,3 +113,41 @@ def test_params_prints_resolved_config(tmp_path: Path, capsys) -> None:
     assert main(["--params", str(path), "params"]) == 0
     out = capsys.readouterr().out
     assert "profile: smoke" in out and "synth:train=20,test=20" in out
+
+
+RECIPE = {
+    "model": "lenet",
+    "epochs": 1,
+    "batch_size": 8,
+    "optimizer": {"name": "adam", "learning_rate": 0.001},
+    "normalization": "minmax",
+}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "fragment"),
+    [
+        ({"model": "vgg"}, "train.a.model: Input should be 'simple_cnn', 'lenet', 'resnet56' or 'densenet121' (got 'vgg')"),
+        ({"variant": "huge"}, "train.a.variant: Input should be 'full' or 'tiny' (got 'huge')"),
+        ({"normalization": "zscore"}, "train.a.normalization: Input should be 'center', 'minmax' or 'standardize'"),
+        ({"model": "densenet121", "stem": "resnet"}, "train.a.stem: Input should be 'imagenet' or 'cifar'"),
+        ({"model": "densenet121"}, "densenet121 needs stem: imagenet (the seed) or cifar"),
+        ({"stem": "cifar"}, "stem applies to densenet121 only"),
+    ],
+)
+def test_model_names_come_from_the_catalog(tmp_path: Path, capsys, recipe: dict, fragment: str) -> None:
+    """A bad family, variant, normalization or stem names the key and lists the catalog's valid values."""
+    code, err = check(tmp_path, {"train": {"a": {**RECIPE, **recipe}}}, capsys)
+    assert code == 2 and fragment in err, err
+
+
+def test_config_valid_values_are_the_catalogs() -> None:
+    import typing
+
+    from cifarflow.config import Recipe
+    from cifarflow.models import catalog
+
+    annotations = {name: typing.get_args(field.annotation) for name, field in Recipe.model_fields.items()}
+    assert annotations["model"] == catalog.FAMILIES and annotations["variant"] == catalog.VARIANTS
+    assert annotations["normalization"] == catalog.NORMALIZATIONS
+    assert typing.get_args(annotations["stem"][0]) == tuple(s for stems in catalog.STEMS.values() for s in stems)

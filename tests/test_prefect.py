@@ -9,7 +9,6 @@ import http.server
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -57,9 +56,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 def prefect_cli(env: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    from cifarflow.executables import beside_python
+
+    done = subprocess.run([beside_python("prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -216,16 +215,108 @@ def stage_processes(workspace: Path) -> list[str]:
     return found
 
 
-def test_timeout_kills_the_stage_with_its_children(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.stages import StageTimeout, run_dvc_stage
+def process_state(pid: int) -> str | None:
+    """The state letter of `pid` (R, S, Z...), or None when it no longer exists."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+def process_group(pgid: int) -> set[int]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == pgid:
+                found.add(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_timeout_kills_the_stage_with_its_children(
+    prefect_server: dict[str, str], workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage past its timeout: its process group (DVC, the stage command, the command's children)
+    is killed and reaped, the DVC lock is free, and the task run fails with the timeout as its reason."""
+    import flows.pipeline
+    import tasks.stages
+    from cifarflow.executables import beside_python
 
     retrain(workspace)
-    monkeypatch.setenv("PYTHONPATH", f"{workspace}{os.pathsep}{REPO}")
-    monkeypatch.setenv("PATH", cli_env()["PATH"])
-    started = time.monotonic()
-    with pytest.raises(StageTimeout, match="exceeded its timeout"):
-        run_dvc_stage(f"train@{ARCH}", workspace, timeout_s=4)
-    assert time.monotonic() - started < 60
+    # `cifarflow train` that starts two children and never ends; every other command is the real one.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    pids = tmp_path / "train.pids"
+    (fake / "cifarflow").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = train ]; then\n'
+        f"  sleep 3600 & echo $! >> {pids}\n"
+        f"  sleep 3600 & echo $! >> {pids}\n"
+        f"  echo $$ >> {pids}\n"
+        "  wait\n"
+        "fi\n"
+        f'exec {beside_python("cifarflow")} "$@"\n'
+    )
+    (fake / "cifarflow").chmod(0o755)
+
+    killed: dict[str, set[int]] = {}
+    real_kill_group = tasks.stages.kill_group
+
+    def recording_kill_group(process: subprocess.Popen) -> None:
+        killed["group"] = process_group(process.pid)  # DVC (the group leader) and everything it started
+        killed["leader"] = {process.pid}
+        real_kill_group(process)
+
+    monkeypatch.setattr(tasks.stages, "kill_group", recording_kill_group)
+    monkeypatch.setattr(flows.pipeline, "train_stage", tasks.stages.train_stage.with_options(retries=0))  # one attempt
+    env = prefect_server | {"PATH": f"{fake}{os.pathsep}{prefect_server['PATH']}"}
+    # Long enough for the download stage (always run); train@lenet would never end without it.
+    state = run_flow(env, monkeypatch, workspace, stage_timeout_s=90)
+
+    assert state.is_failed(), state
+    train = task_runs(prefect_server, state)[f"train@{ARCH}"]
+    assert train["state"]["type"] == "FAILED" and train["run_count"] == 1, train["state"]
+    assert "StageTimeout" in train["state"]["message"] and "exceeded its timeout of 90 s" in train["state"]["message"]
+    assert f"evaluate@{ARCH}" not in task_runs(prefect_server, state)
+
+    children = {int(line) for line in pids.read_text().split()}  # the fake's shell and its two sleeps
+    assert len(children) == 3 and killed["leader"] <= killed["group"] and children <= killed["group"], killed
+    alive = {pid: process_state(pid) for pid in killed["group"] if process_state(pid) not in (None, "Z")}
+    assert alive == {}, f"processes of the stage outlived its timeout: {alive}"
     assert stage_processes(workspace) == [], "a stage process outlived the timeout"
-    done = run_in(workspace, "dvc", "status", "--json")  # the DVC lock is free again
+    done = run_in(workspace, "dvc", "status", "--json")  # DVC can take its repository lock again
     assert f"train@{ARCH}" in json.loads(done.stdout)
+
+
+def test_each_stage_kind_is_one_task_with_options() -> None:
+    """One task body; the kinds differ only in name, tags and retries; runs are named after the stage."""
+    from tasks import stages
+
+    kinds = {
+        stages.data_stage: ("data-stage", set(), 2),
+        stages.train_stage: ("train", {"gpu"}, 4),
+        stages.evaluate_stage: ("evaluate", set(), 2),
+        stages.export_stage: ("export", set(), 2),
+        stages.report_stage: ("report", set(), 2),
+    }
+    for kind, (name, tags, retries) in kinds.items():
+        assert kind.fn is stages.stage_task.fn
+        assert (kind.name, set(kind.tags), kind.retries) == (name, tags, retries)
+        assert kind.task_run_name == "{stage}" and kind.retry_condition_fn is stages.worth_retrying
+        assert kind.retry_delay_seconds == [5 * 2**i for i in range(retries)]  # exponential backoff, 5 s base
+
+
+def test_the_flow_reads_its_paths_from_dvc_yaml(tmp_path: Path) -> None:
+    from flows.pipeline import declared, stage_outputs
+
+    outputs = stage_outputs(REPO)
+    assert declared(outputs, "export") == "data/export"
+    assert declared(outputs, "report", "leaderboard.json") == "data/reports/leaderboard.json"
+    assert declared(outputs, "report", "leaderboard.md") == "data/reports/leaderboard.md"
+    with pytest.raises(LookupError, match="stage 'report' declares"):
+        declared(outputs, "report", "missing.json")
+    with pytest.raises(FileNotFoundError, match="dvc.yaml"):
+        stage_outputs(tmp_path)
+    source = (REPO / "flows/pipeline.py").read_text()
+    assert "data/" not in source, "a stage path is written in flows/pipeline.py instead of dvc.yaml"

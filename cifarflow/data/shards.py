@@ -1,4 +1,5 @@
-"""Shard formats: Parquet (pyarrow) and TFRecord (tf.train.Example), the same three columns.
+"""Shard formats: Parquet (pyarrow; written and read here) and TFRecord (tf.train.Example; written
+without TensorFlow by cifarflow.data.tfrecord, read here with TensorFlow), the same three columns.
 
 image: 3072 bytes, 32x32x3 uint8 in HWC order · label: class index · index: position in the
 source split (train or test) before the val split, so every example traces back to the archive.
@@ -92,26 +93,9 @@ def read_parquet(paths: list[Path]) -> Split:
     return Split(_images_view(columns["image"]), columns["label"].to_numpy(), columns["index"].to_numpy())
 
 
-def write_tfrecord(path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
-    import tensorflow as tf  # only the TFRecord side needs TensorFlow
-
-    Feature, Example, Features = tf.train.Feature, tf.train.Example, tf.train.Features
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for image, label, idx in zip(images, labels, index, strict=True):
-            example = Example(
-                features=Features(
-                    feature={
-                        "image": Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-                        "label": Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                        "index": Feature(int64_list=tf.train.Int64List(value=[int(idx)])),
-                    }
-                )
-            )
-            writer.write(example.SerializeToString())
-
-
 def tfrecord_features() -> dict:
-    import tensorflow as tf
+    """The Example features of a TFRecord shard, for tf.io.parse_example."""
+    import tensorflow as tf  # only the TFRecord side needs TensorFlow
 
     return {
         "image": tf.io.FixedLenFeature([], tf.string),

@@ -1,5 +1,7 @@
-"""Model families as a registry from name to builder, each with a tiny variant for tests."""
+"""Model families as a registry from name to builder, each with a tiny variant for tests; the
+names live in cifarflow.models.catalog."""
 
-from cifarflow.models.registry import FAMILIES, build_model
+from cifarflow.models.catalog import FAMILIES, NORMALIZATIONS, STEMS, VARIANTS
+from cifarflow.models.registry import build_model
 
-__all__ = ["FAMILIES", "build_model"]
+__all__ = ["FAMILIES", "NORMALIZATIONS", "STEMS", "VARIANTS", "build_model"]

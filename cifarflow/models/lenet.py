@@ -9,12 +9,14 @@ import keras
 from keras import layers
 
 from cifarflow.data.layout import IMAGE_SHAPE
+from cifarflow.models.catalog import Variant
 
-WIDTHS = {"full": (32, 64, 64, 64), "tiny": (8, 16, 16, 16)}
+# conv1, conv2, conv3 filters and fc1 units, per variant (catalog.VARIANTS)
+CONFIGS: dict[Variant, tuple[int, int, int, int]] = {"full": (32, 64, 64, 64), "tiny": (8, 16, 16, 16)}
 
 
-def build(num_classes: int = 10, variant: str = "full") -> keras.Model:
-    c1, c2, c3, dense = WIDTHS[variant]
+def build(num_classes: int = 10, variant: Variant = "full") -> keras.Model:
+    c1, c2, c3, dense = CONFIGS[variant]
     inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = layers.Conv2D(c1, 3, activation="relu", name="conv1")(inputs)
     x = layers.MaxPooling2D(2, name="pool1")(x)

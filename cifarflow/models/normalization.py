@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-NORMALIZATIONS = ("center", "minmax", "standardize")
+from cifarflow.models.catalog import NORMALIZATIONS
+
 MINMAX_EPSILON = 1e-7  # as FastEstimator's Minmax: flat images do not divide by zero
 
 

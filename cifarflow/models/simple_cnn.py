@@ -10,12 +10,14 @@ import keras
 from keras import layers
 
 from cifarflow.data.layout import IMAGE_SHAPE
+from cifarflow.models.catalog import Variant
 
-WIDTHS = {"full": (16, 32, 32, 64, 256), "tiny": (4, 8, 8, 16, 32)}
+# conv1..conv4 filters and fc1 units, per variant (catalog.VARIANTS)
+CONFIGS: dict[Variant, tuple[int, int, int, int, int]] = {"full": (16, 32, 32, 64, 256), "tiny": (4, 8, 8, 16, 32)}
 
 
-def build(num_classes: int = 10, variant: str = "full") -> keras.Model:
-    c1, c2, c3, c4, dense = WIDTHS[variant]
+def build(num_classes: int = 10, variant: Variant = "full") -> keras.Model:
+    c1, c2, c3, c4, dense = CONFIGS[variant]
     inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = layers.Conv2D(c1, 3, padding="same", activation="relu", name="conv1")(inputs)
     x = layers.LeakyReLU(0.1, name="conv1_leaky")(x)

@@ -1,0 +1,31 @@
+"""The one list of model names: families (and the module that builds each), variants, stems and
+input normalizations. Names only, no Keras: params validation (cifarflow.config), the registry and
+the builders all read them from here."""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+Family = Literal["simple_cnn", "lenet", "resnet56", "densenet121"]
+Variant = Literal["full", "tiny"]  # tiny: a small model of the same shape, for tests and smoke
+Stem = Literal["imagenet", "cifar"]
+Normalization = Literal["center", "minmax", "standardize"]
+
+FAMILIES: tuple[Family, ...] = typing.get_args(Family)
+VARIANTS: tuple[Variant, ...] = typing.get_args(Variant)
+NORMALIZATIONS: tuple[Normalization, ...] = typing.get_args(Normalization)
+
+# family -> the module whose `build(num_classes, variant, **options)` builds it, imported on demand
+# (each imports Keras, which params validation and the CLI must not load early).
+BUILDERS: dict[Family, str] = {
+    "simple_cnn": "cifarflow.models.simple_cnn",
+    "lenet": "cifarflow.models.lenet",
+    "resnet56": "cifarflow.models.resnet",
+    "densenet121": "cifarflow.models.densenet",
+}
+
+# family -> the stems it offers, the first being the seed's; families not listed have one fixed stem.
+STEMS: dict[Family, tuple[Stem, ...]] = {"densenet121": typing.get_args(Stem)}
+
+NORMALIZATION_HELP = "center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std"
