@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifarflow.errors import ConfigError
+from cifarflow.models.catalog import NORMALIZATION_HELP, STEMS, Family, Normalization, Stem, Variant
 from cifarflow.redact import has_userinfo, redact_url, short
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -42,11 +43,13 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")  # architecture and profile name
 
 
 class SynthSpec(Strict):
-    """A generated source, written in params as `synth:train=2000,test=500,seed=0`."""
+    """A generated source, written in params as `synth:train=2000,test=500,seed=0`; `mislabel=15` gives 15% of
+    the labels another class (see data/synth.py)."""
 
     train: int = Field(ge=10, le=MAX_EXAMPLES)
     test: int = Field(ge=10, le=MAX_EXAMPLES)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    mislabel: int = Field(0, ge=0, le=90, description="percent of labels replaced by another class")
 
     @classmethod
     def parse(cls, text: str) -> SynthSpec:
@@ -68,7 +71,8 @@ class SynthSpec(Strict):
             ) from None
 
     def __str__(self) -> str:
-        return f"{SYNTH_PREFIX}train={self.train},test={self.test},seed={self.seed}"
+        noise = f",mislabel={self.mislabel}" if self.mislabel else ""
+        return f"{SYNTH_PREFIX}train={self.train},test={self.test},seed={self.seed}{noise}"
 
 
 SYNTH_EXAMPLE = "synth:train=2000,test=500,seed=0"
@@ -218,9 +222,6 @@ def check_checksum_keys(data: DataParams, kind: str, source: str) -> None:
         )
 
 
-MODELS = ("simple_cnn", "lenet", "resnet56", "densenet121")  # cifarflow.models.registry.FAMILIES
-
-
 class OptimizerParams(Strict):
     name: Literal["adam", "adamax", "sgd"]
     learning_rate: float = Field(gt=0, le=10, description="at `lr_reference_batch` examples per step")
@@ -265,16 +266,15 @@ class MixupParams(Strict):
 class Recipe(Strict):
     """One architecture's training recipe; defaults come from its seed tutorial."""
 
-    model: Literal["simple_cnn", "lenet", "resnet56", "densenet121"]
-    variant: Literal["full", "tiny"] = Field("full", description="tiny: a small model for tests and smoke")
-    stem: Literal["imagenet", "cifar"] | None = Field(None, description="densenet121 only")
+    # The names come from cifarflow.models.catalog: a bad one is an error listing the valid ones.
+    model: Family
+    variant: Variant = Field("full", description="tiny: a small model for tests and smoke")
+    stem: Stem | None = Field(None, description=f"{', '.join(STEMS)} only")
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(ge=1, le=MAX_BATCH, description="global batch: split across replicas")
     optimizer: OptimizerParams
     schedule: ScheduleParams = ScheduleParams()
-    normalization: Literal["center", "minmax", "standardize"] = Field(
-        description="center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std"
-    )
+    normalization: Normalization = Field(description=NORMALIZATION_HELP)
     augmentation: Literal["none", "crop_flip"] = Field("none", description="crop_flip: pad 4, random 32x32 crop, h-flip")
     drop_remainder: bool = False
     mixup: MixupParams | None = None
@@ -282,10 +282,13 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _stem(self) -> Recipe:
-        if self.model == "densenet121" and self.stem is None:
-            raise ValueError("densenet121 needs stem: imagenet (the seed) or cifar")
-        if self.model != "densenet121" and self.stem is not None:
-            raise ValueError(f"stem applies to densenet121 only; remove it from this {self.model} recipe")
+        stems = STEMS.get(self.model)
+        if stems and self.stem is None:
+            raise ValueError(f"{self.model} needs stem: {stems[0]} (the seed) or {' or '.join(stems[1:])}")
+        if stems and self.stem not in stems:
+            raise ValueError(f"{self.model} has no stem {self.stem!r}; valid: {', '.join(stems)}")
+        if not stems and self.stem is not None:
+            raise ValueError(f"stem applies to {', '.join(STEMS)} only; remove it from this {self.model} recipe")
         return self
 
 
@@ -302,6 +305,27 @@ class RuntimeParams(Strict):
     jit_compile: bool = Field(False, description="XLA")
     logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")
     oom_min_micro_batch: int = Field(4, ge=1, le=MAX_BATCH, description="out of memory below this micro-batch: give up")
+
+    @model_validator(mode="after")
+    def _runs_as_written(self) -> RuntimeParams:
+        # Combinations that would run otherwise than written are refused at load, so `params --check`
+        # catches them before a training process starts.
+        if self.jit_compile and self.deterministic:
+            raise ValueError(
+                "jit_compile: true does nothing with deterministic: true: Keras 3.15 turns XLA off when op "
+                "determinism is on (not every op has a deterministic XLA kernel). Set jit_compile: false to keep "
+                "bit-identical runs, or deterministic: false to use XLA"
+            )
+        if self.distribution == "multi_worker" and self.jit_compile:
+            raise ValueError(
+                "jit_compile: true is not supported with distribution: multi_worker (its strategy.run steps run without XLA)"
+            )
+        if self.distribution == "multi_worker" and self.logical_cpus:
+            raise ValueError(
+                "logical_cpus applies to distribution: mirrored; multi_worker uses one CPU, or all GPUs, per node: "
+                "set logical_cpus: 0"
+            )
+        return self
 
 
 class EvaluateParams(Strict):
@@ -575,13 +599,20 @@ def load_params(path: Path | str = DEFAULT_PARAMS, check_paths: bool = True) -> 
     return params
 
 
+def dvc_stages(root: Path) -> dict[str, Any]:
+    """The `stages:` mapping of `root`/dvc.yaml, where every stage's paths are written; empty when the
+    file is missing or unreadable."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return stages if isinstance(stages, dict) else {}
+
+
 def missing_dvc_params(root: Path, raw: dict[str, Any]) -> list[tuple[str, str]]:
     """(stage, key) for every params key that dvc.yaml's stages read and the document lacks (a
     `foreach: ${archs}` stage reads its keys once per architecture)."""
-    try:
-        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError):
-        return []
+    stages = dvc_stages(root)
     missing = []
     for name, stage in stages.items():
         if not isinstance(stage, dict):
@@ -600,21 +631,24 @@ def missing_dvc_params(root: Path, raw: dict[str, Any]) -> list[tuple[str, str]]
     return missing
 
 
+def dvc_stage_outputs(root: Path) -> dict[str, list[str]]:
+    """stage -> the paths dvc.yaml declares as its outs, metrics and plots, as written there (a
+    `foreach` stage's paths keep their `${item}`)."""
+    outputs = {}
+    for name, stage in dvc_stages(root).items():
+        body = stage.get("do", stage) if isinstance(stage, dict) else {}
+        outputs[name] = [
+            next(iter(entry)) if isinstance(entry, dict) else str(entry)
+            for key in ("outs", "metrics", "plots")
+            for entry in body.get(key) or []
+        ]
+    return outputs
+
+
 def dvc_outputs(root: Path) -> list[str]:
     """The outputs dvc.yaml declares (outs, metrics, plots), as project-relative paths; a templated
     path (`data/models/${item}/...`) stands for the folder before its first `${`."""
-    try:
-        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    found = []
-    for stage in stages.values():
-        body = stage.get("do", stage) if isinstance(stage, dict) else {}
-        for key in ("outs", "metrics", "plots"):
-            for entry in body.get(key) or []:
-                name = next(iter(entry)) if isinstance(entry, dict) else str(entry)
-                found.append(name.split("${", 1)[0].rstrip("/") or ".")
-    return found
+    return [path.split("${", 1)[0].rstrip("/") or "." for paths in dvc_stage_outputs(root).values() for path in paths]
 
 
 def check_champion_dir(value: str, root: Path) -> None:

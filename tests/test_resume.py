@@ -180,6 +180,14 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tiny_shards: Path, tm
         assert done.returncode == 0, done.stderr[-2000:]
         info = run_info(root, "mix")
         assert info["runtime"]["replicas"] == (2 if name == "mirrored" else 1)
+        # The strategy the trainer actually ran, as it recorded it, not what params asked for.
+        used, devices = info["runtime"]["strategy"], info["runtime"]["devices"]
+        if name == "mirrored":
+            assert used == "MirroredStrategy" and len(devices) == 2, info["runtime"]
+            assert all(d.endswith(f"CPU:{i}") for i, d in enumerate(devices)), devices
+        else:
+            assert used != "MirroredStrategy" and len(devices) == 1, info["runtime"]
+        assert info["runtime"]["loop"] == "keras fit" and info["runtime"]["per_replica_batch"] == 32 // len(devices)
         weights[name] = keras.models.load_model(root / "out/mix/model.keras", compile=False).get_weights()
     differences = [float(np.max(np.abs(a - b))) for a, b in zip(weights["single"], weights["mirrored"], strict=True)]
     assert max(differences) < 1e-4, differences

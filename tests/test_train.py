@@ -8,10 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from conftest import cli_env, make_params, train_params, write_params
 
+from cifarflow.config import resolve
 from cifarflow.data import validate
+from cifarflow.errors import ConfigError
+from cifarflow.training import resume
 from cifarflow.training.schedule import LearningRate
 from cifarflow.training.trainer import train
 
@@ -56,11 +61,52 @@ def test_both_formats_train_identically(tiny_shards: Path, verdict: Path, tmp_pa
 
 
 def test_mixup_and_plateau_recipes_train(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
+    """The plateau rule must fire: a learning rate of 1e-9 cannot move any val prediction's argmax,
+    so val_accuracy does not improve after epoch 0 and (patience 0) the rate halves for epoch 2."""
     params = train_params(
-        mixup={"alpha": 1.0, "warmup": 1}, monitor="val_loss", schedule={"kind": "plateau", "patience": 0, "factor": 0.5}
+        epochs=3,
+        optimizer={"name": "adam", "learning_rate": 1e-9},
+        mixup={"alpha": 1.0, "warmup": 1},
+        monitor="val_loss",
+        schedule={"kind": "plateau", "monitor": "val_accuracy", "patience": 0, "factor": 0.5, "min_lr": 0},
     )
     summary = train(params, "lenet", tiny_shards, tmp_path / "m", tmp_path / "run", tmp_path / "ck", verdict)
-    assert summary["monitor"] == "val_loss" and summary["best_epoch"] in (0, 1)
+    assert summary["monitor"] == "val_loss" and summary["best_epoch"] in (0, 1, 2)
+    rows = list(csv.DictReader((tmp_path / "m/history.csv").open()))
+    accuracies, rates = [float(r["val_accuracy"]) for r in rows], [float(r["lr"]) for r in rows]
+    assert accuracies[1] <= accuracies[0], "the premise: no improvement after epoch 0"
+    assert rates == [1e-9, 1e-9, 5e-10], rates
+    # and the recorded rates are exactly what the rule gives for the recorded metrics
+    replay = LearningRate(params.train["lenet"])
+    for row, rate in zip(rows, rates, strict=True):
+        assert replay.rate(int(row["epoch"])) == rate
+        replay.update({"val_accuracy": float(row["val_accuracy"])})
+
+
+def test_mixup_batches_are_blends(tiny_shards: Path) -> None:
+    """With mixup on, each example is lam * itself + (1 - lam) * its neighbour, images and one-hot
+    labels alike, one lam in (0, 1) per batch; before warm-up ends the batches are the plain ones."""
+    from cifarflow.data.inputs import InputPipeline, load_split
+
+    split = load_split(tiny_shards, "train", "parquet")
+    mixed_recipe = train_params(mixup={"alpha": 1.0, "warmup": 1}).train["lenet"]
+    plain_recipe = train_params().train["lenet"]
+    mixed = InputPipeline(split, mixed_recipe, 10, 42, 32)
+    plain = InputPipeline(split, plain_recipe, 10, 42, 32)
+    for (x, y), (x0, y0) in zip(mixed.train(0), plain.train(0), strict=True):  # warm-up: not mixed
+        assert np.array_equal(x.numpy(), x0.numpy()) and np.array_equal(y.numpy(), y0.numpy())
+    lams = []
+    for (x, y), (x0, y0) in zip(mixed.train(1), plain.train(1), strict=True):
+        x, y, x0, y0 = x.numpy(), y.numpy(), x0.numpy(), y0.numpy()
+        assert np.allclose(y.sum(axis=1), 1.0) and ((y > 0).sum(axis=1) <= 2).all()
+        differ = np.flatnonzero(y0.argmax(1) != np.roll(y0, 1, axis=0).argmax(1))
+        lam = float(y[differ[0], y0[differ[0]].argmax()])  # the weight of the example's own label
+        assert 0 < lam < 1 and not np.array_equal(y, y0), "labels are convex mixtures, not one-hot"
+        np.testing.assert_allclose(y, lam * y0 + (1 - lam) * np.roll(y0, 1, axis=0), atol=1e-6)
+        np.testing.assert_allclose(x, lam * x0 + (1 - lam) * np.roll(x0, 1, axis=0), atol=1e-5)
+        assert not np.allclose(x, x0), "images are blends"
+        lams.append(lam)
+    assert len(set(lams)) == len(lams) > 1, "a new lam per batch"
 
 
 def test_plateau_schedule() -> None:
@@ -113,3 +159,46 @@ def test_bad_arch_and_bad_recipe_exit_2(tmp_path: Path) -> None:
     raw["archs"] = ["lenet", "vgg"]
     done = cli(tmp_path, raw, "params", "--check")
     assert done.returncode == 2 and "archs ['vgg'] have no recipe" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("runtime", "says"),
+    [
+        ({"jit_compile": True, "deterministic": True}, "turns XLA off when op determinism is on"),
+        ({"jit_compile": True, "deterministic": False, "distribution": "multi_worker"}, "not supported with distribution"),
+        ({"logical_cpus": 2, "distribution": "multi_worker"}, "logical_cpus applies to distribution: mirrored"),
+    ],
+)
+def test_settings_that_would_not_run_as_written_are_config_errors(runtime: dict, says: str) -> None:
+    """Keras 3.15 silently turns XLA off under op determinism: asking for both must say so at load
+    (so `params --check` catches it), not run a model whose run info claims XLA."""
+    raw = train_params(epochs=1).model_dump(mode="json")
+    raw["runtime"].update(runtime)
+    with pytest.raises(ConfigError, match=rf"runtime: .*{says}"):
+        resolve(raw)
+    raw["runtime"] = {}
+    assert resolve(raw).runtime.jit_compile is False
+
+
+def test_train_deps_are_the_code_that_decides_the_weights() -> None:
+    """dvc.yaml's train deps and the resume fingerprint's resume.CODE are one list, and every module
+    training loads (the trainer and every model family) is in it or in resume.NOT_DECIDING."""
+    repo = Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    code_deps = {d for d in stage["deps"] if d.startswith("cifarflow/")}
+    assert code_deps == {f"cifarflow/{rel}" for rel in resume.CODE}
+    for rel in (*resume.CODE, *resume.NOT_DECIDING):
+        assert (resume.CODE_ROOT / rel).exists(), rel
+    probe = (
+        "import sys; from cifarflow.training import trainer; from cifarflow.models import FAMILIES, build_model\n"
+        "[build_model(f, 10, 'tiny') for f in FAMILIES]\n"
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'cifarflow'))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = {Path(f).relative_to(resume.CODE_ROOT).as_posix() for f in done.stdout.split()}
+    covered = {
+        rel for rel in loaded for entry in (*resume.CODE, *resume.NOT_DECIDING) if rel == entry or rel.startswith(f"{entry}/")
+    }
+    assert loaded - covered == set(), "training loads code listed neither in resume.CODE nor resume.NOT_DECIDING"
+    assert resume.CODE_ROOT == repo / "cifarflow"

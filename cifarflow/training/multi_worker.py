@@ -1,15 +1,18 @@
-"""`runtime.distribution: multi_worker`: one process per node under MultiWorkerMirroredStrategy,
-trained by a custom loop (`strategy.run`), because Keras 3.15's `fit` fails under this strategy
-(keras-team/keras#20585: in build and in metric reduction).
+"""`runtime.distribution: multi_worker`: the per-step work of the training loop (`trainer.train`)
+for one process per node under MultiWorkerMirroredStrategy: `strategy.run` steps instead of
+Keras `fit`, because Keras 3.15's `fit` fails under this strategy (keras-team/keras#20585: in
+build and in metric reduction). The loop itself (resume, schedule, reseed, checkpoints,
+out-of-memory handling, outputs) is the one every strategy runs; this module only supplies the
+steps and the collectives, and never imports the loop.
 
-Everything that decides the weights is the fit path's: the model and optimizer of
-`build_compiled`, the schedule, the per-epoch reseed, and the global batches of `InputPipeline`.
-Every worker builds the same global batch (order, crops, flips and mixup pairs are decided per
-global batch) and replica r trains on rows [r·b, (r+1)·b) of it, b = batch_size / replicas; a
-short last batch leaves the last replicas fewer rows, or none. Each replica's loss is its sum
-of per-example losses over the global batch's size, so the all-reduced (summed) gradient is the
-gradient of the global batch's mean loss: the same step a single device takes, up to the order
-of float additions.
+Everything that decides the weights is therefore shared with the `fit` path: the model and
+optimizer of `build_compiled`, the schedule, the per-epoch reseed, and the global batches of
+`InputPipeline`. Every worker builds the same global batch (order, crops, flips and mixup pairs are
+decided per global batch) and replica r trains on rows [r·b, (r+1)·b) of it, b = batch_size /
+replicas; a short last batch leaves the last replicas fewer rows, or none. Each replica's loss is
+its sum of per-example losses over the global batch's size, so the all-reduced (summed) gradient
+is the gradient of the global batch's mean loss: the same step a single device takes, up to the
+order of float additions.
 
 Only the chief (the `chief` task, else worker 0) touches the filesystem: checkpoints, state.json,
 outputs, run info, TensorBoard logs, fault markers. Other workers write nothing: at start the
@@ -22,7 +25,8 @@ seconds later here; a vanished host is noticed by TensorFlow's coordination-serv
 and the whole job is restarted, which resumes from the chief's last checkpoint. A process that
 never joins leaves the others waiting at start without limit: whoever launches the job must
 enforce a timeout. Fault injection (CIFARFLOW_FAULT_*_AT) fires on the chief only, where its
-marker lives.
+marker lives. There is no out-of-memory adaptation (it needs gradient accumulation, which Keras
+3.15 does not do under a multi-device strategy): out of memory stops the run with advice.
 
 Op determinism (`runtime.deterministic`) works with the CPU collectives (checked here with
 TF 2.21): the workers hold bit-identical weights after every step, a run repeats bit for bit,
@@ -36,32 +40,16 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from cifarflow.config import Params
-from cifarflow.data.inputs import InputPipeline, load_checked
-from cifarflow.data.layout import MANIFEST
-from cifarflow.data.verdict import CheckedShards
-from cifarflow.errors import CifarflowError, ConfigError, InputError
+from cifarflow.errors import ConfigError
 from cifarflow.training import runtime
 from cifarflow.training.faults import FaultInjector
-from cifarflow.training.resume import ResumeStore, RunState, fingerprint
-from cifarflow.training.schedule import LearningRate
-from cifarflow.training.trainer import (
-    build_compiled,
-    check_finite,
-    configure_determinism,
-    finish,
-    record_epoch,
-    reseed_layers,
-    restore,
-    save_model_atomic,
-)
+from cifarflow.training.resume import ResumeStore, RunState
 
 log = logging.getLogger(__name__)
 SUM = tf.distribute.ReduceOp.SUM
@@ -208,141 +196,48 @@ def run_epoch(step: Any, dataset: tf.data.Dataset, on_batch_end: Any = None) -> 
     return loss / count, correct / count
 
 
-# --- the run --------------------------------------------------------------------------------------
+# --- the per-epoch work the loop calls -----------------------------------------------------------
 
 
-class Summaries:
-    """The chief's TensorBoard scalars per epoch, in the Keras callback's layout (train/, validation/)."""
+class StrategySteps:
+    """One epoch of `strategy.run` steps over global batches, for `trainer.train`'s loop. Every worker
+    runs the loop; only the chief writes (the loop asks `writes`)."""
 
-    def __init__(self, root: Path) -> None:
-        self.train = tf.summary.create_file_writer(str(root / "train"))
-        self.validation = tf.summary.create_file_writer(str(root / "validation"))
+    loop = "custom (strategy.run)"
+    adapts_micro_batch = False  # gradient accumulation does not work under a multi-device strategy
 
-    def write(self, epoch: int, logs: dict[str, float], rate: float) -> None:
-        with self.train.as_default():
-            for name in ("loss", "accuracy"):
-                tf.summary.scalar(f"epoch_{name}", logs[name], step=epoch)
-            tf.summary.scalar("epoch_learning_rate", rate, step=epoch)
-        with self.validation.as_default():
-            for name in ("loss", "accuracy"):
-                tf.summary.scalar(f"epoch_{name}", logs[f"val_{name}"], step=epoch)
-        self.train.flush()
-        self.validation.flush()
+    def __init__(self, strategy: tf.distribute.Strategy, per_replica: int, injector: FaultInjector | None) -> None:
+        self.strategy, self.per_replica = strategy, per_replica
+        self.writes = runtime.is_chief(strategy)
+        self.injector = injector if self.writes else None  # its marker lives in the chief's checkpoints
+        self.collectives = Collectives(strategy, self.writes)
+        self.steps: Steps | None = None
 
+    def agree(self, store: ResumeStore | None, mine: str, arch: str) -> RunState:
+        """The chief's resume state on every worker (`store` is None except on the chief)."""
+        return agree_on_state(self.collectives, store if self.writes else None, mine, arch)
 
-def train(
-    params: Params,
-    arch: str,
-    data: CheckedShards,
-    out: Path,
-    runinfo: Path,
-    checkpoints: Path,
-    strategy: tf.distribute.Strategy,
-) -> dict[str, Any]:
-    """Train `arch` on this worker's share of every global batch; the chief writes the fit path's files.
-    `data` is what `verdict.check_shards` returned on this node (trainer.train calls it before the
-    strategy starts); each split's count and labels are checked once loaded."""
-    shards_dir, num_classes = data.root, len(data.classes)
-    recipe = params.recipe(arch)
-    configure_determinism(params.seed, params.runtime.deterministic)
-    per_replica = runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
-    chief = runtime.is_chief(strategy)
-    mine = fingerprint(params, arch, shards_dir / MANIFEST)
-    store = ResumeStore(checkpoints, mine) if chief else None
-    collectives = Collectives(strategy, chief)
-    state = agree_on_state(collectives, store, mine, arch)
-    resumed_from = state.epoch if state.checkpoint else None
-    if state.micro_batch:
-        raise CifarflowError(
-            f"train@{arch}: the resume state asks for micro-batch {state.micro_batch} (an "
-            "out-of-memory adaptation), which multi_worker does not do; delete the checkpoints"
-        )
+    def start(self, model: keras.Model, spec: tuple[tf.TensorSpec, tf.TensorSpec]) -> None:
+        """Once the chief's model holds the state the run starts from: every worker gets it, bit for bit."""
+        self.collectives.broadcast_variables([*model.variables, *model.optimizer.variables])
+        self.steps = Steps(model, self.strategy, self.per_replica, spec)
+        if self.injector is not None:
+            self.injector.set_model(model)  # the NaN fault writes into the weights
 
-    schedule = LearningRate(recipe, state.schedule)
-    with strategy.scope():  # every worker creates the same variables in the same order (MWMS syncs their creation)
-        model = build_compiled(recipe, num_classes, schedule.rate(state.epoch))
-        model.optimizer.build(model.trainable_variables)
-    if chief and state.checkpoint:
-        # Outside the scope: loading builds a throwaway model, whose variables must not be collective.
-        restore(model, store.path(state.checkpoint))
-        log.info("train@%s: resumed from epoch %d", arch, state.epoch)
-    collectives.broadcast_variables([*model.variables, *model.optimizer.variables])
+    def describe(self) -> dict[str, Any]:
+        # type(strategy) is its alias CollectiveAllReduceStrategy: name it as the user configured it
+        return {"strategy": "MultiWorkerMirroredStrategy", "workers": runtime.worker_count(self.strategy)}
 
-    train_inputs = InputPipeline(
-        load_checked(data, "train"), recipe, num_classes, params.seed, recipe.batch_size
-    )  # global batches: each replica takes its rows
-    val_inputs = InputPipeline(load_checked(data, "val"), recipe, num_classes, params.seed, recipe.batch_size)
-    if train_inputs.steps(training=True) == 0:
-        raise InputError(
-            f"train has {len(train_inputs)} examples, fewer than one batch of "
-            f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder"
-        )
-    workers = runtime.worker_count(strategy)
-    devices = runtime.describe(strategy, params.runtime) | {
-        "strategy": "MultiWorkerMirroredStrategy",  # type(strategy) is its alias CollectiveAllReduceStrategy
-        "workers": workers,
-        "per_replica_batch": per_replica,
-        "loop": "custom (strategy.run)",
-        "micro_batch": recipe.batch_size,
-        "accumulation": 1,
-    }
-    log.info(
-        "train@%s: task %s (%s), %d workers, %d replicas of %d examples",
-        arch,
-        runtime.task_name(strategy),
-        "chief" if chief else "not chief: writes nothing",
-        workers,
-        strategy.num_replicas_in_sync,
-        per_replica,
-    )
-
-    validation = val_inputs.evaluation()
-    steps = Steps(model, strategy, per_replica, validation.element_spec)
-    injector = FaultInjector(checkpoints) if chief else None  # its marker lives in the chief's checkpoints
-    summaries = Summaries(Path(runinfo) / "tensorboard") if chief else None
-    for epoch in range(state.epoch, recipe.epochs):
-        rate = schedule.rate(epoch)
-        model.optimizer.learning_rate.assign(rate)
-        reseed_layers(model, params.seed, epoch)
-        if injector is not None:
-            injector.on_epoch_begin(epoch)
+    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset) -> tuple[dict[str, float], float]:
+        """(the epoch's logs as Keras names them, seconds of its training part)."""
+        if self.injector is not None:
+            self.injector.on_epoch_begin(epoch)
         started = time.perf_counter()
-        try:
-            loss, accuracy = run_epoch(
-                steps.train, train_inputs.train(epoch), injector.on_train_batch_end if injector is not None else None
-            )
-        except tf.errors.ResourceExhaustedError as exc:
-            raise CifarflowError(
-                f"train@{arch}: out of memory in epoch {epoch} ({exc.message}); multi_worker does "
-                "not adapt the micro-batch: use more workers, a smaller batch_size or variant, or "
-                "precision: mixed_float16"
-            ) from None
+        loss, accuracy = run_epoch(self.steps.train, train, self.injector.on_train_batch_end if self.injector else None)
         seconds = time.perf_counter() - started
-        val_loss, val_accuracy = run_epoch(steps.evaluate, validation)
-        logs = {"loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
-        log.info(
-            "train@%s: epoch %d/%d loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs)",
-            arch,
-            epoch + 1,
-            recipe.epochs,
-            loss,
-            accuracy,
-            val_loss,
-            val_accuracy,
-            seconds,
-        )
-        check_finite(arch, epoch, logs, recipe.monitor)
-        record_epoch(state, schedule, recipe, epoch, rate, logs, seconds, train_inputs.steps(training=True) * recipe.batch_size)
-        if chief:
-            save_model_atomic(model, store.path(state.checkpoint))
-            store.commit(state)
-            summaries.write(epoch, logs, rate)
-    if state.best_epoch is None:
-        raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
-    summary = (
-        finish(arch, recipe, state, store, Path(out), Path(runinfo), resumed_from, devices)
-        if chief
-        else {"arch": arch, "best_epoch": state.best_epoch, "resumed_from_epoch": resumed_from}
-    )
-    collectives.barrier()  # a barrier: a worker exits 0 only once the chief has written
-    return summary
+        val_loss, val_accuracy = run_epoch(self.steps.evaluate, validation)
+        return {"loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}, seconds
+
+    def done(self) -> None:
+        """A barrier: a worker exits 0 only once the chief has written."""
+        self.collectives.barrier()

@@ -22,8 +22,30 @@ from cifarflow.fileio import dumps_json, sha256_file, write_json_atomic
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the cifarflow package
-# The modules whose code decides the weights (as in dvc.yaml's train deps).
-CODE = ("training", "models", "data/inputs.py", "data/shards.py", "digest.py")
+# The code that decides the train stage's outputs (weights, their archive and digest, history,
+# summary), relative to the package: the resume fingerprint hashes it, and dvc.yaml's train deps
+# list exactly these (tests/test_train.py checks both, and that training imports nothing else
+# but NOT_DECIDING).
+CODE = (
+    "training",
+    "models",
+    "data/inputs.py",  # batches: order, augmentation, mixup, normalization
+    "data/shards.py",  # shard files -> uint8 arrays
+    "data/cifar_binary.py",  # the record layout shards.py decodes with
+    "data/layout.py",  # image shape, read by the models and the inputs
+    "data/verdict.py",  # which shards training accepts
+    "digest.py",  # weights.sha256
+    "keras_archive.py",  # model.keras bytes
+    "fileio.py",  # summary.json's JSON form, atomic writes
+)
+# Modules training imports whose code cannot change its outputs.
+NOT_DECIDING = (
+    "__init__.py",
+    "data/__init__.py",
+    "config.py",  # parses params.yaml: the values it yields are the stage's params deps
+    "errors.py",  # exception classes and exit codes
+    "redact.py",  # how URLs appear in messages
+)
 
 
 @dataclass

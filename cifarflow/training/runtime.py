@@ -1,7 +1,14 @@
 """How a training runs, not what it computes: distribution strategy, precision, XLA, devices.
 
-The recipe's batch_size is the global batch; each replica gets batch_size / replicas, so the
-same params mean the same optimisation on a CPU, one GPU or eight.
+The recipe's batch_size is the global batch; each replica gets batch_size / replicas, and the
+learning rate follows the recipe for that global batch. For models without BatchNorm or dropout
+that is the same optimisation on one device or eight, up to the order of float additions; with
+them it is not: BatchNorm statistics and dropout masks are per replica (not synchronised), so
+those models train equally well but not along the same path.
+
+XLA (`jit_compile`) and op determinism (`deterministic`) exclude each other in Keras 3.15 (it
+turns XLA off, with only a warning, when op determinism is on), so asking for both is an error
+rather than a run whose run info claims XLA.
 
 `distribution: multi_worker` runs one process per node, each told the cluster and its own
 place in it by the TF_CONFIG environment variable; the chief (the `chief` task, or worker 0
@@ -95,16 +102,6 @@ def multi_worker_strategy(runtime: RuntimeParams) -> tf.distribute.MultiWorkerMi
     """MultiWorkerMirroredStrategy from TF_CONFIG. Must be the first TensorFlow call of the process:
     it starts this task's gRPC server, and its first collective waits (without limit) for all peers,
     so bad settings are refused before it starts."""
-    if runtime.jit_compile:
-        raise ConfigError(
-            "runtime.jit_compile: true is not supported with runtime.distribution: multi_worker "
-            "(its custom training loop runs without XLA); set jit_compile: false"
-        )
-    if runtime.logical_cpus:
-        raise ConfigError(
-            "runtime.logical_cpus applies to distribution: mirrored; multi_worker uses one CPU, or "
-            "all GPUs, per node: set logical_cpus: 0"
-        )
     config = cluster_config()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if runtime.precision != "float32":
@@ -142,10 +139,20 @@ def per_replica_batch(batch_size: int, strategy: tf.distribute.Strategy, key: st
     return batch_size // replicas
 
 
+def replica_devices(strategy: tf.distribute.Strategy) -> list[str]:
+    """This process's devices that hold a replica (the default strategy: its one device)."""
+    try:
+        return [str(d) for d in strategy.extended.worker_devices]
+    except (RuntimeError, NotImplementedError):  # the default strategy has no device list
+        return [tf.config.list_logical_devices()[0].name]
+
+
 def describe(strategy: tf.distribute.Strategy, runtime: RuntimeParams) -> dict:
+    """What runs, as the run info records it: the strategy in use, its replicas and devices."""
     return {
         "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync,
+        "devices": replica_devices(strategy),
         "precision": runtime.precision,
         "jit_compile": runtime.jit_compile,
     }

@@ -11,8 +11,11 @@ monitor), `weights.sha256`, `history.csv` (per-epoch metrics, no timings) and `s
 Run-dependent facts (times, img/s, hardware, versions, resumed_from_epoch, TensorBoard logs) go
 to `runinfo/`. Resume state lives in `checkpoints/` and is deleted when the run completes.
 
-`runtime.distribution: multi_worker` (one process per node) runs the custom loop of
-`multi_worker.py` instead of `fit`, with the same model, inputs, checkpoints and outputs.
+One loop for every strategy (`train`): it owns setup, resume, the schedule, the reseed,
+checkpoints, out-of-memory handling and the outputs. Only the per-epoch work is swappable:
+`FitSteps` (Keras `fit`: one device, or MirroredStrategy) or, for `runtime.distribution:
+multi_worker`, `multi_worker.StrategySteps` (`strategy.run` steps, since Keras 3.15's `fit` fails
+under MultiWorkerMirroredStrategy). The loop imports the steps, never the reverse.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from cifarflow.fileio import atomic_path, temp_sibling, write_bytes_atomic, writ
 from cifarflow.models import build_model
 from cifarflow.training import runtime
 from cifarflow.training.faults import FaultInjector
+from cifarflow.training.multi_worker import StrategySteps
 from cifarflow.training.resume import ResumeStore, RunState, fingerprint
 from cifarflow.training.schedule import LearningRate
 
@@ -233,85 +237,243 @@ def record_epoch(
     state.epoch = epoch + 1
 
 
-def train(
-    params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path, verdict: Path
-) -> dict[str, Any]:
-    """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short. Only shards the
-    validate stage passed (its `verdict`) are read, and only if they are still the ones it checked."""
-    recipe = params.recipe(arch)
-    data = check_shards(shards_dir, verdict, params.data.format, ("train", "val"))  # before devices or shards: fail fast
-    manifest_path, classes = data.root / MANIFEST, data.classes
-    strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
-    if params.runtime.distribution == "multi_worker":  # Keras 3.15's fit fails under this strategy: a custom loop
-        from cifarflow.training import multi_worker
+class Summaries:
+    """TensorBoard scalars per epoch, in the Keras callback's layout (train/, validation/), for every kind of steps."""
 
-        return multi_worker.train(params, arch, data, Path(out), Path(runinfo), Path(checkpoints), strategy)
-    configure_determinism(params.seed, params.runtime.deterministic)
-    runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
+    def __init__(self, root: Path) -> None:
+        self.train = tf.summary.create_file_writer(str(root / "train"))
+        self.validation = tf.summary.create_file_writer(str(root / "validation"))
 
-    store = ResumeStore(checkpoints, fingerprint(params, arch, manifest_path))
-    state = store.load() or RunState()
-    resumed_from = state.epoch if state.checkpoint else None
+    def write(self, epoch: int, logs: dict[str, float], rate: float) -> None:
+        with self.train.as_default():
+            for name in ("loss", "accuracy"):
+                tf.summary.scalar(f"epoch_{name}", logs[name], step=epoch)
+            tf.summary.scalar("epoch_learning_rate", rate, step=epoch)
+        with self.validation.as_default():
+            for name in ("loss", "accuracy"):
+                tf.summary.scalar(f"epoch_{name}", logs[f"val_{name}"], step=epoch)
+        self.train.flush()
+        self.validation.flush()
+
+
+class FitSteps:
+    """One epoch of Keras `fit`, for the loop: a single process on one device or MirroredStrategy."""
+
+    loop = "keras fit"
+    writes = True  # one process: it writes everything
+    adapts_micro_batch = True  # out of memory: halve the micro-batch, accumulate gradients
+
+    def __init__(self, injector: FaultInjector) -> None:
+        self.timer = EpochTimer()
+        self.callbacks = [self.timer, injector]
+        self.model: keras.Model | None = None
+
+    def agree(self, store: ResumeStore | None, mine: str, arch: str) -> RunState:
+        return store.load() or RunState()
+
+    def start(self, model: keras.Model, spec: tuple[tf.TensorSpec, tf.TensorSpec]) -> None:
+        self.model = model
+
+    def describe(self) -> dict[str, Any]:
+        return {"workers": 1}
+
+    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset) -> tuple[dict[str, float], float]:
+        """(the epoch's logs, seconds of its training part)."""
+        fit = self.model.fit(
+            train,
+            validation_data=validation,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            shuffle=False,
+            callbacks=self.callbacks,
+            verbose=0,  # the loop logs one line per epoch, for every kind of steps
+        )
+        return {k: float(v[-1]) for k, v in fit.history.items()}, self.timer.seconds
+
+    def done(self) -> None:
+        pass
+
+
+Steps = FitSteps | StrategySteps
+
+
+def make_steps(params: Params, strategy: tf.distribute.Strategy, per_replica: int, checkpoints: Path) -> Steps:
+    injector = FaultInjector(checkpoints)
+    if params.runtime.distribution == "multi_worker":  # Keras 3.15's fit fails under this strategy
+        return StrategySteps(strategy, per_replica, injector)
+    return FitSteps(injector)  # one device, or MirroredStrategy: fit distributes the batches
+
+
+def micro_batch(state: RunState, recipe: Recipe, arch: str, steps: Steps, strategy: tf.distribute.Strategy) -> int:
+    """The micro-batch this attempt trains with: the recipe's batch, or an out-of-memory adaptation's."""
+    if state.micro_batch and not steps.adapts_micro_batch:
+        raise CifarflowError(
+            f"train@{arch}: the resume state asks for micro-batch {state.micro_batch} (an "
+            "out-of-memory adaptation), which multi_worker does not do; delete the checkpoints"
+        )
     micro = state.micro_batch or recipe.batch_size
-    accumulation = recipe.batch_size // micro
-    if accumulation > 1 and strategy.num_replicas_in_sync > 1:
+    if recipe.batch_size // micro > 1 and strategy.num_replicas_in_sync > 1:
         raise CifarflowError(
             f"train@{arch}: out-of-memory adaptation needs gradient accumulation, which Keras "
             "3.15 does not support under a multi-device strategy; a single device is required"
         )
-    schedule = LearningRate(recipe, state.schedule)
-    with strategy.scope():
-        model = build_compiled(recipe, len(classes), schedule.rate(state.epoch), accumulation, params.runtime.jit_compile)
-        if state.checkpoint:
-            restore(model, store.path(state.checkpoint))
-            log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, state.epoch, micro)
+    return micro
 
-    train_inputs = InputPipeline(load_checked(data, "train"), recipe, len(classes), params.seed, recipe.batch_size, micro)
-    val_inputs = InputPipeline(load_checked(data, "val"), recipe, len(classes), params.seed, recipe.batch_size)
+
+def build_state(
+    params: Params,
+    recipe: Recipe,
+    num_classes: int,
+    strategy: tf.distribute.Strategy,
+    store: ResumeStore | None,
+    state: RunState,
+    accumulation: int,
+) -> keras.Model:
+    """The model and optimizer the run continues from. Variables are made inside the scope (the
+    strategy mirrors them; MultiWorkerMirroredStrategy syncs their creation, so every worker makes
+    the same ones in the same order), the checkpoint is read outside it: loading builds a throwaway
+    model whose variables must not be distributed (nor, under multi_worker, collective)."""
+    rate = LearningRate(recipe, state.schedule).rate(state.epoch)
+    with strategy.scope():
+        model = build_compiled(recipe, num_classes, rate, accumulation, params.runtime.jit_compile)
+        model.optimizer.build(model.trainable_variables)
+    if store is not None and state.checkpoint:
+        restore(model, store.path(state.checkpoint))
+    return model
+
+
+def out_of_memory(
+    exc: tf.errors.ResourceExhaustedError,
+    steps: Steps,
+    store: ResumeStore,
+    recipe: Recipe,
+    arch: str,
+    micro: int,
+    floor: int,
+    epoch: int,
+) -> CifarflowError:
+    """The error to stop with; with adaptable steps, the next attempt's smaller micro-batch is committed first."""
+    if not steps.adapts_micro_batch:
+        return CifarflowError(
+            f"train@{arch}: out of memory in epoch {epoch} ({exc.message}); multi_worker does "
+            "not adapt the micro-batch: use more workers, a smaller batch_size or variant, or "
+            "precision: mixed_float16"
+        )
+    committed = store.load() or RunState()  # the last completed epoch, not this half-done one
+    store.commit(adapt_to_oom(committed, recipe, arch, micro, floor, epoch))
+    return OutOfMemoryError(
+        f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
+        f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}"
+    )
+
+
+def train(
+    params: Params, arch: str, shards_dir: Path, out: Path, runinfo: Path, checkpoints: Path, verdict: Path
+) -> dict[str, Any]:
+    """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short. Only shards the
+    validate stage passed (its `verdict`) are read, and only if they are still the ones it checked.
+    Under multi_worker every node runs this, each on its share of every global batch; only the chief writes."""
+    recipe = params.recipe(arch)
+    data = check_shards(shards_dir, verdict, params.data.format, ("train", "val"))  # before devices or shards: fail fast
+    num_classes, out, runinfo = len(data.classes), Path(out), Path(runinfo)
+    strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
+    configure_determinism(params.seed, params.runtime.deterministic)
+    per_replica = runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
+    steps = make_steps(params, strategy, per_replica, Path(checkpoints))
+
+    mine = fingerprint(params, arch, data.root / MANIFEST)
+    store = ResumeStore(checkpoints, mine) if steps.writes else None  # other workers never touch the folder
+    state = steps.agree(store, mine, arch)
+    resumed_from = state.epoch if state.checkpoint else None
+    micro = micro_batch(state, recipe, arch, steps, strategy)
+    accumulation = recipe.batch_size // micro
+    model = build_state(params, recipe, num_classes, strategy, store, state, accumulation)
+    if resumed_from is not None:
+        log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, resumed_from, micro)
+
+    # Global batches (randomness and mixup pairs are decided per global batch); fit splits them
+    # over its replicas, each multi_worker replica takes its rows.
+    train_inputs = InputPipeline(load_checked(data, "train"), recipe, num_classes, params.seed, recipe.batch_size, micro)
+    val_inputs = InputPipeline(load_checked(data, "val"), recipe, num_classes, params.seed, recipe.batch_size)
     if train_inputs.steps(training=True) == 0:
         raise InputError(
             f"train has {len(train_inputs)} examples, fewer than one batch of "
             f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder"
         )
-    out, runinfo = Path(out), Path(runinfo)
-    devices = runtime.describe(strategy, params.runtime) | {"micro_batch": micro, "accumulation": accumulation}
-    timer = EpochTimer()
-    callbacks = [
-        timer,
-        FaultInjector(checkpoints),
-        keras.callbacks.TensorBoard(log_dir=str(runinfo / "tensorboard"), write_graph=False),
-    ]
+    devices = runtime.describe(strategy, params.runtime) | {
+        "loop": steps.loop,
+        "per_replica_batch": per_replica,
+        "micro_batch": micro,
+        "accumulation": accumulation,
+    }
+    devices |= steps.describe()
+    log.info(
+        "train@%s: %s, %s, %d worker(s), %d replica(s) of %d examples",
+        arch,
+        devices["strategy"],
+        "writes the outputs" if steps.writes else f"task {runtime.task_name(strategy)}, not chief: writes nothing",
+        devices["workers"],
+        strategy.num_replicas_in_sync,
+        per_replica,
+    )
     validation = val_inputs.evaluation()
+    steps.start(model, validation.element_spec)
+    run_epochs(params, arch, model, steps, store, state, train_inputs, validation, micro, runinfo)
+    if state.best_epoch is None:
+        raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
+    summary = (
+        finish(arch, recipe, state, store, out, runinfo, resumed_from, devices)
+        if steps.writes
+        else {"arch": arch, "best_epoch": state.best_epoch, "resumed_from_epoch": resumed_from}
+    )
+    steps.done()
+    return summary
+
+
+def run_epochs(
+    params: Params,
+    arch: str,
+    model: keras.Model,
+    steps: Steps,
+    store: ResumeStore | None,
+    state: RunState,
+    train_inputs: InputPipeline,
+    validation: tf.data.Dataset,
+    micro: int,
+    runinfo: Path,
+) -> None:
+    """The epoch loop: each epoch starts from (weights, state) and its (seed, epoch) streams only,
+    and ends committed (checkpoint, then state.json) by the writer."""
+    recipe = params.recipe(arch)
+    schedule = LearningRate(recipe, state.schedule)
+    summaries = Summaries(runinfo / "tensorboard") if steps.writes else None
+    seen = train_inputs.steps(training=True) * recipe.batch_size
     for epoch in range(state.epoch, recipe.epochs):
         rate = schedule.rate(epoch)
         model.optimizer.learning_rate.assign(rate)
         reseed_layers(model, params.seed, epoch)
         try:
-            fit = model.fit(
-                train_inputs.train(epoch),
-                validation_data=validation,
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                shuffle=False,
-                callbacks=callbacks,
-                verbose=2,
-            )
+            logs, seconds = steps.epoch(epoch, train_inputs.train(epoch), validation)
         except tf.errors.ResourceExhaustedError as exc:
-            committed = store.load() or RunState()  # the last completed epoch, not this half-done one
-            store.commit(adapt_to_oom(committed, recipe, arch, micro, params.runtime.oom_min_micro_batch, epoch))
-            raise OutOfMemoryError(
-                f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
-                f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}"
-            ) from None
-        logs = {k: float(v[-1]) for k, v in fit.history.items()}
-        seen = train_inputs.steps(training=True) * recipe.batch_size
+            floor = params.runtime.oom_min_micro_batch
+            raise out_of_memory(exc, steps, store, recipe, arch, micro, floor, epoch) from None
+        log.info(
+            "train@%s: epoch %d/%d loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs)",
+            arch,
+            epoch + 1,
+            recipe.epochs,
+            logs["loss"],
+            logs["accuracy"],
+            logs["val_loss"],
+            logs["val_accuracy"],
+            seconds,
+        )
         check_finite(arch, epoch, logs, recipe.monitor)
-        record_epoch(state, schedule, recipe, epoch, rate, logs, timer.seconds, seen)
-        save_model_atomic(model, store.path(state.checkpoint))
-        store.commit(state)
-    if state.best_epoch is None:
-        raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
-    return finish(arch, recipe, state, store, out, runinfo, resumed_from, devices)
+        record_epoch(state, schedule, recipe, epoch, rate, logs, seconds, seen)
+        if steps.writes:
+            save_model_atomic(model, store.path(state.checkpoint))
+            store.commit(state)
+            summaries.write(epoch, logs, rate)
 
 
 def finish(
