@@ -6,7 +6,7 @@ PROFILE ?=
 # Stage commands (`cifarflow ...`) run from dvc.yaml: the venv's tools must be on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test verify-repro lock clean
+.PHONY: setup pipeline test verify-repro lock clean leaderboard predict mutation
 
 # A virtual environment with the exact versions of requirements.lock.
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -32,6 +32,17 @@ else
 	@echo "profile $(PROFILE): outputs in runs/$(PROFILE)/data/ (leaderboard: runs/$(PROFILE)/data/reports/leaderboard.md)"
 endif
 
+# What users do next (outputs of `make pipeline`, or of `make pipeline PROFILE=smoke` in runs/smoke/).
+RUN_DIR := $(if $(PROFILE),runs/$(PROFILE),.)
+
+leaderboard:
+	@cat $(RUN_DIR)/data/reports/leaderboard.md
+
+# make predict IMAGES="photos/ cat.png" [PROFILE=smoke]: classify with that run's export.
+predict: setup
+	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photos/ cat.png" [PROFILE=smoke]' >&2; exit 2; }
+	cd $(RUN_DIR) && $(abspath $(BIN))/cifarflow predict $(abspath $(IMAGES)) --model data/export
+
 test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check cifarflow tests flows tasks bench
@@ -51,3 +62,9 @@ lock:
 
 clean:
 	rm -rf $(VENV)
+
+# Mutation testing (mutmut 3) of the TensorFlow-free modules; mutation/REPORT.md has the numbers.
+# Installs the `mutation` extra into the venv (pinned by requirements.lock) when mutmut is missing.
+mutation: setup
+	@test -x $(BIN)/mutmut || $(BIN)/pip install --quiet -c requirements.lock -e '.[dev,mutation]'
+	BIN=$(BIN) ./mutation/run.sh

@@ -1,9 +1,14 @@
 """The `cifarflow` command: thin wrappers that parse arguments, load params once, call a stage.
 
 Stage modules are imported inside their commands, so `cifarflow params --check` stays fast
-and never imports TensorFlow. Exit codes: 0 ok, 2 bad configuration or input, 1 anything else.
-When CIFARFLOW_STATUS_FILE is set, a failure also writes its class there as JSON, because
-`dvc repro` turns every stage failure into exit 255 and a driver needs to know which it was.
+and never imports TensorFlow. Stage commands take every path as an option, from dvc.yaml: they
+have no path defaults. Exit codes (`main`, from the `exit_code` of cifarflow.errors and its
+subclasses): 0 ok; 2 bad configuration or input (ConfigError, InputError: not worth retrying);
+3 out of memory in training (train's OutOfMemoryError: the next attempt resumes with a smaller
+micro-batch); 130 interrupted (Ctrl-C); 1 anything else, including an unexpected exception (its
+traceback is printed). When CIFARFLOW_STATUS_FILE is set, a failure also writes its class there as
+JSON ("config", "input", "oom" or "runtime"), because `dvc repro` turns every stage failure into
+exit 255 and a driver needs to know which it was.
 """
 
 from __future__ import annotations
@@ -11,14 +16,69 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cifarflow.config import DEFAULT_PARAMS, Params, load_params
-from cifarflow.errors import CifarflowError
+from cifarflow.errors import STATUS_ENV, CifarflowError
 
 log = logging.getLogger("cifarflow")
-STATUS_ENV = "CIFARFLOW_STATUS_FILE"
+
+# What TensorFlow's native code prints on a machine with no NVIDIA driver, in every process: absl's
+# pre-initialisation banner, the CUDA runtime stub's probe (both written while the libraries load,
+# before TF_CPP_MIN_LOG_LEVEL is applied) and cuInit's failure (an ERROR line, so a log level that
+# hid it would hide real errors too). Dropped only on such machines (see `gpu_expected`).
+CPU_ONLY_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
+)
+
+
+def gpu_expected() -> bool:
+    """Whether an NVIDIA driver is present: then TensorFlow's CUDA messages may matter and are kept."""
+    import ctypes.util
+
+    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists() or ctypes.util.find_library("cuda") is not None
+
+
+@contextmanager
+def native_stderr_filtered(drop: re.Pattern[str]) -> Iterator[None]:
+    """Capture file descriptor 2 (native code writes there directly), then replay it without the lines `drop` matches."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not drop.search(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up notices, before any stage code does; its warnings and
+    errors stay. TF_CPP_MIN_LOG_LEVEL=1 (unless set) drops native INFO lines (CPU-feature and oneDNN
+    notices; TF_ENABLE_ONEDNN_OPTS is left alone: it changes numerics). On a machine with no NVIDIA
+    driver the CUDA probe lines (CPU_ONLY_NOISE) are dropped too; no GPU is hidden anywhere."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # inherited by the processes a stage starts
+    if "tensorflow" in sys.modules or gpu_expected():
+        return
+    with native_stderr_filtered(CPU_ONLY_NOISE):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA platform probes (cuInit) here; the runtime stays unconfigured
 
 
 def cmd_params(args: argparse.Namespace, params: Params) -> int:
@@ -34,7 +94,7 @@ def cmd_params(args: argparse.Namespace, params: Params) -> int:
 def cmd_synth_archive(args: argparse.Namespace, params: Params | None) -> int:
     from cifarflow.data.synth import write_synth_archive
 
-    write_synth_archive(args.out, args.train, args.test, args.seed)
+    write_synth_archive(args.out, args.train, args.test, args.seed, args.mislabel)
     print(args.out)
     return 0
 
@@ -57,7 +117,7 @@ def cmd_preprocess(args: argparse.Namespace, params: Params) -> int:
 def cmd_validate(args: argparse.Namespace, params: Params) -> int:
     from cifarflow.data import validate
 
-    metrics = validate.run(params, args.shards, args.metrics, args.report, args.verdict)
+    metrics = validate.run(params, args.shards, args.metrics, args.report, args.verdict, details_path=args.details)
     log.info("validate: counts %s, leakage %s", metrics["counts"], metrics["leakage"]["total"])
     return 0
 
@@ -184,10 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("synth-archive", help="write a small synthetic archive in the official binary layout")
-    p.add_argument("out", type=Path)
-    p.add_argument("--train", type=positive_int, required=True)
-    p.add_argument("--test", type=positive_int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=Path, help="the .tar.gz to write")
+    p.add_argument("--train", type=positive_int, required=True, help="train images (spread over the five data batches)")
+    p.add_argument("--test", type=positive_int, required=True, help="test images")
+    p.add_argument(
+        "--seed", type=int, default=0, help="generator seed; the same arguments give the same bytes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--mislabel",
+        type=int,
+        default=0,
+        choices=range(91),
+        metavar="PERCENT",
+        help="percent of labels (train and test) replaced by another class, 0-90 (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_synth_archive, needs_params=False)
 
     p = sub.add_parser("download", help="obtain, verify and validate data.source")
@@ -197,41 +267,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("preprocess", help="split and write Parquet + TFRecord shards")
-    p.add_argument("--raw", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_preprocess)
+    p.add_argument("--raw", type=Path, required=True, help="the download stage's output: batches folder + manifest")
+    p.add_argument("--out", type=Path, required=True, help="shards folder: parquet/, tfrecord/ and manifest.json")
+    p.set_defaults(func=cmd_preprocess, tensorflow=True)
 
     p = sub.add_parser("validate", help="data-validation report of the shards")
-    p.add_argument("--shards", type=Path, required=True)
-    p.add_argument("--metrics", type=Path, required=True)
-    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
+    p.add_argument("--metrics", type=Path, required=True, help="JSON file to write: counts, duplicates, leakage (DVC metrics)")
+    p.add_argument(
+        "--details",
+        type=Path,
+        help="JSON file to write: per-class counts, pixel statistics (default: details.json beside --metrics)",
+    )
+    p.add_argument("--report", type=Path, required=True, help="markdown report to write")
     p.add_argument(
         "--verdict", type=Path, required=True, help="written only if the shards pass; train, evaluate and export require it"
     )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train one architecture (a key of train: in params.yaml)")
-    p.add_argument("arch")
-    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("arch", help="the architecture to train: a key of train: in params.yaml, e.g. lenet")
+    p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--out", type=Path, required=True, help="model, weight digest, history, summary")
     p.add_argument("--runinfo", type=Path, required=True, help="side folder: timings, hardware, TensorBoard")
     p.add_argument("--checkpoints", type=Path, required=True, help="resume state (kept until the run completes)")
     p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, tensorflow=True)
 
     p = sub.add_parser("evaluate", help="score one architecture's best checkpoint on val and test")
-    p.add_argument("arch")
-    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("arch", help="the architecture to score: a key of train: in params.yaml, e.g. lenet")
+    p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--model", type=Path, required=True, help="the train stage's output folder")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics, details, predictions and plots")
     p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, tensorflow=True)
 
     p = sub.add_parser("export", help="select the best of archs on val, bless it, write the servable export")
-    p.add_argument("--shards", type=Path, required=True)
-    p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--evals", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shards", type=Path, required=True, help="the shards folder (the test split runs the serving check)")
+    p.add_argument("--models", type=Path, required=True, help="the train stages' folder: <arch>/model.keras, summary.json")
+    p.add_argument("--evals", type=Path, required=True, help="the evaluate stages' folder: <arch>/metrics.json, predictions")
+    p.add_argument("--out", type=Path, required=True, help="the export folder to write: SavedModel, model.keras, model card")
     p.add_argument("--runinfo", type=Path, help="side file for run-dependent facts")
     p.add_argument("--train-runinfo", type=Path, help="the train stages' run-info folder")
     p.add_argument(
@@ -239,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the validate stage's verdict on these shards (without it the shard digests are still checked)",
     )
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, tensorflow=True)
 
     p = sub.add_parser("promote", help="make a blessed export the champion: a new version in the registry")
+    # Not a DVC stage: these defaults are where dvc.yaml's export and preprocess stages write.
     p.add_argument("--export", type=Path, default=Path("data/export"), help="the export to promote (default: %(default)s)")
     p.add_argument(
         "--shards",
@@ -273,24 +349,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="with --gc: versions kept besides the champion and the one before it (default: %(default)s)",
     )
-    p.set_defaults(func=cmd_promote)
+    p.set_defaults(func=cmd_promote, tensorflow=True)
 
     p = sub.add_parser("predict", help="classify PNG/JPEG files and folders")
-    p.add_argument("paths", type=Path, nargs="+")
+    p.add_argument(
+        "paths", type=Path, nargs="+", metavar="PATH", help="PNG/JPEG files, or folders of them (searched recursively)"
+    )
     p.add_argument("--model", type=Path, help="an export folder, e.g. data/export (default: the registry's champion)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.set_defaults(func=cmd_predict)
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="output on stdout: an aligned table, a JSON list, or CSV; each with path, label, confidence, top-3 "
+        "(default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_predict, tensorflow=True)
 
     p = sub.add_parser("report", help="the leaderboard as markdown and JSON")
-    p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--evals", type=Path, required=True)
-    p.add_argument("--export", type=Path, required=True)
-    p.add_argument("--runinfo", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--models", type=Path, required=True, help="the train stages' folder: <arch>/summary.json")
+    p.add_argument("--evals", type=Path, required=True, help="the evaluate stages' folder: <arch>/metrics.json")
+    p.add_argument("--export", type=Path, required=True, help="the export stage's folder (its model card, if any)")
+    p.add_argument("--runinfo", type=Path, required=True, help="run-info folder: reads train/<arch>/run.json, writes speeds.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md and leaderboard.json")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("flow", help="run the Prefect flow locally (ephemeral server)")
-    flow_sub = p.add_subparsers(dest="flow_command", required=True)
+    flow_sub = p.add_subparsers(dest="flow_command", required=True, metavar="COMMAND")
     p = flow_sub.add_parser("run", help="the whole pipeline as the cifar10-pipeline flow")
     p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
     p.add_argument("--profile", help="params profile, e.g. smoke")
@@ -320,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def uses_tensorflow(args: argparse.Namespace) -> bool:
+    """Whether the command imports TensorFlow (promote only to re-score the champion, not to list, gc or roll back)."""
+    if args.command == "promote":
+        return not (args.list or args.gc or args.rollback is not None)
+    return bool(getattr(args, "tensorflow", False))
+
+
 def write_status(error: BaseException, exit_code: int, failure_class: str) -> None:
     path = os.environ.get(STATUS_ENV)
     if path:
@@ -333,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None
+        if uses_tensorflow(args):
+            quiet_tensorflow()
         return args.func(args, params)
     except CifarflowError as exc:
         print(f"error: {exc}", file=sys.stderr)

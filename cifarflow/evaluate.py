@@ -1,7 +1,9 @@
 """`cifarflow evaluate <arch>`: score the best checkpoint on val and test.
 
-Writes, in `out/`: `metrics.json` (accuracy with a 95% Wilson interval, loss, per-class
-accuracy, for val and test; flip-TTA figures as separate fields when `evaluate.tta` is set),
+Writes, in `out/`: `metrics.json`, the DVC metrics: the headline figures only (accuracy with a
+95% Wilson interval as `ci95_low`/`ci95_high`, loss and example count, for val and test; flip-TTA
+figures as separate fields when `evaluate.tta` is set), so that `dvc metrics show` stays readable;
+`details.json`, the long tail in plain JSON with the same keys (per-class accuracy, correct counts),
 `predictions_{val,test}.csv` (per-class probabilities; the plain predictions are the serving
 reference), `confusion_test.csv` (one row per example, for `dvc plots`), `confusion_test.png`
 and `predictions_grid.png` (16 test images with predicted label, score and true label).
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +24,45 @@ from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
 from cifarflow.fileio import write_bytes_atomic, write_json_atomic
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 EPSILON = 1e-7  # Keras' clip in cross-entropy
 SPLITS = ("val", "test")
 GRID = 16
+METRICS, DETAILS = "metrics.json", "details.json"
+# The fields of metrics.json, scalars so that `dvc metrics show` has a column for each (it skips lists);
+# the rest of scores() goes to details.json.
+HEADLINE = ("accuracy", "ci95_low", "ci95_high", "loss", "n")
 
 
-def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion: sane at 0%, 100% and small n."""
+def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion: sane at 0%, 100% and small n; (0, 1) when
+    there is nothing to score (scipy raises for n = 0)."""
     if n == 0:
         return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(headline, details) of evaluate's metrics: each split's HEADLINE fields, and the rest."""
+    headline: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            headline[key] = {k: v for k, v in value.items() if k in HEADLINE}
+            details[key] = {k: v for k, v in value.items() if k not in HEADLINE}
+        else:
+            headline[key] = details[key] = value
+    return headline, details
+
+
+def read_metrics(eval_dir: Path) -> dict[str, Any]:
+    """An evaluate output folder's metrics, headline and details merged back into one dict per split."""
+    headline = json.loads((Path(eval_dir) / METRICS).read_text())
+    details_path = Path(eval_dir) / DETAILS
+    details = json.loads(details_path.read_text()) if details_path.is_file() else {}
+    return {k: {**v, **details.get(k, {})} if isinstance(v, dict) else v for k, v in headline.items()}
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -49,7 +76,8 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
     }
     return {
         "accuracy": round(float(correct.mean()), 6),
-        "ci95": [round(low, 6), round(high, 6)],
+        "ci95_low": round(low, 6),
+        "ci95_high": round(high, 6),
         "correct": int(correct.sum()),
         "n": len(labels),
         "loss": round(loss, 6),
@@ -82,12 +110,8 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = _figure((7, 6))
+    ax = fig.add_axes((0.17, 0.17, 0.7, 0.75))
     image = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -96,34 +120,36 @@ def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
     ax.set_title(title)
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > matrix.max() / 2 else "black")
-    fig.colorbar(image)
-    fig.tight_layout()
+    fig.colorbar(image, cax=fig.add_axes((0.89, 0.17, 0.03, 0.75)))
     return _png(fig)
 
 
 def grid_png(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols, rows = 8, 2
-    fig = plt.figure(figsize=(2 * cols - 1, 3 * rows - 1))
+    fig = _figure((2 * cols - 1, 3 * rows - 1))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.87, wspace=0.1, hspace=0.6)  # room for 3-line titles
     for k in range(min(len(images), cols * rows)):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.axis("off")
         ax.imshow(images[k])
         ax.set_title(f"pred: {classes[probs[k].argmax()]}\nscore: {probs[k].max():.3}\ntrue: {classes[labels[k]]}", fontsize=8)
-    fig.tight_layout()
     return _png(fig)
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
+def _figure(size: tuple[float, float]) -> Any:
+    """A bare Agg figure: no pyplot (no global figure registry, no backend lookup) and fixed
+    margins instead of tight_layout, which draws every text twice to measure it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})  # no version stamp in the bytes
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -173,5 +199,7 @@ def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path,
             write_bytes_atomic(out / "confusion_test.png", confusion_png(matrix, classes, f"{arch}: test confusion"))
             pick = np.sort(np.random.default_rng(params.seed).choice(len(labels), min(GRID, len(labels)), replace=False))
             write_bytes_atomic(out / "predictions_grid.png", grid_png(data.images[pick], labels[pick], probs[pick], classes))
-    write_json_atomic(out / "metrics.json", metrics)
+    headline, details = split_metrics(metrics)
+    write_json_atomic(out / DETAILS, details)
+    write_json_atomic(out / METRICS, headline)
     return metrics

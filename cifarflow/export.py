@@ -28,7 +28,7 @@ from cifarflow import registry
 from cifarflow.config import Params
 from cifarflow.data.layout import IMAGE_SHAPE, MANIFEST
 from cifarflow.errors import CifarflowError, InputError
-from cifarflow.evaluate import read_predictions
+from cifarflow.evaluate import read_metrics, read_predictions
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file, write_json_atomic
 
 SAVED_MODEL = "saved_model"
@@ -51,9 +51,10 @@ class Entry:
     test_loss: float
 
 
-def leaderboard(params: Params, evals: Path, models: Path) -> list[Entry]:
+def leaderboard(archs: list[str], evals: Path, models: Path) -> list[Entry]:
+    """One Entry per arch, in the order of `archs`, from the evaluate and train stages' outputs."""
     rows = []
-    for arch in params.archs:
+    for arch in archs:
         metrics_path, summary_path = evals / arch / "metrics.json", models / arch / "summary.json"
         for path, stage in ((metrics_path, f"evaluate@{arch}"), (summary_path, f"train@{arch}")):
             if not path.is_file():
@@ -65,10 +66,10 @@ def leaderboard(params: Params, evals: Path, models: Path) -> list[Entry]:
                 s["params"],
                 s["epochs"],
                 m["val"]["accuracy"],
-                m["val"]["ci95"],
+                [m["val"]["ci95_low"], m["val"]["ci95_high"]],
                 m["val"]["loss"],
                 m["test"]["accuracy"],
-                m["test"]["ci95"],
+                [m["test"]["ci95_low"], m["test"]["ci95_high"]],
                 m["test"]["loss"],
             )
         )
@@ -81,6 +82,11 @@ def rank(rows: list[Entry], metric: str) -> list[Entry]:
     """Best first by `metric` on val; ties go to fewer parameters, then to the name."""
     sign = -1 if metric == "val_accuracy" else 1
     return sorted(rows, key=lambda r: (sign * getattr(r, metric), r.params, r.arch))
+
+
+def select(archs: list[str], metric: str, evals: Path, models: Path) -> list[Entry]:
+    """The leaderboard of `archs` from their evaluation and training outputs, ranked: the first is exported."""
+    return rank(leaderboard(archs, Path(evals), Path(models)), metric)
 
 
 def mcnemar(first_correct: np.ndarray, second_correct: np.ndarray) -> dict[str, Any]:
@@ -236,7 +242,7 @@ def run(
     shards_dir, models, evals, out = Path(shards_dir), Path(models), Path(evals), Path(out)
     manifest = json.loads((shards_dir / MANIFEST).read_text())
     classes = manifest["classes"]
-    ranked = rank(leaderboard(params, evals, models), params.export.metric)
+    ranked = select(params.archs, params.export.metric, evals, models)
     winner = ranked[0]
     comparison = None
     if len(ranked) > 1:
@@ -257,14 +263,15 @@ def run(
     why = f"best {metric} on val ({getattr(winner, metric):.4f}) among {len(ranked)} architectures" + (
         ", fewest parameters among the tied" if tied else ""
     )
+    winner_metrics = read_metrics(evals / winner.arch)
     card = {
         "arch": winner.arch,
         "why": why,
         "selection_metric": params.export.metric,
         "leaderboard": [asdict(r) for r in ranked],
         "comparison": comparison,
-        "val": json.loads((evals / winner.arch / "metrics.json").read_text())["val"],
-        "test": json.loads((evals / winner.arch / "metrics.json").read_text())["test"],
+        "val": winner_metrics["val"],  # headline figures and details (per-class accuracy)
+        "test": winner_metrics["test"],
         "blessed": blessed,
         "blessing_reasons": reasons,
         "champion": champion,

@@ -6,6 +6,7 @@ same bytes. Training speeds depend on the machine and the run: they go to a run-
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ SEED_REPORTED = {
     "resnet56": (None, "seed 002 states none; He et al. 2016 report 93.03% at ~164 epochs"),
     "densenet121": (0.7518, "seed 000: 75.18% eval accuracy"),
 }
-PLOTS = "dvc_plots/index.html"  # where `dvc plots show` writes the curves
+PLOTS = "dvc_plots/index.html"  # where `dvc plots show` writes the curves, relative to the project (where dvc runs)
 
 
 def _read(path: Path, stage: str) -> dict[str, Any]:
@@ -54,9 +55,9 @@ def rows(params: Params, models: Path, evals: Path) -> list[dict[str, Any]]:
                 "epochs": summary["epochs"],
                 "best_epoch": summary["best_epoch"],
                 "val_accuracy": metrics["val"]["accuracy"],
-                "val_ci95": metrics["val"]["ci95"],
+                "val_ci95": [metrics["val"]["ci95_low"], metrics["val"]["ci95_high"]],
                 "test_accuracy": metrics["test"]["accuracy"],
-                "test_ci95": metrics["test"]["ci95"],
+                "test_ci95": [metrics["test"]["ci95_low"], metrics["test"]["ci95_high"]],
                 "seed_reported_accuracy": seed_value,
                 "seed_note": seed_note,
             }
@@ -68,7 +69,13 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
 
-def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str) -> str:
+def plots_link(out: Path) -> str:
+    """The link to PLOTS from the leaderboard written in `out` (data/reports/ -> ../../dvc_plots/index.html);
+    the stages run from the project folder, so PLOTS is relative to the current directory."""
+    return Path(os.path.relpath(Path.cwd() / PLOTS, Path(out).resolve())).as_posix()
+
+
+def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str, plots: str = PLOTS) -> str:
     kind = card.get("data_source_kind") if card else None
     data = {
         "synth": " Data: **synthetic** (generated): these figures say nothing about real images.",
@@ -107,7 +114,7 @@ def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: st
         "",
         "Seed notes: " + "; ".join(f"{r['arch']}: {r['seed_note']}" for r in table),
         "",
-        f"Curves: `dvc plots show` writes [{PLOTS}]({PLOTS}); confusion matrices and prediction grids are in "
+        f"Curves: `dvc plots show` writes [{PLOTS}]({plots}); confusion matrices and prediction grids are in "
         "`data/eval/<arch>/`. Training speeds (img/s) depend on the machine: they are run info, in "
         "`data/runinfo/speeds.json`.",
     ]
@@ -132,6 +139,6 @@ def run(params: Params, models: Path, evals: Path, export: Path, runinfo: Path, 
         },
     }
     write_json_atomic(Path(out) / "leaderboard.json", report)
-    write_bytes_atomic(Path(out) / "leaderboard.md", render(table, card, params.profile).encode())
+    write_bytes_atomic(Path(out) / "leaderboard.md", render(table, card, params.profile, plots_link(Path(out))).encode())
     write_json_atomic(Path(runinfo) / "speeds.json", {"train_images_per_second": speeds(params, Path(runinfo))})
     return report

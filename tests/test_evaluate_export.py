@@ -3,19 +3,23 @@ predict and report: unit cases as tables, then the real stages on the smoke work
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import cli_env, run_in, set_params
 from PIL import Image
 
 from cifarflow import registry
-from cifarflow.evaluate import confusion, scores, wilson
-from cifarflow.export import Entry, bless, mcnemar, rank
+from cifarflow.evaluate import DETAILS, HEADLINE, METRICS, confusion, read_metrics, scores, split_metrics, wilson
+from cifarflow.export import Entry, bless, mcnemar, rank, select
 
 CLASSES = ["c0", "c1", "c2"]
 
@@ -28,6 +32,24 @@ def test_wilson_interval_known_cases(correct: int, n: int, low: float, high: flo
     assert wilson(correct, n) == pytest.approx((low, high), abs=1e-4)
 
 
+def closed_form_wilson(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The project's former hand-written Wilson interval, the reference scipy's must match."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50, 200, 5000, 10_000])
+def test_wilson_is_scipys_and_matches_the_closed_form(n: int) -> None:
+    for correct in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        assert wilson(correct, n) == pytest.approx(closed_form_wilson(correct, n), abs=1e-12, rel=0)
+
+
+def test_wilson_with_nothing_to_score() -> None:
+    assert wilson(0, 0) == (0.0, 1.0)  # scipy's binomtest raises for n = 0
+
+
 def test_scores_and_confusion_agree() -> None:
     labels = np.array([0, 0, 1, 1, 1, 2])
     probs = np.eye(3)[[0, 1, 1, 1, 2, 2]] * 0.9 + 0.1 / 3
@@ -37,6 +59,47 @@ def test_scores_and_confusion_agree() -> None:
     for c, name in enumerate(CLASSES):
         assert result["per_class_accuracy"][name] == pytest.approx(matrix[c, c] / matrix[c].sum(), abs=1e-6)
     assert result["accuracy"] == pytest.approx(4 / 6, abs=1e-6) and result["n"] == 6
+    headline, details = split_metrics({"arch": "a", "val": result})
+    assert set(headline["val"]) == set(HEADLINE) and "per_class_accuracy" in details["val"]
+    assert headline["arch"] == details["arch"] == "a"
+
+
+def write_eval(evals: Path, models: Path, arch: str, val: float, test: float, params: int = 1000) -> None:
+    """The files export selects from, as the evaluate and train stages write them."""
+    metrics = {
+        "arch": arch,
+        **{
+            split: {**scores_of(acc), "per_class_accuracy": {"c0": acc}, "correct": round(acc * 100)}
+            for split, acc in (("val", val), ("test", test))
+        },
+    }
+    headline, details = split_metrics(metrics)
+    (evals / arch).mkdir(parents=True)
+    (evals / arch / METRICS).write_text(json.dumps(headline))
+    (evals / arch / DETAILS).write_text(json.dumps(details))
+    (models / arch).mkdir(parents=True)
+    (models / arch / "summary.json").write_text(json.dumps({"arch": arch, "params": params, "epochs": 3}))
+
+
+def scores_of(accuracy: float) -> dict[str, float | int]:
+    return {"accuracy": accuracy, "ci95_low": accuracy - 0.05, "ci95_high": accuracy + 0.05, "loss": 1 - accuracy, "n": 100}
+
+
+def test_export_selects_the_best_on_val_from_the_evaluation_files(tmp_path: Path) -> None:
+    """The winner on val is neither listed first nor the best on test: export must still pick it."""
+    evals, models = tmp_path / "eval", tmp_path / "models"
+    write_eval(evals, models, "lenet", val=0.60, test=0.62)  # listed first
+    write_eval(evals, models, "resnet56", val=0.71, test=0.64)  # best on val
+    write_eval(evals, models, "simple_cnn", val=0.65, test=0.80)  # best on test: never used to choose
+    archs = ["lenet", "resnet56", "simple_cnn"]
+    ranked = select(archs, "val_accuracy", evals, models)
+    assert [r.arch for r in ranked] == ["resnet56", "simple_cnn", "lenet"]
+    assert ranked[0].val_ci95 == pytest.approx([0.66, 0.76]) and ranked[0].test_accuracy == 0.64
+    assert select(archs, "val_loss", evals, models)[0].arch == "resnet56"  # lower loss: 0.29
+    assert read_metrics(evals / "resnet56")["val"]["per_class_accuracy"] == {"c0": 0.71}  # details merged back
+    (evals / "lenet" / METRICS).unlink()
+    with pytest.raises(Exception, match="run the evaluate@lenet stage first"):
+        select(archs, "val_accuracy", evals, models)
 
 
 def entry(arch: str, val: float, params: int, loss: float = 1.0) -> Entry:
@@ -88,8 +151,11 @@ def test_evaluate_outputs(smoke_workspace: Path) -> None:
     metrics = json.loads((smoke_workspace / "data/eval/simple_cnn/metrics.json").read_text())
     counts = json.loads((smoke_workspace / "data/shards/manifest.json").read_text())["counts"]
     assert metrics["test"]["n"] == counts["test"] and metrics["val"]["n"] == counts["val"]
-    low, high = metrics["test"]["ci95"]
+    low, high = metrics["test"]["ci95_low"], metrics["test"]["ci95_high"]
     assert low <= metrics["test"]["accuracy"] <= high
+    assert set(metrics["test"]) == set(HEADLINE)  # the long tail is in details.json, not in the DVC metrics
+    details = json.loads((smoke_workspace / "data/eval/simple_cnn" / DETAILS).read_text())
+    assert len(details["test"]["per_class_accuracy"]) == 10 and details["test"]["correct"] <= counts["test"]
     rows = (smoke_workspace / "data/eval/simple_cnn/confusion_test.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) - 1 == counts["test"]
     header = (smoke_workspace / "data/eval/simple_cnn/predictions_test.csv").read_text().splitlines()[0]
@@ -101,7 +167,14 @@ def test_evaluate_outputs(smoke_workspace: Path) -> None:
 @pytest.mark.slow
 def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
     card = json.loads((smoke_workspace / "data/export/model_card.json").read_text())
-    assert card["arch"] in card["why"] or card["leaderboard"][0]["arch"] == card["arch"]
+    # The winner recomputed from the evaluation and training files themselves: best val accuracy,
+    # then fewer parameters, then the name (the smoke models often tie on val).
+    archs = yaml.safe_load((smoke_workspace / "params.yaml").read_text())["archs"]
+    val = {a: json.loads((smoke_workspace / "data/eval" / a / "metrics.json").read_text())["val"]["accuracy"] for a in archs}
+    size = {a: json.loads((smoke_workspace / "data/models" / a / "summary.json").read_text())["params"] for a in archs}
+    expected = sorted(archs, key=lambda a: (-val[a], size[a], a))
+    assert card["arch"] == expected[0] and [r["arch"] for r in card["leaderboard"]] == expected
+    assert len(card["leaderboard"]) == 5 and "per_class_accuracy" in card["test"]
     assert card["serving_check"]["argmax_disagreements"] == 0
     assert card["serving_check"]["max_probability_difference"] <= 1e-5
     assert card["comparison"]["runner_up"] == card["leaderboard"][1]["arch"]
@@ -130,8 +203,13 @@ def test_saved_model_takes_raw_uint8_without_project_code(smoke_workspace: Path)
 @pytest.mark.slow
 def test_tta_and_forced_unblessed_export(workspace: Path) -> None:
     set_params(workspace, archs=["simple_cnn", "lenet"], **{"evaluate.tta": True, "profiles.smoke.export.min_accuracy": 0.99})
+    trained = {arch: model_state(workspace / "data/models" / arch) for arch in ("simple_cnn", "lenet")}
+    locked = train_locks(workspace)
     done = run_in(workspace, "dvc", "repro", "report")
-    assert "Running stage 'evaluate@simple_cnn'" in done.stdout and "train@" not in done.stdout.replace("'train@", "")
+    assert "Running stage 'evaluate@simple_cnn'" in done.stdout
+    assert not re.search(r"Running stage 'train@", done.stdout), done.stdout  # evaluation params retrain nothing
+    assert {arch: model_state(workspace / "data/models" / arch) for arch in trained} == trained  # not even rewritten
+    assert train_locks(workspace) == locked
     metrics = json.loads((workspace / "data/eval/simple_cnn/metrics.json").read_text())
     assert {"val_tta", "test_tta"} <= set(metrics)
     card = json.loads((workspace / "data/export/model_card.json").read_text())
@@ -140,6 +218,17 @@ def test_tta_and_forced_unblessed_export(workspace: Path) -> None:
     refused = run_in(workspace, "cifarflow", "promote", check=False)
     assert refused.returncode == 2 and "not blessed" in refused.stderr
     assert registry.current(workspace / "champion") is None
+
+
+def model_state(folder: Path) -> dict[str, tuple[str, int]]:
+    """{file: (sha256, mtime in ns)} of a train stage's outputs."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def train_locks(workspace: Path) -> dict[str, object]:
+    """The train@simple_cnn and train@lenet entries of dvc.lock."""
+    stages = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    return {name: stages[name] for name in ("train@simple_cnn", "train@lenet")}
 
 
 @pytest.mark.slow
@@ -207,9 +296,14 @@ def test_report_metrics_and_plots(smoke_workspace: Path, tmp_path: Path) -> None
     lenet = next(r for r in report["rows"] if r["arch"] == "lenet")
     assert lenet["seed_reported_accuracy"] == 0.72 and lenet["params"] == 7994
     markdown = (smoke_workspace / "data/reports/leaderboard.md").read_text()
-    assert "| lenet | 7,994 |" in markdown and "run info" in markdown and "dvc_plots/index.html" in markdown
-    shown = json.loads(run_in(smoke_workspace, "dvc", "metrics", "show", "--json").stdout)
-    assert "data/eval/simple_cnn/metrics.json" in json.dumps(shown)
+    assert "| lenet | 7,994 |" in markdown and "run info" in markdown
+    link = re.search(r"\[dvc_plots/index\.html\]\(([^)]+)\)", markdown)
+    assert link, markdown  # relative to the leaderboard's folder; `dvc plots show` writes in the project
+    leaderboard_dir = smoke_workspace / "data/reports"
+    assert (leaderboard_dir / link.group(1)).resolve() == (smoke_workspace / "dvc_plots/index.html").resolve()
+    shown = json.dumps(json.loads(run_in(smoke_workspace, "dvc", "metrics", "show", "--json").stdout))
+    assert "data/eval/simple_cnn/metrics.json" in shown and "ci95_low" in shown
+    assert "per_class_accuracy" not in shown and "details.json" not in shown  # the long tail is not a DVC metric
     plots = run_in(smoke_workspace, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "accuracy" in html and "loss" in html, plots.stdout

@@ -39,7 +39,8 @@ from cifarflow.redact import REDACTED, redact_text, redact_url
 log = logging.getLogger(__name__)
 SOURCE_HINT = (
     "set data.source in params.yaml to a reachable http(s):// or file:// URL, a local "
-    "archive, an image folder, or synth:train=N,test=M,seed=S (see README, 'Real data')"
+    "archive, an image folder, or synth:train=N,test=M,seed=S (see README, 'Real data from a local copy'); "
+    "no internet? `make pipeline PROFILE=smoke` runs the whole pipeline offline on generated data"
 )
 
 
@@ -229,7 +230,7 @@ def obtain(source: str, data: DataParams, cache: Path, backoff_s: float = 1.0) -
         from cifarflow.data.synth import synth_archive_bytes
 
         spec = SynthSpec.parse(source)
-        blob = synth_archive_bytes(spec.train, spec.test, spec.seed)
+        blob = synth_archive_bytes(spec.train, spec.test, spec.seed, spec.mislabel)
         files = read_batches(io.BytesIO(blob), max_member, label, **caps(data))
         return Obtained("synth", files, {"sha256": hashlib.sha256(blob).hexdigest()}, source)
     if kind == "url" and source.startswith(("http://", "https://")):

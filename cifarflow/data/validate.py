@@ -80,9 +80,20 @@ def image_hashes(images: np.ndarray) -> list[bytes]:
     return [hashlib.sha256(row.data).digest() for row in flat]  # sha256 runs on SHA-NI: fastest here
 
 
-def run(params: Params, root: Path, metrics_path: Path, report_path: Path, verdict_path: Path | None = None) -> dict[str, Any]:
-    """Validate `root` (the preprocess output); write the metrics JSON and a markdown summary, and
-    the verdict at `verdict_path` only if the shards pass."""
+HEADLINE = ("counts", "duplicates_within", "leakage", "schema_ok")  # DVC metrics; the rest goes to the details file
+
+
+def run(
+    params: Params,
+    root: Path,
+    metrics_path: Path,
+    report_path: Path,
+    verdict_path: Path | None = None,
+    details_path: Path | None = None,
+) -> dict[str, Any]:
+    """Validate `root` (the preprocess output); write the headline metrics JSON (a handful of
+    `dvc metrics show` columns), the long tail in `details_path` (default: details.json beside the
+    metrics), a markdown summary, and the verdict at `verdict_path` only if the shards pass."""
     root = Path(root)
     if verdict_path is not None:
         discard_verdict(verdict_path)
@@ -93,7 +104,9 @@ def run(params: Params, root: Path, metrics_path: Path, report_path: Path, verdi
             metrics = measure(root, manifest)
         finally:
             integrity.result()  # a damaged shard is reported first: it explains everything else
-    write_json_atomic(metrics_path, metrics)
+    write_json_atomic(metrics_path, {key: metrics[key] for key in HEADLINE})
+    details = {key: value for key, value in metrics.items() if key not in HEADLINE}
+    write_json_atomic(details_path or Path(metrics_path).with_name("details.json"), details)
     write_bytes_atomic(report_path, render_report(metrics, manifest).encode())
     leakage = metrics["leakage"]
     if leakage["total"]:

@@ -1,0 +1,129 @@
+"""The CLI as a user meets it: help for every argument, the exit codes its docstring promises, the
+offline download failure pointing at the smoke profile, and TensorFlow's CPU-only start-up noise dropped."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import cli_env, free_port
+
+from cifarflow import cli, errors
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (nested) subcommand's parser, by its command line, e.g. {"flow run": ...}."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[f"{prefix}{name}"] = sub
+                found |= subcommands(sub, f"{prefix}{name} ")
+    return found
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    parser = cli.build_parser()
+    commands = subcommands(parser)
+    assert {"train", "evaluate", "predict", "flow run", "synth-archive"} <= set(commands)
+    missing = [
+        f"{name}: {action.dest}"
+        for name, sub in {"": parser, **commands}.items()
+        for action in sub._actions
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help
+    ]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("command", "fragments"),
+    [
+        ("predict", ["PNG/JPEG files, or folders", "--format {table,json,csv}", "JSON list"]),
+        ("train", ["a key of train: in params.yaml", "shards folder"]),
+        ("evaluate", ["a key of train: in params.yaml"]),
+        ("synth-archive", ["the .tar.gz to write"]),
+    ],
+)
+def test_help_describes_positionals_and_options(command: str, fragments: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for fragment in fragments:
+        assert fragment in text
+
+
+def test_module_docstring_states_every_exit_code() -> None:
+    """Each error class's exit code, and train's out-of-memory 3, is in the cli docstring's list."""
+    doc = " ".join(cli.__doc__.split())
+    codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.CifarflowError)}
+    trainer = (Path(cli.__file__).parent / "training" / "trainer.py").read_text()
+    assert re.search(r"class OutOfMemoryError\(CifarflowError\):.*?exit_code = 3\b", trainer, re.S)
+    for code, meaning in {
+        0: "ok",
+        1: "anything else",
+        2: "bad configuration or input",
+        3: "out of memory",
+        130: "interrupted",
+    }.items():
+        assert f"{code} {meaning}" in doc
+    assert codes <= {1, 2, 3}
+
+
+def test_main_returns_the_errors_exit_code(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    class OutOfMemory(errors.CifarflowError):
+        exit_code = 3
+        failure_class = "oom"
+
+    def boom(args: argparse.Namespace, params: object) -> int:
+        raise OutOfMemory("out of memory")
+
+    monkeypatch.setattr(cli, "cmd_synth_archive", boom)
+    assert cli.main(["synth-archive", "x.tgz", "--train", "5", "--test", "1"]) == 3
+    assert "error: out of memory" in capsys.readouterr().err
+
+
+def test_offline_download_failure_names_the_smoke_profile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`make pipeline` without internet: the download stage's error says how to run offline."""
+    url = f"http://127.0.0.1:{free_port()}/cifar-10-binary.tar.gz"  # nothing listens there
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"source": url, "md5": "0" * 32, "retries": 1, "timeout_s": 2.0}}))
+    argv = ["--params", str(params), "download", "--out", str(tmp_path / "raw"), "--cache", str(tmp_path / "cache")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert url in err and "data.source" in err and "`make pipeline PROFILE=smoke`" in err
+    assert not (tmp_path / "raw").exists()
+
+
+def test_native_stderr_filter_drops_only_matching_lines(capfd: pytest.CaptureFixture) -> None:
+    with cli.native_stderr_filtered(cli.CPU_ONLY_NOISE):
+        os.write(2, b"I0000 1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n")
+        os.write(2, b"W0000 1 some_op.cc:12] a real warning\n")
+        os.write(2, b"E0000 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n")
+        print("a Python warning", file=sys.stderr)
+    err = capfd.readouterr().err  # (under capfd, sys.stderr is pytest's, not file descriptor 2: order may differ)
+    assert sorted(err.splitlines()) == ["W0000 1 some_op.cc:12] a real warning", "a Python warning"]
+
+
+@pytest.mark.skipif(cli.gpu_expected(), reason="an NVIDIA driver is present: its CUDA messages are kept on purpose")
+def test_tensorflow_starts_quietly_on_a_cpu_machine() -> None:
+    code = (
+        "import sys\n"
+        "from cifarflow.cli import quiet_tensorflow\n"
+        "quiet_tensorflow()\n"
+        "import tensorflow as tf\n"
+        "tf.constant([1.0]) + 1\n"
+        "tf.get_logger().warning('a real warning')\n"
+        "print(tf.config.list_physical_devices('CPU'))\n"
+    )
+    env = {k: v for k, v in cli_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "CPU:0" in done.stdout and "a real warning" in done.stderr
+    for noise in ("cuInit", "Could not find cuda drivers", "absl::InitializeLog", "cpu_feature_guard", "oneDNN"):
+        assert noise not in done.stderr, done.stderr
