@@ -32,6 +32,16 @@ def test_smoke_pipeline_outputs(smoke_workspace: Path) -> None:
     assert status(smoke_workspace) == ALWAYS
 
 
+def test_smoke_models_learn_without_saturating(smoke_workspace: Path) -> None:
+    """The smoke profile is a real comparison: every model learns the generated task (val ≥ 30%,
+    chance is 10%) without saturating (≤ 90%), and the best and the worst differ by more than their
+    95% intervals, so selection and McNemar see a real difference."""
+    val = {arch: json.loads((smoke_workspace / f"data/eval/{arch}/metrics.json").read_text())["val"] for arch in ARCHS}
+    assert all(0.30 <= v["accuracy"] <= 0.90 for v in val.values()), {a: v["accuracy"] for a, v in val.items()}
+    best, worst = max(val.values(), key=lambda v: v["accuracy"]), min(val.values(), key=lambda v: v["accuracy"])
+    assert worst["ci95_high"] < best["ci95_low"], val
+
+
 def test_second_repro_does_nothing(workspace: Path) -> None:
     done = run_in(workspace, "dvc", "repro")
     assert ran(done.stdout) == ["download"]
@@ -70,7 +80,7 @@ def test_local_archive_source_and_editing_it(workspace: Path) -> None:
 def test_param_change_reruns_only_what_reads_it(workspace: Path) -> None:
     set_params(workspace, **{"data.fail_on_leakage": True})
     assert changed(workspace) == {"validate"}
-    set_params(workspace, **{"data.fail_on_leakage": False, "profiles.smoke.train.simple_cnn.epochs": 2})
+    set_params(workspace, **{"data.fail_on_leakage": False, "profiles.smoke.train.simple_cnn.epochs": 3})
     assert changed(workspace) == {"train@simple_cnn"}
     set_params(workspace, **{"train.lenet.optimizer.learning_rate": 0.002})
     assert changed(workspace) == {"train@simple_cnn", "train@lenet"}

@@ -14,7 +14,7 @@ from conftest import cli_env
 
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data.extract import read_archive, read_batches
-from cifarflow.data.synth import prototypes, synth_archive_bytes
+from cifarflow.data.synth import prototypes, synth_archive_bytes, synth_files
 
 
 def test_cli_writes_byte_identical_archives(tmp_path: Path) -> None:
@@ -76,3 +76,17 @@ def test_images_carry_a_learnable_class_pattern() -> None:
     sims = (feats / np.linalg.norm(feats, axis=1, keepdims=True)) @ (protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
     accuracy = float((sims.argmax(axis=1) == labels).mean())
     assert accuracy > 0.8, accuracy
+
+
+def test_mislabelled_share_changes_labels_only() -> None:
+    """`mislabel_percent` keeps the images of the clean dataset and gives about that share of the
+    labels, in train and test alike, a class other than the image's own."""
+    clean, noisy = synth_files(2000, 1000, 3), synth_files(2000, 1000, 3, mislabel_percent=20)
+    for files, split in ((cb.TRAIN_FILES, "train"), ((cb.TEST_FILE,), "test")):
+        x0, y0 = cb.decode_records(b"".join(clean[f] for f in files), split)
+        x1, y1 = cb.decode_records(b"".join(noisy[f] for f in files), split)
+        assert np.array_equal(x0, x1)
+        changed = float((y0 != y1).mean())
+        assert 0.17 < changed < 0.23, changed  # 20% of 1,000+ labels: within 3 standard deviations
+        assert y1.max() < cb.NUM_LABELS
+    assert synth_files(50, 10, 3, mislabel_percent=0) == synth_files(50, 10, 3)

@@ -1,7 +1,10 @@
 """A synthetic CIFAR-like archive for tests, CI and the smoke profile: learnable, tiny, offline.
 
 Each class has a fixed prototype (oriented colour stripes); an image is its class's prototype,
-shifted by a few pixels, plus per-pixel noise. The same arguments always give byte-identical files.
+shifted by a few pixels, plus per-pixel noise. Optionally a share of the labels is wrong (another
+class's, in train and test alike), which caps any model's accuracy at 1 - that share: the smoke
+profile uses it so that its models learn without saturating. The same arguments always give
+byte-identical files.
 The archive carries a marker member (cifar_binary.SYNTH_MARKER): it never passes for real data.
 """
 
@@ -47,23 +50,36 @@ def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def synth_files(train: int, test: int, seed: int) -> dict[str, bytes]:
+def mislabel(labels: np.ndarray, percent: int, rng: np.random.Generator) -> np.ndarray:
+    """A copy of `labels` where each label, with probability percent/100, is replaced by one of the
+    other nine classes, uniformly: the image still shows its own class's pattern."""
+    wrong = rng.random(len(labels)) < percent / 100
+    out = labels.copy()
+    out[wrong] = (labels[wrong] + rng.integers(1, cb.NUM_LABELS, int(wrong.sum()))) % cb.NUM_LABELS
+    return out
+
+
+def synth_files(train: int, test: int, seed: int, mislabel_percent: int = 0) -> dict[str, bytes]:
     """The batches folder's files for a generated dataset."""
     rng = np.random.default_rng(seed)
     x_train, y_train = generate(train, rng)
     x_test, y_test = generate(test, rng)
+    if mislabel_percent:  # its own stream, so that the images are those of mislabel_percent=0
+        flips = np.random.default_rng([seed, 1])
+        y_train, y_test = mislabel(y_train, mislabel_percent, flips), mislabel(y_test, mislabel_percent, flips)
     return cb.batch_files(x_train, y_train, x_test, y_test, cb.CIFAR10_CLASSES)
 
 
-def synth_archive_bytes(train: int, test: int, seed: int) -> bytes:
+def synth_archive_bytes(train: int, test: int, seed: int, mislabel_percent: int = 0) -> bytes:
     """The archive: the batches folder's files plus the SYNTH_MARKER member, which makes the
     download stage report the data as "synth" whichever source (path, file://, http) serves it."""
     buffer = io.BytesIO()
-    cb.write_archive(buffer, {**synth_files(train, test, seed), cb.SYNTH_MARKER: cb.SYNTH_MARKER_TEXT})
+    files = synth_files(train, test, seed, mislabel_percent)
+    cb.write_archive(buffer, {**files, cb.SYNTH_MARKER: cb.SYNTH_MARKER_TEXT})
     return buffer.getvalue()
 
 
-def write_synth_archive(out: Path, train: int, test: int, seed: int) -> None:
+def write_synth_archive(out: Path, train: int, test: int, seed: int, mislabel_percent: int = 0) -> None:
     from cifarflow.fileio import write_bytes_atomic
 
-    write_bytes_atomic(Path(out), synth_archive_bytes(train, test, seed))
+    write_bytes_atomic(Path(out), synth_archive_bytes(train, test, seed, mislabel_percent))
