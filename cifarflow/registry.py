@@ -58,6 +58,21 @@ class PromotionRefused(InputError):
 # --- every change to the filesystem, with a kill point before and after ---------------------------
 
 
+def complete_lines_size(path: Path, size: int, block: int = 1 << 16) -> int:
+    """Bytes of `path` up to and including its last newline (0 if none), reading backwards a block at
+    a time: a torn line of any length is found without reading the whole file."""
+    with open(path, "rb") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+    return 0
+
+
 class Durable:
     """Writes, fsyncs, renames and removals, each between two numbered points where a test can kill
     the process (KILL_ENV) or list the points (POINTS_ENV). Nothing else in this module writes."""
@@ -120,11 +135,8 @@ class Durable:
         line never glues onto it."""
         size = path.stat().st_size if path.is_file() else 0
         if size:
-            with open(path, "rb") as f:
-                f.seek(max(0, size - (1 << 16)))
-                tail = f.read()
-            if not tail.endswith(b"\n"):
-                keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+            keep = complete_lines_size(path, size)
+            if keep < size:
                 with self.step(f"truncate {path.name}"):
                     os.truncate(path, keep)
         with self.step(f"append {path.name}"):
