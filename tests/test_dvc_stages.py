@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_in, set_params, sha256
 
+from cifarflow.config import load_params
 from cifarflow.data.synth import write_synth_archive
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,7 @@ def test_param_change_reruns_only_what_reads_it(workspace: Path) -> None:
     assert changed(workspace) == {"validate"}
     set_params(workspace, **{"data.fail_on_leakage": False, "profiles.smoke.train.simple_cnn.epochs": 3})
     assert changed(workspace) == {"train@simple_cnn"}
-    set_params(workspace, **{"train.lenet.optimizer.learning_rate": 0.002})
+    set_params(workspace, **{"profiles.smoke.train.lenet.optimizer.learning_rate": 0.002})  # (the base's is overlaid)
     assert changed(workspace) == {"train@simple_cnn", "train@lenet"}
     assert ran(run_in(workspace, "dvc", "repro", "train@lenet").stdout) == ["download", "train@lenet"]
     set_params(workspace, **{"evaluate.tta": True})
@@ -107,10 +108,12 @@ def test_editing_code_reruns_only_the_stages_that_import_it(workspace: Path) -> 
 
 
 def test_smoke_trains_every_architecture(smoke_workspace: Path) -> None:
+    params = load_params(smoke_workspace / "params.yaml")
+    assert params.profile == "smoke"
     for stage in TRAIN:
         arch = stage.split("@")[1]
         summary = json.loads((smoke_workspace / f"data/models/{arch}/summary.json").read_text())
-        assert summary["variant"] == "tiny" and summary["epochs"] == 1
+        assert summary["variant"] == "tiny" and summary["epochs"] == params.recipe(arch).epochs
         digest = (smoke_workspace / f"data/models/{arch}/weights.sha256").read_text().strip()
         assert digest == summary["weights_sha256"]
 
