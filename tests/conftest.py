@@ -45,6 +45,16 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# A minimal valid recipe, for tests of the params rules.
+RECIPE = {
+    "model": "lenet",
+    "epochs": 1,
+    "batch_size": 8,
+    "optimizer": {"name": "adam", "learning_rate": 0.001},
+    "normalization": "center",
+}
+
+
 def make_params(**data: Any) -> Params:
     """Params with the given `data` keys; everything else default."""
     return resolve({"data": data})

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli_env, make_params, train_params, write_params
+from conftest import RECIPE, REPO, cli_env, make_params, train_params, write_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cifarflow.cli import main
 from cifarflow.config import MAX_YAML_NODES, read_yaml, resolve
 from cifarflow.errors import ConfigError, InputError
-
-RECIPE = {
-    "model": "lenet",
-    "epochs": 1,
-    "batch_size": 8,
-    "optimizer": {"name": "adam", "learning_rate": 0.001},
-    "normalization": "center",
-}
 
 
 def check(tmp_path: Path, raw: dict, capsys: pytest.CaptureFixture) -> tuple[int, str]:

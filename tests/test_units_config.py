@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
+from conftest import RECIPE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
@@ -45,13 +46,6 @@ from cifarflow.config import (
 )
 from cifarflow.errors import ConfigError
 
-RECIPE = {
-    "model": "lenet",
-    "epochs": 1,
-    "batch_size": 8,
-    "optimizer": {"name": "adam", "learning_rate": 0.001},
-    "normalization": "center",
-}
 SYNTH = {"source": "synth:train=100,test=50", "md5": None, "val_size": 10, "shards": 2}
 
 
