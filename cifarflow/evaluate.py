@@ -75,7 +75,8 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
         name: round(float(correct[labels == c].mean()), 6) if (labels == c).any() else None for c, name in enumerate(classes)
     }
     return {
-        "accuracy": round(float(correct.mean()), 6),
+        # None, not NaN, when there is nothing to score: NaN is not JSON and compares false with everything.
+        "accuracy": round(float(correct.mean()), 6) if len(labels) else None,
         "ci95_low": round(low, 6),
         "ci95_high": round(high, 6),
         "correct": int(correct.sum()),

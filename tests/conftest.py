@@ -255,6 +255,16 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def verdict(tiny_shards: Path) -> Path:
+    """Training requires the validate stage's verdict: validate the session's tiny shards (once)."""
+    from cifarflow.data import validate
+
+    path = tiny_shards.parent / "validation" / "verdict.json"
+    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
+    return path
+
+
 def train_params(arch: str = "lenet", **recipe: Any) -> Params:
     """Params with one tiny recipe, `arch`, for trainer tests."""
     base = {

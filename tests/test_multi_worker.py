@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, make_params, write_params
+from conftest import cli_env, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("verdict")]
 ARCH = "net"
 # lenet tiny: no BatchNorm (each replica would normalise with the statistics of its own half batch,
 # unsynchronised, so two replicas could not equal one device) and no Dropout (a replica draws the mask
@@ -81,16 +81,6 @@ def train_cmd(params: Path, shards: Path, node: Path) -> list[str]:
         "--verdict",
         str(shards.parent / "validation" / "verdict.json"),
     ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def verdict(tiny_shards: Path) -> Path:
-    """`cifarflow train` requires the validate stage's verdict: validate the session's tiny shards (once)."""
-    from cifarflow.data import validate
-
-    path = tiny_shards.parent / "validation" / "verdict.json"
-    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
-    return path
 
 
 def single(root: Path, shards: Path, seed: int = 42) -> subprocess.Popen:

@@ -272,12 +272,12 @@ def test_timeout_kills_the_stage_with_its_children(
     monkeypatch.setattr(flows.pipeline, "train_stage", tasks.stages.train_stage.with_options(retries=0))  # one attempt
     env = prefect_server | {"PATH": f"{fake}{os.pathsep}{prefect_server['PATH']}"}
     # Long enough for the download stage (always run); train@lenet would never end without it.
-    state = run_flow(env, monkeypatch, workspace, stage_timeout_s=90)
+    state = run_flow(env, monkeypatch, workspace, stage_timeout_s=30)
 
     assert state.is_failed(), state
     train = task_runs(prefect_server, state)[f"train@{ARCH}"]
     assert train["state"]["type"] == "FAILED" and train["run_count"] == 1, train["state"]
-    assert "StageTimeout" in train["state"]["message"] and "exceeded its timeout of 90 s" in train["state"]["message"]
+    assert "StageTimeout" in train["state"]["message"] and "exceeded its timeout of 30 s" in train["state"]["message"]
     assert f"evaluate@{ARCH}" not in task_runs(prefect_server, state)
 
     children = {int(line) for line in pids.read_text().split()}  # the fake's shell and its two sleeps

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_params, tree_files
 
 from cifarflow.data import cifar_binary as cb
-from cifarflow.data import download, preprocess, shards, tfrecord
+from cifarflow.data import download, inputs, preprocess, shards, tfrecord
 from cifarflow.errors import InputError
 
 SOURCE = "synth:train=300,test=60,seed=5"
@@ -53,7 +53,7 @@ def test_shards_round_trip_byte_for_byte(tmp_path: Path, raw: Path) -> None:
     assert manifest["counts"] == {"train": 260, "val": 40, "test": 60}
     assert manifest["classes"] == classes
     for split, want in expected.items():
-        for fmt, reader in (("parquet", shards.read_parquet), ("tfrecord", shards.read_tfrecord)):
+        for fmt, reader in (("parquet", shards.read_parquet), ("tfrecord", inputs.read_tfrecords)):
             paths = shards.shard_paths(tmp_path / "shards", split, fmt)
             assert len(paths) == 3
             got = reader(paths)

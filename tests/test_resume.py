@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, make_params, write_params
+from conftest import cli_env, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("verdict")]
 BASE = {
     "variant": "tiny",
     "epochs": 3,
@@ -43,16 +43,6 @@ def params_file(root: Path, **runtime) -> Path:
     raw = {"data": DATA, "archs": list(RECIPES), "train": RECIPES, "runtime": runtime}
     root.mkdir(parents=True, exist_ok=True)
     return write_params(root, raw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def verdict(tiny_shards: Path) -> Path:
-    """`cifarflow train` requires the validate stage's verdict: validate the session's tiny shards (once)."""
-    from cifarflow.data import validate
-
-    path = tiny_shards.parent / "validation" / "verdict.json"
-    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
-    return path
 
 
 def train(root: Path, arch: str, shards: Path, params: Path, **env: str) -> subprocess.CompletedProcess[str]:

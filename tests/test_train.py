@@ -11,22 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import cli_env, make_params, train_params, write_params
+from conftest import cli_env, train_params, write_params
 
 from cifarflow.config import resolve
-from cifarflow.data import validate
 from cifarflow.errors import ConfigError
 from cifarflow.training import resume
 from cifarflow.training.schedule import LearningRate
 from cifarflow.training.trainer import train
-
-
-@pytest.fixture(scope="module")
-def verdict(tiny_shards: Path) -> Path:
-    """train() requires the validate stage's verdict: validate the session's tiny shards (once)."""
-    path = tiny_shards.parent / "validation" / "verdict.json"
-    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
-    return path
 
 
 def test_outputs_and_determinism(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:

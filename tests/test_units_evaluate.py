@@ -59,6 +59,7 @@ def test_scores_round_to_six_places_and_handle_empty_splits() -> None:
     empty = ev.scores(np.zeros((0, 2)), np.zeros(0, np.int64), ["a", "b"])
     assert (
         empty["loss"] == 0.0
+        and empty["accuracy"] is None
         and empty["n"] == 0
         and interval(empty) == [0.0, 1.0]
         and empty["per_class_accuracy"] == {"a": None, "b": None}

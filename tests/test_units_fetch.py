@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import requests
@@ -351,3 +351,121 @@ def test_the_watchdog_shuts_down_watched_sockets_at_the_deadline() -> None:
         left.close()
         right.close()
     fetch._shutdown(left)  # closed already: no error
+
+
+class RecordingBar:
+    """Stands in for tqdm (disabled in tests, so its arguments would go unchecked): records them."""
+
+    made: ClassVar[list[RecordingBar]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs, self.updates = kwargs, []
+        RecordingBar.made.append(self)
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+
+def test_the_progress_bar_shows_bytes_from_the_resume_offset(
+    server: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    RecordingBar.made = []
+    monkeypatch.setattr(fetch, "tqdm", RecordingBar)
+    part = tmp_path / "a.part"
+    part.write_bytes(b"hel")
+    server.replies["/dir/a.tgz"] = [(206, {"Content-Range": "bytes 3-4/5"}, b"lo")]
+    fetch.download(
+        server.url("/dir/a.tgz?sig=secret"), part, retries=0, timeout_s=5, deadline_s=20, max_bytes=1 << 20, backoff_s=0
+    )
+    [bar] = RecordingBar.made
+    assert bar.kwargs == {
+        "total": 5,
+        "initial": 3,
+        "unit": "B",
+        "unit_scale": True,
+        "desc": "a.tgz",
+        "disable": None,
+        "mininterval": 1.0,
+    }
+    assert sum(bar.updates) == 2
+
+
+def test_resume_and_encoding_are_logged_with_the_url_redacted(
+    server: Scripted, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    part = tmp_path / "a.part"
+    part.write_bytes(b"hel")
+    encoding = "x-" + "z" * 60
+    server.replies["/a"] = [(206, {"Content-Range": "bytes 3-4/5", "Content-Encoding": encoding.upper()}, b"lo")]
+    url = server.url("/a").replace("http://", "http://user:pw@")
+    with caplog.at_level("INFO", logger="cifarflow.data.fetch"):
+        fetch.download(url, part, retries=0, timeout_s=5, deadline_s=20, max_bytes=1 << 20, backoff_s=0)
+    shown = fetch.redact_url(url)
+    assert "pw" not in shown
+    assert [r.getMessage() for r in caplog.records if r.name == "cifarflow.data.fetch"] == [
+        f"{shown}: Content-Encoding {encoding[:40]} although identity was asked; keeping the bytes as sent "
+        "(the checksum decides)",
+        f"{shown}: resuming at byte 3",
+    ]
+    assert part.read_bytes() == b"hello"
+    caplog.clear()
+    server.replies["/b"] = [(200, {"Content-Encoding": " Identity "}, b"plain")]
+    with caplog.at_level("INFO", logger="cifarflow.data.fetch"):
+        get(server, "/b", tmp_path / "b.part")
+    assert [r for r in caplog.records if r.name == "cifarflow.data.fetch"] == []  # identity, fresh start: nothing to say
+
+
+def test_a_retry_is_logged_with_its_reason_and_count(
+    server: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fetch.random, "random", lambda: 0.5)
+    server.replies["/a"] = [(503, {}, b""), (200, {}, b"ok")]
+    with caplog.at_level("WARNING", logger="cifarflow.data.fetch"):
+        get(server, "/a", tmp_path / "a.part", retries=2, backoff_s=0.001)
+    [record] = [r for r in caplog.records if r.name == "cifarflow.data.fetch"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == f"{server.url('/a')}: HTTP 503 Service Unavailable; retry 1/2 in 0.0s"
+    assert len(server.requests) == 2  # one retry, then success: no third request
+
+
+def test_resume_failures_say_what_went_wrong(server: Scripted, tmp_path: Path) -> None:
+    part = tmp_path / "a.part"
+    part.write_bytes(b"hel")
+    server.replies["/a"] = [(206, {"Content-Range": "bytes 0-4/5"}, b"hello")]
+    with pytest.raises(TransientError, match=r"^server resumed at byte 0, expected 3; restarting \(gave up after 1 attempts\)$"):
+        get(server, "/a", part)
+    assert not part.exists()
+    part.write_bytes(b"hel")  # a body complete by its Content-Length, short of the Content-Range's total
+    server.replies["/short"] = [(206, {"Content-Range": "bytes 3-9/10"}, b"lo")]
+    with pytest.raises(TransientError, match=r"^connection closed at byte 5 of 10 \(gave up after 1 attempts\)$"):
+        get(server, "/short", part)
+    assert part.read_bytes() == b"hello"  # kept for the next resume
+
+
+def test_a_body_without_length_is_read_to_the_end(server: Scripted, tmp_path: Path) -> None:
+    server.replies["/a"] = [(200, {"Content-Length": None, "Connection": "close"}, b"no length given")]
+    get(server, "/a", tmp_path / "a.part")
+    assert (tmp_path / "a.part").read_bytes() == b"no length given" and len(server.requests) == 1
+
+
+def test_a_deadline_during_the_body_reports_the_bytes_so_far(
+    server: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = tmp_path / "a.part"
+    part.write_bytes(b"x" * 7)
+    server.replies["/a"] = [(206, {"Content-Range": "bytes 7-9/10"}, b"abc")]
+    real, calls = time.monotonic, {"n": 0}
+
+    def clock() -> float:  # on time until the body is read, then past the deadline
+        calls["n"] += 1
+        return real() + (1000.0 if calls["n"] > 1 else 0.0)
+
+    monkeypatch.setattr(fetch.time, "monotonic", clock)
+    with pytest.raises(DeadlineError, match=r"^not complete within data.deadline_s=20 \(7 bytes so far\)"):
+        get(server, "/a", part)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data.extract import file_kind, open_regular
+from cifarflow.data.layout import HEIGHT, WIDTH
 from cifarflow.errors import InputError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
@@ -157,7 +158,7 @@ def _decode(path: Path, max_pixels: int) -> np.ndarray:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise InputError(f"{path}: image is {width}x{height}, over data.max_image_pixels={max_pixels}")
-                if image.size != (cb.WIDTH, cb.HEIGHT):
+                if image.size != (WIDTH, HEIGHT):
                     raise InputError(f"{path}: image is {width}x{height}, expected 32x32")
                 return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except InputError:

@@ -18,7 +18,7 @@ from cifarflow.config import Params, check_split_sizes
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards, tfrecord
 from cifarflow.data.cifar_binary import Split
-from cifarflow.data.layout import MANIFEST
+from cifarflow.data.layout import IMAGE_SHAPE, MANIFEST
 from cifarflow.errors import InputError
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file
 
@@ -97,7 +97,7 @@ def run(params: Params, raw: Path, out: Path) -> dict[str, Any]:
             "shards_per_split": params.data.shards,
             "source": {"kind": raw_manifest["kind"], "content": raw_manifest["content"]},
             "split": {"seed": params.seed, "val_size": params.data.val_size},
-            "image": {"dtype": "uint8", "shape": [cb.HEIGHT, cb.WIDTH, cb.CHANNELS], "layout": "HWC"},
+            "image": {"dtype": "uint8", "shape": list(IMAGE_SHAPE), "layout": "HWC"},
         }
         (tmp / MANIFEST).write_text(dumps_json(manifest))
     return manifest

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data.cifar_binary import Split
+from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +69,7 @@ def _images_view(column: pa.FixedSizeBinaryArray) -> np.ndarray:
     images = np.frombuffer(
         column.buffers()[1], np.uint8, count=len(column) * cb.IMAGE_BYTES, offset=column.offset * cb.IMAGE_BYTES
     )
-    return images.reshape(-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS)
+    return images.reshape(-1, *IMAGE_SHAPE)
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -102,22 +103,3 @@ def tfrecord_features() -> dict:
         "label": tf.io.FixedLenFeature([], tf.int64),
         "index": tf.io.FixedLenFeature([], tf.int64),
     }
-
-
-def read_tfrecord(paths: list[Path]) -> Split:
-    """TFRecord shards -> Split (for tests and tools; training streams them through tf.data)."""
-    import tensorflow as tf
-
-    features = tfrecord_features()
-    images, labels, index = [], [], []
-    for record in tf.data.TFRecordDataset([str(p) for p in paths]):
-        example = tf.io.parse_single_example(record, features)
-        images.append(np.frombuffer(example["image"].numpy(), np.uint8))
-        labels.append(int(example["label"]))
-        index.append(int(example["index"]))
-    shape = (-1, cb.HEIGHT, cb.WIDTH, cb.CHANNELS)
-    return Split(
-        np.stack(images).reshape(shape) if images else np.empty((0, 32, 32, 3), np.uint8),
-        np.array(labels, np.uint8),
-        np.array(index, np.int64),
-    )

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarflow.data import cifar_binary as cb
+from cifarflow.data.layout import HEIGHT, IMAGE_SHAPE, WIDTH
 
 NOISE_STD = 40.0  # pixel units: tiny models learn it in an epoch, yet do not reach 100%
 MAX_SHIFT = 3  # pixels a prototype may move, so that a model must learn the pattern, not positions
@@ -24,8 +25,8 @@ CHUNK = 4096  # images generated per step, to bound memory for large archives
 
 def prototypes() -> np.ndarray:
     """(10, 32, 32, 3) float32: class c has stripes at angle c·18° with its own colour pair."""
-    yy, xx = np.mgrid[0 : cb.HEIGHT, 0 : cb.WIDTH].astype(np.float32)
-    protos = np.empty((cb.NUM_LABELS, cb.HEIGHT, cb.WIDTH, cb.CHANNELS), np.float32)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    protos = np.empty((cb.NUM_LABELS, *IMAGE_SHAPE), np.float32)
     for c in range(cb.NUM_LABELS):
         angle = np.pi * c / cb.NUM_LABELS
         wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / (6 + c % 3)))
@@ -39,11 +40,11 @@ def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n images (HWC uint8) with balanced, shuffled labels."""
     labels = rng.permutation(np.arange(n) % cb.NUM_LABELS).astype(np.uint8)
     protos = prototypes()
-    images = np.empty((n, cb.HEIGHT, cb.WIDTH, cb.CHANNELS), np.uint8)
+    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
     for start in range(0, n, CHUNK):
         lab = labels[start : start + CHUNK]
         shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(len(lab), 2))
-        noise = rng.normal(0.0, NOISE_STD, size=(len(lab), cb.HEIGHT, cb.WIDTH, cb.CHANNELS)).astype(np.float32)
+        noise = rng.normal(0.0, NOISE_STD, size=(len(lab), *IMAGE_SHAPE)).astype(np.float32)
         for i, (c, (dy, dx)) in enumerate(zip(lab, shifts, strict=True)):
             noise[i] += np.roll(protos[c], (dy, dx), axis=(0, 1))
         images[start : start + len(lab)] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)

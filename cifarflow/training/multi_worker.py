@@ -162,21 +162,35 @@ class Steps:
     def _train_replica(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         x, y, n = self._mine(x, y)
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            probs = self.model(x, training=True)
-            losses = self.per_example(y, probs)  # (rows,)
-            extra = self._extra()  # regularization: every replica adds 1/replicas of it
-            loss = tf.reduce_sum(losses) / tf.cast(n, losses.dtype) + tf.cast(extra, losses.dtype) / replicas
-            scaled = self.model.optimizer.scale_loss(loss)  # loss scaling under mixed_float16, else as is
         variables = self.model.trainable_variables
+
+        def compute() -> list[tf.Tensor]:
+            with tf.GradientTape() as tape:
+                probs = self.model(x, training=True)
+                losses = self.per_example(y, probs)  # (rows,)
+                extra = self._extra()  # regularization: every replica adds 1/replicas of it
+                loss = tf.reduce_sum(losses) / tf.cast(n, losses.dtype) + tf.cast(extra, losses.dtype) / replicas
+                scaled = self.model.optimizer.scale_loss(loss)  # loss scaling under mixed_float16, else as is
+            return [*tape.gradient(scaled, variables), self._sums(y, probs, losses, extra)]
+
+        def nothing() -> list[tf.Tensor]:
+            return [*(tf.zeros_like(v) for v in variables), tf.zeros(2)]
+
+        # A replica with no rows of a short last batch contributes zeros without running the model:
+        # oneDNN's convolution fails on an empty batch on some CPUs (AVX-512), the plain kernel does not.
+        *gradients, sums = tf.cond(tf.shape(x)[0] > 0, compute, nothing)
         # Keras's TF optimizer all-reduces (sums) the gradients over the replicas in apply_gradients.
-        self.model.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
-        return self._sums(y, probs, losses, extra)
+        self.model.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        return sums
 
     def _evaluate_replica(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         x, y, _ = self._mine(x, y)
-        probs = self.model(x, training=False)
-        return self._sums(y, probs, self.per_example(y, probs), self._extra())
+
+        def compute() -> tf.Tensor:
+            probs = self.model(x, training=False)
+            return self._sums(y, probs, self.per_example(y, probs), self._extra())
+
+        return tf.cond(tf.shape(x)[0] > 0, compute, lambda: tf.zeros(2))
 
     def _train(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         return self.strategy.reduce(SUM, self.strategy.run(self._train_replica, args=(x, y)), axis=None)
