@@ -36,11 +36,13 @@ endif
 RUN_DIR := $(if $(PROFILE),runs/$(PROFILE),.)
 
 leaderboard:
+	@test -f $(RUN_DIR)/data/reports/leaderboard.md || { echo "no leaderboard in $(RUN_DIR)/data/reports/: run \`make pipeline$(if $(PROFILE), PROFILE=$(PROFILE))\` first (profiles: in params.yaml)" >&2; exit 2; }
 	@cat $(RUN_DIR)/data/reports/leaderboard.md
 
 # make predict IMAGES="photos/ cat.png" [PROFILE=smoke]: classify with that run's export.
 predict: setup
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photos/ cat.png" [PROFILE=smoke]' >&2; exit 2; }
+	@test -d $(RUN_DIR)/data/export || { echo "no export in $(RUN_DIR)/data/export/: run \`make pipeline$(if $(PROFILE), PROFILE=$(PROFILE))\` first (profiles: in params.yaml)" >&2; exit 2; }
 	cd $(RUN_DIR) && $(abspath $(BIN))/cifarflow predict $(abspath $(IMAGES)) --model data/export
 
 test: setup

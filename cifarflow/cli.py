@@ -28,13 +28,18 @@ from cifarflow.errors import STATUS_ENV, CifarflowError
 
 log = logging.getLogger("cifarflow")
 
-# What TensorFlow's native code prints on a machine with no NVIDIA driver, in every process: absl's
-# pre-initialisation banner, the CUDA runtime stub's probe (both written while the libraries load,
-# before TF_CPP_MIN_LOG_LEVEL is applied) and cuInit's failure (an ERROR line, so a log level that
-# hid it would hide real errors too). Dropped only on such machines (see `gpu_expected`).
-CPU_ONLY_NOISE = re.compile(
+# What TensorFlow's native code prints in every process before absl's logging is initialised, so
+# that TF_CPP_MIN_LOG_LEVEL does not reach it: the banner announcing exactly that, and the oneDNN
+# notice (an INFO line, on CPUs where oneDNN is on by default, e.g. with AVX-512).
+STARTUP_NOTICES = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|port\.cc:\d+\] oneDNN custom operations are on"
+)
+# What it prints on a machine with no NVIDIA driver: the CUDA runtime stub's probe and cuInit's
+# failure (an ERROR line, so a log level that hid it would hide real errors too). Dropped only on
+# such machines (see `gpu_expected`).
+CPU_ONLY_NOISE = re.compile(
+    r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
     r"|cuda_platform\.cc:\d+\] failed call to cuInit"
 )
 
@@ -67,15 +72,20 @@ def native_stderr_filtered(drop: re.Pattern[str]) -> Iterator[None]:
                 sys.stderr.flush()
 
 
+def tensorflow_noise(gpu: bool) -> re.Pattern[str]:
+    """The native start-up lines to drop: STARTUP_NOTICES, and CPU_ONLY_NOISE too when no GPU is expected."""
+    return STARTUP_NOTICES if gpu else re.compile(f"{STARTUP_NOTICES.pattern}|{CPU_ONLY_NOISE.pattern}")
+
+
 def quiet_tensorflow() -> None:
     """Import TensorFlow without its start-up notices, before any stage code does; its warnings and
-    errors stay. TF_CPP_MIN_LOG_LEVEL=1 (unless set) drops native INFO lines (CPU-feature and oneDNN
-    notices; TF_ENABLE_ONEDNN_OPTS is left alone: it changes numerics). On a machine with no NVIDIA
-    driver the CUDA probe lines (CPU_ONLY_NOISE) are dropped too; no GPU is hidden anywhere."""
+    errors stay. TF_CPP_MIN_LOG_LEVEL=1 (unless set) drops the native INFO lines logged after start-up,
+    and `tensorflow_noise` those logged before it (TF_ENABLE_ONEDNN_OPTS is left alone: it changes
+    numerics). TF_CPP_MIN_LOG_LEVEL=0 keeps everything; no GPU is hidden anywhere."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # inherited by the processes a stage starts
-    if "tensorflow" in sys.modules or gpu_expected():
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         return
-    with native_stderr_filtered(CPU_ONLY_NOISE):
+    with native_stderr_filtered(tensorflow_noise(gpu_expected())):
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the CUDA platform probes (cuInit) here; the runtime stays unconfigured
