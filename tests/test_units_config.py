@@ -308,6 +308,9 @@ def test_resolve_names_the_profile_key_and_value_of_an_error() -> None:
     with pytest.raises(ConfigError, match=r"data.source: .*bad synth source part") as info:
         resolve({"data": {**SYNTH, "source": "synth:train=zz"}})
     assert "got" not in str(info.value)  # a source is never echoed
+    with pytest.raises(ConfigError, match=r"data.source.0: ") as info:  # nor an item of a mirror list
+        resolve({"data": {**SYNTH, "source": [5, "synth:train=10,test=10"]}})
+    assert "got" not in str(info.value) and "5" not in str(info.value).split("data.source.0: ")[1]
     with pytest.raises(ConfigError, match=r"train.x.epochs: Field required$"):
         resolve({"archs": ["x"], "train": {"x": {k: v for k, v in RECIPE.items() if k != "epochs"}}})
     with pytest.raises(ConfigError, match=r": \(top level\): "):
@@ -324,7 +327,7 @@ def test_unknown_keys_list_the_valid_keys_of_their_section_with_a_hint() -> None
     with pytest.raises(
         ConfigError,
         match=r"unknown key 'train.x.optimizer.nme'; did you mean name\? Valid "
-        r"keys here: name, learning_rate, lr_reference_batch, momentum$",
+        r"keys here: name, learning_rate, lr_reference_batch, momentum, nesterov, norm_bias_rate$",
     ):
         resolve({"archs": ["x"], "train": {"x": {**RECIPE, "optimizer": {"name": "adam", "learning_rate": 0.1, "nme": 1}}}})
     with pytest.raises(

@@ -235,6 +235,40 @@ def test_unverified_http_downloads_keep_nothing(server: Scripted, tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_https_sources_are_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "fetched.tgz"
+    archive.write_bytes(BLOB)
+    calls = []
+    monkeypatch.setattr(dl, "fetch_http", lambda *args: calls.append(args[0]) or (archive, {"sha256": SHA}))
+    got = dl.obtain("https://mirror.example/a.tgz", data(sha256=SHA), tmp_path / "cache", backoff_s=0)
+    assert calls == ["https://mirror.example/a.tgz"] and got.kind == "archive"
+
+
+BOMB = tar_gz(valid_members({**FILES, "padding": bytes(3 << 20)}))  # 3 MiB of zeros: a few KiB compressed
+
+
+@pytest.mark.parametrize("verified", [True, False])
+def test_http_archives_are_read_within_the_extract_and_member_caps(
+    server: Scripted,  # noqa: F811
+    tmp_path: Path,
+    verified: bool,
+) -> None:
+    server.replies["/bomb.tgz"] = [(200, {}, BOMB)]
+    checksum = {"sha256": hashlib.sha256(BOMB).hexdigest()} if verified else {"allow_unverified": True}
+    with pytest.raises(InputError, match="max_extract_mb"):
+        dl.obtain(server.url("/bomb.tgz"), data(max_extract_mb=1, **checksum), tmp_path, backoff_s=0)
+    server.replies["/a.tgz"] = [(200, {}, BLOB)]
+    checksum = {"sha256": SHA} if verified else {"allow_unverified": True}
+    with pytest.raises(InputError, match="max_members"):
+        dl.obtain(server.url("/a.tgz"), data(max_members=2, **checksum), tmp_path, backoff_s=0)
+
+
+def test_unverified_downloads_retry_transient_errors(server: Scripted, tmp_path: Path) -> None:  # noqa: F811
+    server.replies["/a.tgz"] = [(503, {}, b""), (200, {}, BLOB)]
+    got = dl.obtain(server.url("/a.tgz"), data(allow_unverified=True, retries=1), tmp_path, backoff_s=0)
+    assert got.content == {"sha256": SHA} and len(server.requests) == 2
+
+
 def test_validate_batches_counts_records_and_checks_labels() -> None:
     summary = dl.validate_batches(dict(FILES))
     assert summary["counts"] == {"train": 20, "test": 10}

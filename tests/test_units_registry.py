@@ -164,6 +164,23 @@ def test_rollback_returns_to_the_previous_version_and_revokes_the_weights(tmp_pa
         r.rollback(reg, to="9")
 
 
+def test_rollback_records_the_targets_facts_and_waits_only_wait_s(tmp_path: Path, reg: Path) -> None:
+    from filelock import FileLock
+
+    a = r.promote(export(tmp_path, "a", git_commit="a1b2c3d4e5f6a", data_source_kind="image-folder"), reg, gate())
+    r.promote(export(tmp_path, "b"), reg, gate())
+    holder = FileLock(reg / r.LOCK)
+    holder.acquire()
+    try:  # another promotion holds the registry: the rollback gives up after wait_s, not the default
+        with pytest.raises(r.RegistryError, match="held the registry for over 0 s"):
+            r.rollback(reg, wait_s=0.1)
+    finally:
+        holder.release()
+    back = r.rollback(reg)
+    assert back["to"] == a["to"] and r.history(reg)[-1] == back
+    assert (back["blessed"], back["git_commit"], back["data_source_kind"]) == (True, "a1b2c3d4e5f6a", "image-folder")
+
+
 def test_served_before_skips_versions_rolled_back_from(tmp_path: Path, reg: Path) -> None:
     a = r.promote(export(tmp_path, "a"), reg, gate())
     b = r.promote(export(tmp_path, "b"), reg, gate())

@@ -96,6 +96,29 @@ def test_without_a_status_file_the_output_tail_is_the_message(fake_dvc, tmp_path
         stages.run_dvc_stage("report", tmp_path)
 
 
+def test_dvcs_stderr_is_the_failure_message_and_seconds_are_measured(fake_dvc, tmp_path: Path) -> None:
+    script = fake_dvc(code=1)
+    script.write_text("#!/bin/sh\necho 'ERROR: failed to reproduce train@x' >&2\nexit 1\n")
+    with pytest.raises(stages.RuntimeFailure, match=r"^train@x failed \(runtime\): ERROR: failed to reproduce train@x$"):
+        stages.run_dvc_stage("train@x", tmp_path)
+    script.write_text("#!/bin/sh\nsleep 0.3\n")
+    seconds = stages.run_dvc_stage("train@x", tmp_path)["seconds"]
+    assert 0.3 <= seconds < 3 and seconds != round(seconds)  # measured, to the millisecond
+
+
+def test_a_timed_out_stage_is_killed_with_its_children(fake_dvc, tmp_path: Path) -> None:
+    """The real kill_group: dvc's own process group goes, a background grandchild (which also
+    holds the output pipe open) included, and the timeout is not held up by it."""
+    script = fake_dvc()
+    script.write_text(f"#!/bin/sh\nsleep 120 &\necho $! > '{tmp_path / 'child.pid'}'\nsleep 30\n")  # it outlives dvc
+    with pytest.raises(stages.StageTimeout):
+        stages.run_dvc_stage("train@x", tmp_path, timeout_s=0.5)
+    child = int((tmp_path / "child.pid").read_text())
+    status = Path(f"/proc/{child}/status")
+    state = status.read_text().split("State:")[1].split()[0] if status.exists() else "gone"
+    assert state in ("gone", "Z"), f"the grandchild {child} survived the timeout: {state}"
+
+
 def test_the_stage_runs_dvc_repro_single_item_in_the_workspace_with_extra_env(fake_dvc, tmp_path: Path) -> None:
     script = fake_dvc(code=0)
     script.write_text(
