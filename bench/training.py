@@ -10,7 +10,7 @@
 3. Trainer overhead: the trainer's epoch (pipeline, reseeding, schedule, checkpoint, TensorBoard)
    / a bare `model.fit` of the same model on the same in-memory data, both with per-epoch
    validation. Target <= 1.05.
-4. Train img/s of each architecture on this machine.
+4. Train img/s of each architecture on this machine, with XLA off and on (op determinism on).
 
 Without --shards it builds shards from a generated 50k-image archive (or uses the real data when
 CIFARFLOW_REAL_DATA / ../shared/data is there).
@@ -187,14 +187,24 @@ def bench_overhead(shards: Path, params: Params, workdir: Path) -> None:
 
 
 def bench_archs(shards: Path, params: Params, steps: int) -> None:
-    print("\n4. train img/s per architecture (recipe batch sizes, full variants)")
+    """img/s of every recipe with XLA off and on, op determinism on in both (as training runs). The
+    recipe's own `jit_compile` is overridden here (config refuses it for the families whose step
+    cannot compile deterministically): such a step fails at its first run, which is reported."""
+    print("\n4. train img/s per architecture, op determinism on (recipe batch sizes and widths, full variants)")
+    tf.config.experimental.enable_op_determinism()
     split = load_split(shards, "train", "parquet")
     for arch, recipe in params.train.items():
         pipe = InputPipeline(split, recipe, 10, params.seed, recipe.batch_size)
-        keras.utils.set_random_seed(0)
-        model = build_compiled(recipe, 10, 1e-3)
-        step = time_fit(model, pipe.train(0), steps)
-        print(f"  {arch:<12} batch {recipe.batch_size:>3}  {rate(recipe.batch_size, step)}")
+        cells = []
+        for xla in (False, True):
+            keras.utils.set_random_seed(0)
+            model = build_compiled(recipe.model_copy(update={"jit_compile": xla}), 10, 1e-3)
+            try:
+                cells.append(rate(recipe.batch_size, time_fit(model, pipe.train(0), steps)))
+            except tf.errors.OpError as exc:
+                cells.append(f"fails ({exc.message.splitlines()[0][:70]})")
+        chosen = "XLA" if recipe.jit_compile else "no XLA"
+        print(f"  {arch:<12} batch {recipe.batch_size:>4}  XLA off {cells[0]}  XLA on {cells[1]}  (recipe: {chosen})")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifarflow.errors import ConfigError
-from cifarflow.models.catalog import NORMALIZATION_HELP, STEMS, Family, Normalization, Stem, Variant
+from cifarflow.models.catalog import NORMALIZATION_HELP, STEMS, WIDTHS, XLA_FAMILIES, Family, Normalization, Stem, Variant
 from cifarflow.redact import has_userinfo, redact_url, short
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -229,14 +229,20 @@ class OptimizerParams(Strict):
         None, ge=1, le=MAX_BATCH, description="scale the rate by batch_size / this (seed 002: 128); null: no scaling"
     )
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    nesterov: bool = Field(False, description="sgd only")
+    norm_bias_rate: float = Field(
+        1.0, gt=0, le=1000, description="sgd only: BatchNorm offsets learn at this multiple of the rate"
+    )
 
 
 class ScheduleParams(Strict):
     """How the learning rate moves per epoch: constant, exponential (rate·decay^epoch),
     step (×multiplier from each boundary epoch), or plateau (×factor after `patience`
-    epochs without improving the monitored validation metric)."""
+    epochs without improving the monitored validation metric); or per optimizer step:
+    warmup_linear (×start rising linearly to ×1 over the first `warmup` fraction of all
+    steps, then falling linearly to ×end at the last step)."""
 
-    kind: Literal["constant", "exponential", "step", "plateau"] = "constant"
+    kind: Literal["constant", "exponential", "step", "plateau", "warmup_linear"] = "constant"
     decay: float = Field(0.9, gt=0, le=1, description="exponential")
     boundaries: list[Annotated[int, Field(ge=0, le=MAX_EPOCHS)]] = Field(
         default_factory=list, max_length=64, description="step: epochs where a multiplier starts"
@@ -248,6 +254,9 @@ class ScheduleParams(Strict):
     factor: float = Field(0.1, gt=0, lt=1, description="plateau")
     patience: int = Field(10, ge=0, le=MAX_EPOCHS, description="plateau")
     min_lr: float = Field(1e-6, ge=0, le=10, description="plateau")
+    warmup: float = Field(0.23, ge=0, lt=1, description="warmup_linear: fraction of all steps")
+    start: float = Field(0.2, ge=0, le=1, description="warmup_linear: multiplier at the first step")
+    end: float = Field(0.07, ge=0, le=1, description="warmup_linear: multiplier at the last step")
 
     @model_validator(mode="after")
     def _steps(self) -> ScheduleParams:
@@ -263,6 +272,16 @@ class MixupParams(Strict):
     warmup: int = Field(1, ge=0, le=MAX_EPOCHS, description="epochs without mixup first")
 
 
+class EmaParams(Strict):
+    """Lookahead (sgd only): an exponential moving average of the weights, copied into the model
+    every `every` steps and at the end of every epoch; its momentum per step rises from 0 to
+    `momentum` over the run as momentum·(step/steps)^ramp (airbench: 0.95, every 5, ramp 3)."""
+
+    momentum: float = Field(0.95, ge=0, lt=1, description="per step, at the last step")
+    every: int = Field(5, ge=1, le=100_000, description="steps between copies into the model")
+    ramp: float = Field(3.0, ge=0, le=100, description="0: the same momentum throughout")
+
+
 class Recipe(Strict):
     """One architecture's training recipe; defaults come from its seed tutorial."""
 
@@ -275,7 +294,17 @@ class Recipe(Strict):
     optimizer: OptimizerParams
     schedule: ScheduleParams = ScheduleParams()
     normalization: Normalization = Field(description=NORMALIZATION_HELP)
-    augmentation: Literal["none", "crop_flip"] = Field("none", description="crop_flip: pad 4, random 32x32 crop, h-flip")
+    width: int | None = Field(None, ge=1, le=1024, description=f"{', '.join(WIDTHS)} only: the first stage's channels")
+    augmentation: Literal["none", "crop_flip", "flip_translate"] = Field(
+        "none",
+        description="crop_flip: pad 4 (zeros), random 32x32 crop, random h-flip; flip_translate: pad 2 (reflect), "
+        "random crop, h-flip alternating per epoch (random once, the opposite every odd epoch)",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: EmaParams | None = None
+    jit_compile: bool = Field(
+        False, description=f"XLA for the training step, op determinism kept; {', '.join(XLA_FAMILIES)} only"
+    )
     drop_remainder: bool = False
     mixup: MixupParams | None = None
     monitor: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="which epoch is the best checkpoint")
@@ -289,6 +318,17 @@ class Recipe(Strict):
             raise ValueError(f"{self.model} has no stem {self.stem!r}; valid: {', '.join(stems)}")
         if not stems and self.stem is not None:
             raise ValueError(f"stem applies to {', '.join(STEMS)} only; remove it from this {self.model} recipe")
+        if self.optimizer.norm_bias_rate != 1 and self.optimizer.name != "sgd":
+            raise ValueError(f"optimizer.norm_bias_rate applies to sgd only, not {self.optimizer.name}")
+        if self.ema is not None and self.optimizer.name != "sgd":
+            raise ValueError(f"ema (lookahead) applies to optimizer sgd only, not {self.optimizer.name}")
+        if self.width is not None and self.model not in WIDTHS:
+            raise ValueError(f"width applies to {', '.join(WIDTHS)} only; remove it from this {self.model} recipe")
+        if self.jit_compile and self.model not in XLA_FAMILIES:
+            raise ValueError(
+                f"jit_compile: true needs a model whose training step has deterministic XLA kernels "
+                f"({', '.join(XLA_FAMILIES)}); {self.model} has none for max pooling's gradient: set jit_compile: false"
+            )
         return self
 
 
@@ -302,7 +342,6 @@ class RuntimeParams(Strict):
         "MultiWorkerMirroredStrategy, one process per node, each given the cluster and its task in TF_CONFIG",
     )
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
-    jit_compile: bool = Field(False, description="XLA")
     logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")
     oom_min_micro_batch: int = Field(4, ge=1, le=MAX_BATCH, description="out of memory below this micro-batch: give up")
 
@@ -310,16 +349,6 @@ class RuntimeParams(Strict):
     def _runs_as_written(self) -> RuntimeParams:
         # Combinations that would run otherwise than written are refused at load, so `params --check`
         # catches them before a training process starts.
-        if self.jit_compile and self.deterministic:
-            raise ValueError(
-                "jit_compile: true does nothing with deterministic: true: Keras 3.15 turns XLA off when op "
-                "determinism is on (not every op has a deterministic XLA kernel). Set jit_compile: false to keep "
-                "bit-identical runs, or deterministic: false to use XLA"
-            )
-        if self.distribution == "multi_worker" and self.jit_compile:
-            raise ValueError(
-                "jit_compile: true is not supported with distribution: multi_worker (its strategy.run steps run without XLA)"
-            )
         if self.distribution == "multi_worker" and self.logical_cpus:
             raise ValueError(
                 "logical_cpus applies to distribution: mirrored; multi_worker uses one CPU, or all GPUs, per node: "
@@ -375,6 +404,10 @@ class Params(Strict):
             raise ValueError(f"archs {missing} have no recipe under train:; recipes: {', '.join(self.train)}")
         if len(set(self.archs)) != len(self.archs):
             raise ValueError(f"archs lists an architecture twice: {self.archs}")
+        if self.runtime.distribution == "multi_worker":
+            xla = [arch for arch in self.archs if self.train[arch].jit_compile]
+            if xla:  # its strategy.run steps are not compiled with XLA
+                raise ValueError(f"distribution: multi_worker runs without XLA: set jit_compile: false in train.{xla[0]}")
         return self
 
     def recipe(self, arch: str) -> Recipe:

@@ -170,9 +170,9 @@ def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
 
 def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path, verdict: Path) -> dict[str, Any]:
     """Score `arch` on val and test of shards that the validate stage passed (`verdict`) and that are unchanged since."""
-    import keras
 
     from cifarflow.data.inputs import InputPipeline, load_checked
+    from cifarflow.models.registry import load_model
 
     recipe = params.recipe(arch)
     checked = check_shards(shards_dir, verdict, params.data.format, SPLITS)
@@ -180,7 +180,7 @@ def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path,
     if not model_path.is_file():
         raise InputError(f"{model_path}: not found; run the train@{arch} stage first")
     classes = checked.classes
-    model = keras.models.load_model(model_path, compile=False)
+    model = load_model(model_path)
     out = Path(out)
     metrics: dict[str, Any] = {"arch": arch}
     for split in SPLITS:

@@ -234,6 +234,7 @@ def run(
     verdict: Path | None = None,
 ) -> dict:
     from cifarflow.data.verdict import check_shards
+    from cifarflow.models.registry import load_model
 
     check_shards(shards_dir, verdict, "parquet", ("test",))  # the test split export reads: validated and unchanged
     import keras
@@ -286,7 +287,7 @@ def run(
     }
     _, expected = read_predictions(evals / winner.arch / "predictions_test.csv")
     with atomic_dir(out) as tmp:
-        model = keras.models.load_model(models / winner.arch / "model.keras", compile=False)
+        model = load_model(models / winner.arch / "model.keras")
         save_serving_model(model, params.recipe(winner.arch).normalization, tmp / SAVED_MODEL)
         card["serving_check"] = serving_check(tmp / SAVED_MODEL, shards_dir, expected)
         shutil.copyfile(models / winner.arch / "model.keras", tmp / "model.keras")

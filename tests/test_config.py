@@ -121,7 +121,10 @@ MINMAX_RECIPE = {**RECIPE, "normalization": "minmax"}
 @pytest.mark.parametrize(
     ("recipe", "fragment"),
     [
-        ({"model": "vgg"}, "train.a.model: Input should be 'simple_cnn', 'lenet', 'resnet56' or 'densenet121' (got 'vgg')"),
+        (
+            {"model": "vgg"},
+            "train.a.model: Input should be 'simple_cnn', 'lenet', 'resnet56', 'densenet121' or 'whitened_vgg' (got 'vgg')",
+        ),
         ({"variant": "huge"}, "train.a.variant: Input should be 'full' or 'tiny' (got 'huge')"),
         ({"normalization": "zscore"}, "train.a.normalization: Input should be 'center', 'minmax' or 'standardize'"),
         ({"model": "densenet121", "stem": "resnet"}, "train.a.stem: Input should be 'imagenet' or 'cifar'"),

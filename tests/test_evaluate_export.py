@@ -174,7 +174,7 @@ def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
     size = {a: json.loads((smoke_workspace / "data/models" / a / "summary.json").read_text())["params"] for a in archs}
     expected = sorted(archs, key=lambda a: (-val[a], size[a], a))
     assert card["arch"] == expected[0] and [r["arch"] for r in card["leaderboard"]] == expected
-    assert len(card["leaderboard"]) == 5 and "per_class_accuracy" in card["test"]
+    assert len(card["leaderboard"]) == len(archs) == 6 and "per_class_accuracy" in card["test"]
     assert card["serving_check"]["argmax_disagreements"] == 0
     assert card["serving_check"]["max_probability_difference"] <= 1e-5
     assert card["comparison"]["runner_up"] == card["leaderboard"][1]["arch"]
@@ -292,7 +292,14 @@ def test_predict_real_jpegs(smoke_workspace: Path) -> None:
 @pytest.mark.slow
 def test_report_metrics_and_plots(smoke_workspace: Path, tmp_path: Path) -> None:
     report = json.loads((smoke_workspace / "data/reports/leaderboard.json").read_text())
-    assert [r["arch"] for r in report["rows"]] == ["simple_cnn", "lenet", "lenet_mixup", "resnet56", "densenet121"]
+    assert [r["arch"] for r in report["rows"]] == [
+        "simple_cnn",
+        "lenet",
+        "lenet_mixup",
+        "resnet56",
+        "densenet121",
+        "whitened_vgg",
+    ]
     lenet = next(r for r in report["rows"] if r["arch"] == "lenet")
     assert lenet["seed_reported_accuracy"] == 0.72 and lenet["params"] == 7994
     markdown = (smoke_workspace / "data/reports/leaderboard.md").read_text()

@@ -50,7 +50,7 @@ def test_flow_selection_keeps_comments_and_layout(tmp_path: Path) -> None:
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
     assert changed == [
         ("profile: full", "profile: smoke"),
-        ("archs: [simple_cnn, lenet, lenet_mixup, resnet56, densenet121]", "archs: [lenet, simple_cnn]"),
+        ("archs: [simple_cnn, lenet, lenet_mixup, resnet56, densenet121, whitened_vgg]", "archs: [lenet, simple_cnn]"),
     ]
     assert select(tmp_path, None, None) == ["lenet", "simple_cnn"]
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from cifarflow.config import Recipe
 from cifarflow.data.cifar_binary import Split
-from cifarflow.data.inputs import InputPipeline, crop_flip, load_split, mixup, mixup_on
+from cifarflow.data.inputs import InputPipeline, alternating_flips, crop_flip, load_split, mixup, mixup_on
 from cifarflow.models.normalization import normalize
 
 RNG = np.random.default_rng(0)
@@ -56,6 +56,19 @@ def test_crop_flip_is_a_shifted_window_of_the_padded_image() -> None:
     assert 10 < flips < 54  # about half are flipped
     again = crop_flip(tf.constant(x), tf.constant([1, 2], tf.int64)).numpy()
     assert np.array_equal(out, again)
+
+
+def test_flip_translate_mirrors_the_padding_and_alternates_each_images_flip() -> None:
+    x = RNG.integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
+    flips = alternating_flips(64, seed=7, epoch=0)
+    assert 10 < flips.sum() < 54 and np.array_equal(alternating_flips(64, seed=7, epoch=2), flips)
+    np.testing.assert_array_equal(alternating_flips(64, seed=7, epoch=1), ~flips)  # each image both ways in 2 epochs
+    assert not np.array_equal(alternating_flips(64, seed=8, epoch=0), flips)
+    out = crop_flip(tf.constant(x), tf.constant([1, 2], tf.int64), 2, "REFLECT", tf.constant(flips)).numpy()
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    for i in range(len(x)):
+        windows = [padded[i, dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)]
+        assert any(np.array_equal(out[i], w[:, ::-1] if flips[i] else w) for w in windows), i
 
 
 def test_mixup_labels_sum_to_one_and_mix_neighbours() -> None:

@@ -48,6 +48,17 @@ def densenet_params(blocks: tuple[int, ...], growth: int, width: int, stem_kerne
     return total + bn(c) + c * classes + classes
 
 
+def whitened_vgg_params(width: int, classes: int = 10) -> int:
+    """airbench's net: a frozen 2x2 whitening conv (24 filters, no bias), then three groups of two 3x3
+    convs (no bias) each followed by a BatchNorm without scale (beta + moving mean and variance), and
+    a linear layer without bias."""
+    total, cin = conv(2, 3, 24, bias=False), 24
+    for width_ in (width, 4 * width, 4 * width):
+        total += conv(3, cin, width_, bias=False) + conv(3, width_, width_, bias=False) + 2 * 3 * width_
+        cin = width_
+    return total + cin * classes
+
+
 # ResNet-56 as He et al. (2016, sec. 4.2) would have it with projection shortcuts where the shape changes
 # (option B: stages 2 and 3) has resnet_params(9, (16, 32, 64)) - 320 = 860,026 parameters. TensorFlow's
 # resnet_cifar_model, which seed 002 uses and we keep, also projects in stage 1's first block although its
@@ -67,6 +78,9 @@ EXPECTED = {
     ("densenet121", "full", "cifar"): 7_047_754 - conv(7, 3, 64, bias=False) + conv(3, 3, 64, bias=False),  # 7,040,074
     ("densenet121", "tiny", "imagenet"): densenet_params((1, 1, 1, 1), 8, 16, stem_kernel=7),  # 14,982
     ("densenet121", "tiny", "cifar"): densenet_params((1, 1, 1, 1), 8, 16, stem_kernel=3),  # 13,062
+    # width 64: whiten 288; groups 51,072 + 738,816 + 1,181,184 (BatchNorms 3 x 2 x width each); linear 2,560
+    ("whitened_vgg", "full"): 1_973_920,
+    ("whitened_vgg", "tiny"): whitened_vgg_params(8),  # 33,296
 }
 
 
@@ -76,6 +90,12 @@ def test_expected_counts_follow_from_the_architectures() -> None:
     assert resnet_params(9, (16, 32, 64)) == EXPECTED[("resnet56", "full")] == 860_346
     assert densenet_params((6, 12, 24, 16), 32, 64, stem_kernel=7) == EXPECTED[("densenet121", "full", "imagenet")]
     assert densenet_params((6, 12, 24, 16), 32, 64, stem_kernel=3) == EXPECTED[("densenet121", "full", "cifar")]
+    assert whitened_vgg_params(64) == EXPECTED[("whitened_vgg", "full")]
+
+
+def test_whitened_vgg_width_option() -> None:
+    """The recipe's `width: 32` (half of airbench's): 32/128/128."""
+    assert build_model("whitened_vgg", variant="full", width=32).count_params() == whitened_vgg_params(32) == 498_656
 
 
 @pytest.mark.parametrize("key", list(EXPECTED), ids="-".join)

@@ -21,10 +21,13 @@ from cifarflow.data.layout import HEIGHT, IMAGE_SHAPE
 from cifarflow.data.verdict import CheckedShards
 from cifarflow.models.normalization import normalize
 
-PAD = 4  # seed 002: pad 4 black pixels, then crop back to 32x32
+# augmentation -> (padding, how it pads): seed 002 pads 4 black pixels, airbench 2 mirrored ones;
+# both then crop back to 32x32 at a random place and flip about half the images horizontally
+PADDING = {"crop_flip": (4, "CONSTANT"), "flip_translate": (2, "REFLECT")}
 SIZE = HEIGHT  # square images: one size for rows and columns
 # Independent streams: a new stream never shifts the numbers of an existing one.
 STREAM_SHUFFLE, STREAM_AUGMENT, STREAM_MIXUP = 1, 2, 3
+STREAM_FLIP = 4  # drawn once per run, not per epoch: seeded by (seed, stream)
 
 
 def _lean_options() -> tf.data.Options:
@@ -78,17 +81,27 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, STREAM_SHUFFLE])).permutation(n)
 
 
-def crop_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """(B, 32, 32, C) -> the same after zero-padding by 4, a random 32x32 crop per image and a
-    random horizontal flip, all as one gather per axis."""
+def alternating_flips(n: int, seed: int, epoch: int) -> np.ndarray:
+    """airbench's alternating flip: each image gets a random flip once per run, and the opposite one
+    in every odd epoch, so that any two consecutive epochs show it both ways."""
+    first = np.random.default_rng(np.random.SeedSequence([seed, STREAM_FLIP])).random(n) < 0.5
+    return first ^ bool(epoch % 2)
+
+
+def crop_flip(
+    images: tf.Tensor, seed: tf.Tensor, pad: int = 4, mode: str = "CONSTANT", flip: tf.Tensor | None = None
+) -> tf.Tensor:
+    """(B, 32, 32, C) -> the same after padding by `pad` (tf.pad's `mode`), a random 32x32 crop per
+    image and a horizontal flip (`flip`, bool (B,), else random), all as one gather per axis."""
     batch = tf.shape(images)[0]
-    offsets = tf.random.stateless_uniform([batch, 2], seed, minval=0, maxval=2 * PAD + 1, dtype=tf.int32)
-    flip = tf.random.stateless_uniform([batch], tf.random.experimental.stateless_fold_in(seed, 1)) < 0.5
-    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])
+    offsets = tf.random.stateless_uniform([batch, 2], seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+    if flip is None:
+        flip = tf.random.stateless_uniform([batch], tf.random.experimental.stateless_fold_in(seed, 1)) < 0.5
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
     steps = tf.range(SIZE)
     rows = offsets[:, :1] + steps  # (B, 32)
     cols = offsets[:, 1:] + tf.where(flip[:, None], SIZE - 1 - steps, steps)  # a flip reverses the columns
-    out = tf.gather(padded, rows, axis=1, batch_dims=1)  # (B, 32, 40, C)
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)  # (B, 32, 32 + 2 pad, C)
     return tf.gather(out, cols, axis=2, batch_dims=1)  # (B, 32, 32, C)
 
 
@@ -135,13 +148,16 @@ class InputPipeline:
         augment_seed = tf.constant(stream_seed(self.seed, epoch, STREAM_AUGMENT))
         mixup_seed = tf.constant(stream_seed(self.seed, epoch, STREAM_MIXUP))
         mix = mixup_on(self.recipe, epoch)
+        flips = tf.constant(alternating_flips(len(self.split), self.seed, epoch))  # flip_translate's, by example
         b, n = self.batch_size, len(self.split)
 
         def make(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             rows = order[step * b : tf.minimum((step + 1) * b, n)]
             images, labels = tf.gather(self.images, rows), tf.gather(self.labels, rows)
-            if self.recipe.augmentation == "crop_flip":
-                images = crop_flip(images, tf.random.experimental.stateless_fold_in(augment_seed, step))
+            if self.recipe.augmentation in PADDING:
+                pad, mode = PADDING[self.recipe.augmentation]
+                flip = tf.gather(flips, rows) if self.recipe.augmentation == "flip_translate" else None
+                images = crop_flip(images, tf.random.experimental.stateless_fold_in(augment_seed, step), pad, mode, flip)
             x = normalize(images, self.recipe.normalization)
             if mix:
                 x, labels = mixup(x, labels, self.recipe.mixup.alpha, tf.random.experimental.stateless_fold_in(mixup_seed, step))

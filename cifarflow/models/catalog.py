@@ -7,7 +7,7 @@ from __future__ import annotations
 import typing
 from typing import Literal
 
-Family = Literal["simple_cnn", "lenet", "resnet56", "densenet121"]
+Family = Literal["simple_cnn", "lenet", "resnet56", "densenet121", "whitened_vgg"]
 Variant = Literal["full", "tiny"]  # tiny: a small model of the same shape, for tests and smoke
 Stem = Literal["imagenet", "cifar"]
 Normalization = Literal["center", "minmax", "standardize"]
@@ -23,9 +23,17 @@ BUILDERS: dict[Family, str] = {
     "lenet": "cifarflow.models.lenet",
     "resnet56": "cifarflow.models.resnet",
     "densenet121": "cifarflow.models.densenet",
+    "whitened_vgg": "cifarflow.models.whitened_vgg",
 }
 
 # family -> the stems it offers, the first being the seed's; families not listed have one fixed stem.
 STEMS: dict[Family, tuple[Stem, ...]] = {"densenet121": typing.get_args(Stem)}
+
+# families whose width a recipe may set (`width`: the first stage's channels), with the full variant's
+WIDTHS: dict[Family, int] = {"whitened_vgg": 64}
+
+# families whose training step compiles under XLA with op determinism on (every op has a
+# deterministic XLA kernel; TensorFlow's MaxPool gradient has none on CPU): `jit_compile` is theirs
+XLA_FAMILIES: tuple[Family, ...] = ("whitened_vgg",)
 
 NORMALIZATION_HELP = "center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std"

@@ -18,6 +18,21 @@ def builder(family: str) -> Callable[..., Any]:
     return importlib.import_module(BUILDERS[family]).build
 
 
+def data_init(family: str) -> Callable[..., Any] | None:
+    """The family's `init_from_data(model, images)`, if its fresh weights depend on the training
+    images (whitened_vgg's whitening layer); None otherwise."""
+    return getattr(importlib.import_module(BUILDERS[family]), "init_from_data", None)
+
+
+def load_model(path: Any, compile: bool = False) -> Any:
+    """keras.models.load_model with the project's custom layers registered (imports Keras)."""
+    import keras
+
+    import cifarflow.models.layers  # noqa: F401  (registers the custom layers and initializers)
+
+    return keras.models.load_model(path, compile=compile)
+
+
 def build_model(family: str, num_classes: int = 10, variant: str = "full", **options: Any) -> Any:
     if variant not in VARIANTS:
         raise KeyError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")

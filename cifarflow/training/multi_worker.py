@@ -137,7 +137,8 @@ class Steps:
         self, model: keras.Model, strategy: tf.distribute.Strategy, per_replica: int, spec: tuple[tf.TensorSpec, tf.TensorSpec]
     ) -> None:
         self.model, self.strategy, self.per_replica = model, strategy, per_replica
-        self.per_example = keras.losses.CategoricalCrossentropy(reduction=None)  # the fit path's loss, unreduced
+        # the fit path's loss (the compiled one, label smoothing included), unreduced
+        self.per_example = keras.losses.CategoricalCrossentropy(reduction=None, label_smoothing=model.loss.label_smoothing)
         # Any batch size: one trace serves full and short batches (tracing costs seconds under the strategy).
         signature = [tf.TensorSpec((None, *s.shape[1:]), s.dtype) for s in spec]
         self.train = tf.function(self._train, input_signature=signature)
@@ -248,6 +249,8 @@ class StrategySteps:
             self.injector.on_epoch_begin(epoch)
         started = time.perf_counter()
         loss, accuracy = run_epoch(self.steps.train, train, self.injector.on_train_batch_end if self.injector else None)
+        model = self.steps.model
+        model.optimizer.finalize_variable_values(model.trainable_variables)  # as fit ends: an EMA into the weights
         seconds = time.perf_counter() - started
         val_loss, val_accuracy = run_epoch(self.steps.evaluate, validation)
         return {"loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}, seconds

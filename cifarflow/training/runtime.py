@@ -1,4 +1,4 @@
-"""How a training runs, not what it computes: distribution strategy, precision, XLA, devices.
+"""How a training runs, not what it computes: distribution strategy, precision, devices.
 
 The recipe's batch_size is the global batch; each replica gets batch_size / replicas, and the
 learning rate follows the recipe for that global batch. For models without BatchNorm or dropout
@@ -6,9 +6,9 @@ that is the same optimisation on one device or eight, up to the order of float a
 them it is not: BatchNorm statistics and dropout masks are per replica (not synchronised), so
 those models train equally well but not along the same path.
 
-XLA (`jit_compile`) and op determinism (`deterministic`) exclude each other in Keras 3.15 (it
-turns XLA off, with only a warning, when op determinism is on), so asking for both is an error
-rather than a run whose run info claims XLA.
+XLA is the recipe's choice (`train.<arch>.jit_compile`), not the runtime's: it is kept under op
+determinism for the model families whose every op has a deterministic XLA kernel (see
+`trainer.compile_model`), and the run info records what the compiled model actually uses.
 
 `distribution: multi_worker` runs one process per node, each told the cluster and its own
 place in it by the TF_CONFIG environment variable; the chief (the `chief` task, or worker 0
@@ -154,5 +154,4 @@ def describe(strategy: tf.distribute.Strategy, runtime: RuntimeParams) -> dict:
         "replicas": strategy.num_replicas_in_sync,
         "devices": replica_devices(strategy),
         "precision": runtime.precision,
-        "jit_compile": runtime.jit_compile,
     }

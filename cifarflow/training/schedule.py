@@ -1,11 +1,18 @@
-"""Learning-rate schedules per epoch, with their state as plain JSON so a run can resume them."""
+"""Learning-rate schedules: per epoch, with their state as plain JSON so a run can resume them; or
+per optimizer step (warmup_linear), inside the optimizer as a function of its step counter, which
+the checkpoint holds, so a resumed run continues on the same curve."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
+import keras
+from keras import ops
+
 from cifarflow.config import Recipe
+
+PER_STEP = ("warmup_linear",)
 
 
 def base_rate(recipe: Recipe) -> float:
@@ -24,16 +31,50 @@ class ScheduleState:
     wait: int = 0
 
 
-class LearningRate:
-    """rate(epoch) before each epoch; update(logs) after it (only plateau uses the metrics)."""
+@keras.saving.register_keras_serializable(package="cifarflow")
+class WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
+    """peak × (start → 1 linearly over the first `warmup` fraction of `total_steps`, then → end
+    linearly at the last step): airbench's triangular schedule."""
 
-    def __init__(self, recipe: Recipe, state: dict | None = None) -> None:
+    def __init__(self, peak: float, total_steps: int, warmup: float, start: float, end: float) -> None:
+        self.peak, self.total_steps, self.warmup, self.start, self.end = peak, total_steps, warmup, start, end
+
+    def __call__(self, step):
+        t = ops.cast(step, "float32") / self.total_steps
+        rising = self.start + (1 - self.start) * t / max(self.warmup, 1e-12)
+        falling = 1 + (self.end - 1) * (t - self.warmup) / (1 - self.warmup)
+        return self.peak * ops.where(t < self.warmup, rising, falling)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup": self.warmup, "start": self.start, "end": self.end}
+
+
+class LearningRate:
+    """rate(epoch) before each epoch; update(logs) after it (only plateau uses the metrics). A
+    per-step schedule is the optimizer's own (`for_optimizer`); `rate` then reads it at the epoch's
+    first step. `steps_per_epoch` counts the optimizer's steps (micro-steps under accumulation)."""
+
+    def __init__(self, recipe: Recipe, state: dict | None = None, steps_per_epoch: int = 0) -> None:
         self.schedule = recipe.schedule
         self.base = base_rate(recipe)
         self.state = ScheduleState(**state) if state else ScheduleState(rate=self.base)
+        self.per_step = self.schedule.kind in PER_STEP
+        if self.per_step and steps_per_epoch < 1:
+            raise ValueError("a per-step schedule needs the number of steps per epoch")
+        self.steps_per_epoch, self.epochs = steps_per_epoch, recipe.epochs
+        self.total_steps = max(recipe.epochs * steps_per_epoch, 1)
+
+    def for_optimizer(self, epoch: int) -> float | WarmupLinear:
+        """What the optimizer is built with: the per-step schedule, or the rate of `epoch`."""
+        if not self.per_step:
+            return self.rate(epoch)
+        s = self.schedule
+        return WarmupLinear(self.base, self.total_steps, s.warmup, s.start, s.end)
 
     def rate(self, epoch: int) -> float:
         s = self.schedule
+        if self.per_step:
+            return float(self.for_optimizer(epoch)(epoch * self.steps_per_epoch))
         if s.kind == "exponential":  # seed 003: INIT_LR * 0.9 ** epoch
             return self.base * s.decay**epoch
         if s.kind == "step":  # seed 002: x0.1 from epoch 30, x0.01 from epoch 45

@@ -32,6 +32,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import psutil
 import tensorflow as tf
 
 from cifarflow import keras_archive
@@ -43,11 +44,12 @@ from cifarflow.digest import weights_digest
 from cifarflow.errors import CifarflowError, ConfigError, InputError
 from cifarflow.fileio import atomic_path, temp_sibling, write_bytes_atomic, write_json_atomic
 from cifarflow.models import build_model
-from cifarflow.training import runtime
+from cifarflow.models.registry import data_init, load_model
+from cifarflow.training import runtime, sgd
 from cifarflow.training.faults import FaultInjector
 from cifarflow.training.multi_worker import StrategySteps
 from cifarflow.training.resume import ResumeStore, RunState, fingerprint
-from cifarflow.training.schedule import LearningRate
+from cifarflow.training.schedule import LearningRate, WarmupLinear
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -77,27 +79,45 @@ def reseed_layers(model: keras.Model, seed: int, epoch: int) -> None:
             generator.state.assign(np.array([state, 0], dtype=generator.state.dtype))
 
 
-def make_optimizer(recipe: Recipe, rate: float, accumulation: int = 1) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    recipe: Recipe, rate: float | WarmupLinear, accumulation: int = 1, total_steps: int = 1
+) -> keras.optimizers.Optimizer:
+    """`total_steps`: the run's optimizer steps (micro-steps under accumulation), for lookahead's ramp."""
     o = recipe.optimizer
-    extra = {"gradient_accumulation_steps": accumulation} if accumulation > 1 else {}
+    extra: dict[str, Any] = {"gradient_accumulation_steps": accumulation} if accumulation > 1 else {}
+    if recipe.ema or o.norm_bias_rate != 1:  # config: sgd only
+        if recipe.ema:
+            extra |= {"use_ema": True, "ema_momentum": recipe.ema.momentum, "ema_overwrite_frequency": recipe.ema.every}
+            extra |= {"ema_ramp": recipe.ema.ramp, "total_steps": total_steps}
+        return sgd.SGD(learning_rate=rate, momentum=o.momentum, nesterov=o.nesterov, norm_bias_rate=o.norm_bias_rate, **extra)
     if o.name == "adam":
         return keras.optimizers.Adam(learning_rate=rate, **extra)
     if o.name == "adamax":
         return keras.optimizers.Adamax(learning_rate=rate, **extra)
-    return keras.optimizers.SGD(learning_rate=rate, momentum=o.momentum, **extra)
+    return keras.optimizers.SGD(learning_rate=rate, momentum=o.momentum, nesterov=o.nesterov, **extra)
+
+
+def model_options(recipe: Recipe) -> dict[str, Any]:
+    """The builder's options the recipe sets (catalog.STEMS, catalog.WIDTHS)."""
+    options = {"stem": recipe.stem, "width": recipe.width}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def build_compiled(
-    recipe: Recipe, num_classes: int, rate: float, accumulation: int = 1, jit_compile: bool = False
+    recipe: Recipe, num_classes: int, rate: float | WarmupLinear, accumulation: int = 1, total_steps: int = 1
 ) -> keras.Model:
-    options = {"stem": recipe.stem} if recipe.stem else {}
-    model = build_model(recipe.model, num_classes, recipe.variant, **options)
+    model = build_model(recipe.model, num_classes, recipe.variant, **model_options(recipe))
     model.compile(
-        optimizer=make_optimizer(recipe, rate, accumulation),
-        loss=keras.losses.CategoricalCrossentropy(),
+        optimizer=make_optimizer(recipe, rate, accumulation, total_steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        jit_compile=jit_compile,
     )
+    if recipe.jit_compile:
+        # Keras 3.15 refuses XLA whenever op determinism is on (some ops lack deterministic XLA kernels),
+        # and its setter checks again. Config allows jit_compile only for families that have them all
+        # (catalog.XLA_FAMILIES), so set the attribute the train step is built from: TensorFlow then
+        # runs the compiled step under op determinism (bit-identical runs, tested).
+        model._jit_compile = True
     return model
 
 
@@ -110,7 +130,7 @@ def restore(model: keras.Model, checkpoint: Path) -> list[str]:
     with a different gradient accumulation still gets its moments and step count (Keras itself
     skips all optimizer variables on load when their number differs). Returns the names of the
     optimizer variables copied."""
-    saved = keras.models.load_model(checkpoint, compile=True)
+    saved = load_model(checkpoint, compile=True)
     model.set_weights(saved.get_weights())
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
@@ -144,7 +164,7 @@ def improved(recipe: Recipe, value: float, best: float | None) -> bool:
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Wall time of the training part of an epoch (validation excluded), for img/s."""
+    """Wall time of the training part of an epoch (fit's set-up excluded), for img/s."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,8 +173,13 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.started = time.perf_counter()
 
-    def on_test_begin(self, logs: Any = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.seconds = time.perf_counter() - self.started
+
+
+def process_seconds() -> float:
+    """Wall seconds since this process started (interpreter and TensorFlow start-up included)."""
+    return round(time.time() - psutil.Process().create_time(), 1)
 
 
 def history_csv(rows: list[dict[str, float]]) -> str:
@@ -173,6 +198,7 @@ def run_info(arch: str, state: RunState, resumed_from: int | None, devices: dict
         "adaptations": state.adaptations,
         "epochs": state.timings,
         "train_images_per_second": round(float(np.median(rates)), 1) if rates else None,
+        "process_seconds": process_seconds(),  # the stage's wall time, less writing this file and exiting
         "runtime": devices,
         "hardware": {
             "machine": platform.machine(),
@@ -224,12 +250,19 @@ def record_epoch(
     seconds: float,
     images: int,
 ) -> None:
-    """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next."""
+    """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next.
+    Timings: the epoch's training seconds, and the wall seconds from this process's start to the
+    end of the epoch's validation (time to accuracy; a resumed run counts from its own start)."""
     schedule.update(logs)
     state.schedule = schedule.to_dict()
     state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
     state.timings.append(
-        {"epoch": epoch, "train_seconds": round(seconds, 3), "images_per_second": round(images / max(seconds, 1e-9), 1)}
+        {
+            "epoch": epoch,
+            "train_seconds": round(seconds, 3),
+            "images_per_second": round(images / max(seconds, 1e-9), 1),
+            "process_seconds": process_seconds(),
+        }
     )
     state.checkpoint = f"epoch-{epoch}.keras"
     if improved(recipe, logs[recipe.monitor], state.best):
@@ -278,17 +311,20 @@ class FitSteps:
         return {"workers": 1}
 
     def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset) -> tuple[dict[str, float], float]:
-        """(the epoch's logs, seconds of its training part)."""
+        """(the epoch's logs, seconds of its training part). Validation runs after `fit` returns,
+        not inside it: fit ends by copying an EMA of the weights into the model
+        (`finalize_variable_values`) after its own validation, and val must score the weights kept."""
         fit = self.model.fit(
             train,
-            validation_data=validation,
             initial_epoch=epoch,
             epochs=epoch + 1,
             shuffle=False,
             callbacks=self.callbacks,
             verbose=0,  # the loop logs one line per epoch, for every kind of steps
         )
-        return {k: float(v[-1]) for k, v in fit.history.items()}, self.timer.seconds
+        scores = self.model.evaluate(validation, verbose=0, return_dict=True)
+        logs = {k: float(v[-1]) for k, v in fit.history.items()} | {f"val_{k}": float(v) for k, v in scores.items()}
+        return logs, self.timer.seconds
 
     def done(self) -> None:
         pass
@@ -321,24 +357,28 @@ def micro_batch(state: RunState, recipe: Recipe, arch: str, steps: Steps, strate
 
 
 def build_state(
-    params: Params,
     recipe: Recipe,
     num_classes: int,
     strategy: tf.distribute.Strategy,
     store: ResumeStore | None,
     state: RunState,
+    schedule: LearningRate,
     accumulation: int,
+    train_images: np.ndarray,
 ) -> keras.Model:
     """The model and optimizer the run continues from. Variables are made inside the scope (the
     strategy mirrors them; MultiWorkerMirroredStrategy syncs their creation, so every worker makes
     the same ones in the same order), the checkpoint is read outside it: loading builds a throwaway
-    model whose variables must not be distributed (nor, under multi_worker, collective)."""
-    rate = LearningRate(recipe, state.schedule).rate(state.epoch)
+    model whose variables must not be distributed (nor, under multi_worker, collective). A fresh
+    model of a family whose initial weights come from the data (whitened_vgg) gets them from the
+    training images here; a resumed one has them in its checkpoint."""
     with strategy.scope():
-        model = build_compiled(recipe, num_classes, rate, accumulation, params.runtime.jit_compile)
+        model = build_compiled(recipe, num_classes, schedule.for_optimizer(state.epoch), accumulation, schedule.total_steps)
         model.optimizer.build(model.trainable_variables)
     if store is not None and state.checkpoint:
         restore(model, store.path(state.checkpoint))
+    elif (init := data_init(recipe.model)) is not None:
+        init(model, train_images, recipe.normalization)
     return model
 
 
@@ -387,9 +427,6 @@ def train(
     resumed_from = state.epoch if state.checkpoint else None
     micro = micro_batch(state, recipe, arch, steps, strategy)
     accumulation = recipe.batch_size // micro
-    model = build_state(params, recipe, num_classes, strategy, store, state, accumulation)
-    if resumed_from is not None:
-        log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, resumed_from, micro)
 
     # Global batches (randomness and mixup pairs are decided per global batch); fit splits them
     # over its replicas, each multi_worker replica takes its rows.
@@ -400,11 +437,16 @@ def train(
             f"train has {len(train_inputs)} examples, fewer than one batch of "
             f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder"
         )
+    schedule = LearningRate(recipe, state.schedule, train_inputs.steps(training=True) * accumulation)
+    model = build_state(recipe, num_classes, strategy, store, state, schedule, accumulation, train_inputs.split.images)
+    if resumed_from is not None:
+        log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, resumed_from, micro)
     devices = runtime.describe(strategy, params.runtime) | {
         "loop": steps.loop,
         "per_replica_batch": per_replica,
         "micro_batch": micro,
         "accumulation": accumulation,
+        "jit_compile": bool(model.jit_compile),  # what the compiled model runs, not only what was asked
     }
     devices |= steps.describe()
     log.info(
@@ -418,7 +460,7 @@ def train(
     )
     validation = val_inputs.evaluation()
     steps.start(model, validation.element_spec)
-    run_epochs(params, arch, model, steps, store, state, train_inputs, validation, micro, runinfo)
+    run_epochs(params, arch, model, steps, store, state, schedule, train_inputs, validation, micro, runinfo)
     if state.best_epoch is None:
         raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
     summary = (
@@ -437,6 +479,7 @@ def run_epochs(
     steps: Steps,
     store: ResumeStore | None,
     state: RunState,
+    schedule: LearningRate,
     train_inputs: InputPipeline,
     validation: tf.data.Dataset,
     micro: int,
@@ -445,12 +488,12 @@ def run_epochs(
     """The epoch loop: each epoch starts from (weights, state) and its (seed, epoch) streams only,
     and ends committed (checkpoint, then state.json) by the writer."""
     recipe = params.recipe(arch)
-    schedule = LearningRate(recipe, state.schedule)
     summaries = Summaries(runinfo / "tensorboard") if steps.writes else None
     seen = train_inputs.steps(training=True) * recipe.batch_size
     for epoch in range(state.epoch, recipe.epochs):
         rate = schedule.rate(epoch)
-        model.optimizer.learning_rate.assign(rate)
+        if not schedule.per_step:  # a per-step schedule is the optimizer's own
+            model.optimizer.learning_rate.assign(rate)
         reseed_layers(model, params.seed, epoch)
         try:
             logs, seconds = steps.epoch(epoch, train_inputs.train(epoch), validation)
@@ -490,7 +533,7 @@ def finish(
     (out / f".{MODEL_FILE}.partial").unlink(missing_ok=True)  # a killed older version's temp (no PID in its name)
     with atomic_path(out / MODEL_FILE) as partial:
         shutil.copyfile(store.path(state.best_checkpoint), partial)
-    best = keras.models.load_model(out / MODEL_FILE, compile=False)
+    best = load_model(out / MODEL_FILE)
     digest = weights_digest(best)
     best_row = state.history[state.best_epoch]
     summary = {

@@ -1,0 +1,171 @@
+"""The fast recipe's parts: the whitening layer, pooling written for deterministic XLA, test-time
+augmentation inside the model, the per-step schedule, and one real training run of the tiny
+variant under XLA with op determinism on (compiled, bit-identical twice, lookahead in the checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import train_params
+
+from cifarflow.config import resolve
+from cifarflow.errors import ConfigError
+from cifarflow.models import build_model
+from cifarflow.models.layers import ReshapeMaxPool
+from cifarflow.models.registry import load_model
+from cifarflow.models.whitened_vgg import WHITEN_EPSILON, whitening_kernel
+from cifarflow.training.schedule import LearningRate
+from cifarflow.training.trainer import train
+
+FAST = {
+    "model": "whitened_vgg",
+    "variant": "tiny",
+    "epochs": 2,
+    "batch_size": 50,
+    "optimizer": {"name": "sgd", "learning_rate": 0.2, "momentum": 0.85, "nesterov": True, "norm_bias_rate": 8},
+    "schedule": {"kind": "warmup_linear", "warmup": 0.3, "start": 0.2, "end": 0.1},
+    "normalization": "center",
+    "augmentation": "flip_translate",
+    "label_smoothing": 0.2,
+    "ema": {"momentum": 0.9, "every": 2},
+    "jit_compile": True,
+}
+
+
+def test_whitening_makes_patches_uncorrelated_with_unit_variance() -> None:
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(12, 12))  # strongly correlated channels and neighbours
+    images = (rng.normal(size=(40, 8, 8, 12)) @ mixing.T)[..., :3].astype(np.float32)
+    kernel = whitening_kernel(images, epsilon=0.0)
+    assert kernel.shape == (2, 2, 3, 24)
+    np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+    patches = np.stack([images[:, i : 7 + i, j : 7 + j, :] for i in range(2) for j in range(2)], axis=3).reshape(-1, 12)
+    whitened = (patches - patches.mean(axis=0)) @ kernel[..., :12].reshape(12, 12)
+    np.testing.assert_allclose(np.cov(whitened, rowvar=False, bias=True), np.eye(12), atol=1e-4)
+    # the epsilon is relative to the pixels' variance: rescaling the images rescales the kernel
+    # inversely (the whitened patches stay the same), and low-variance directions are damped
+    damped = whitening_kernel(images)
+    np.testing.assert_allclose(whitening_kernel(images * 1e-3), damped * 1e3, rtol=1e-4)
+    mean_variance = np.trace(np.cov(patches, rowvar=False, bias=True)) / 12
+    assert np.abs(damped).max() < 1 / np.sqrt(WHITEN_EPSILON * mean_variance)
+
+
+@pytest.mark.parametrize("size", [31, 15, 7, 8])
+def test_reshape_pooling_is_max_pooling(size: int) -> None:
+    x = np.random.default_rng(size).normal(size=(3, size, size, 5)).astype(np.float32)
+    expected = keras.layers.MaxPooling2D()(x)
+    np.testing.assert_array_equal(np.asarray(ReshapeMaxPool()(x)), np.asarray(expected))
+
+
+def test_inference_averages_an_image_and_its_mirror() -> None:
+    keras.utils.set_random_seed(1)
+    model = build_model("whitened_vgg", 10, "tiny")
+    x = np.random.default_rng(2).normal(size=(6, 32, 32, 3)).astype(np.float32)
+    served = np.asarray(model(x, training=False))
+    assert served.shape == (6, 10)
+    np.testing.assert_allclose(served, np.asarray(model(x[:, :, ::-1], training=False)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x[:1], training=False)), served[:1], atol=1e-6)  # per image
+    assert np.asarray(model(x, training=True)).shape == (6, 10), "training sees each image once"
+
+
+def test_warmup_linear_schedule_is_the_triangle() -> None:
+    params = resolve({"archs": ["fast"], "train": {"fast": FAST | {"epochs": 4}}})
+    lr = LearningRate(params.train["fast"], steps_per_epoch=10)
+    schedule = lr.for_optimizer(0)
+    rates = [float(schedule(step)) for step in (0, 6, 12, 26, 40)]
+    # 40 steps, warm-up over the first 12: 0.2x -> 1x, then down to 0.1x at step 40
+    np.testing.assert_allclose(rates, [0.04, 0.12, 0.2, 0.2 * (1 - 0.9 * 14 / 28), 0.02], rtol=1e-6)
+    assert lr.rate(2) == pytest.approx(float(schedule(20)))
+
+
+def test_lookahead_momentum_ramps_from_zero() -> None:
+    """Step k (0-based) averages with momentum 0.8·(k/4): the average follows the weights at first."""
+    from cifarflow.training.sgd import SGD
+
+    weight = keras.Variable(np.zeros(1, np.float32))
+    optimizer = SGD(total_steps=4, ema_ramp=1.0, learning_rate=1.0, use_ema=True, ema_momentum=0.8)
+    expected = 0.0
+    for k in range(4):
+        optimizer.apply_gradients([(np.array([-1.0], np.float32), weight)])  # the weight moves to k + 1
+        m = 0.8 * k / 4
+        expected = m * expected + (1 - m) * (k + 1)
+        assert float(optimizer._model_variables_moving_average[0].numpy()[0]) == pytest.approx(expected, rel=1e-6), k
+    assert float(weight.numpy()[0]) == 4.0
+
+
+def test_norm_bias_rate_speeds_up_batchnorm_offsets_only() -> None:
+    """One `fit` step (the tf.distribute path) from the same weights: BatchNorm's beta moves 8x
+    as far with norm_bias_rate 8, every other variable exactly as far."""
+    from cifarflow.training.sgd import SGD
+
+    x, y = np.random.default_rng(0).normal(size=(2, 8, 4)).astype(np.float32)
+    moves = {}
+    for rate in (1.0, 8.0):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), keras.layers.BatchNormalization(scale=False)])
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        model.compile(SGD(learning_rate=0.01, norm_bias_rate=rate), "mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        moves[rate] = {v.name: v.numpy() - b for v, b in zip(model.trainable_variables, before, strict=True)}
+    assert set(moves[1.0]) == {"kernel", "bias", "beta"}
+    np.testing.assert_allclose(moves[8.0]["beta"], 8 * moves[1.0]["beta"], rtol=1e-5)
+    assert np.abs(moves[1.0]["beta"]).min() > 0
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(moves[8.0][name], moves[1.0][name])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ({"model": "lenet", "width": 16}, "width applies to whitened_vgg only"),
+        ({"model": "lenet", "jit_compile": True}, "has none for max pooling's gradient"),
+        ({"ema": {"momentum": 0.9}}, "applies to optimizer sgd only"),
+    ],
+)
+def test_recipe_options_that_do_not_apply_are_refused(recipe: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train_params(**recipe)
+
+
+def test_multi_worker_refuses_xla() -> None:
+    with pytest.raises(ConfigError, match="multi_worker runs without XLA"):
+        resolve({"archs": ["fast"], "runtime": {"distribution": "multi_worker"}, "train": {"fast": FAST}})
+
+
+def test_tiny_recipe_trains_compiled_and_deterministic(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
+    params = resolve(
+        {
+            "data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2},
+            "archs": ["fast"],
+            "train": {"fast": FAST},
+        }
+    )
+    runs = [
+        train(params, "fast", tiny_shards, tmp_path / f"out{i}", tmp_path / f"run{i}", tmp_path / f"ck{i}", verdict)
+        for i in range(2)
+    ]
+    assert runs[0]["weights_sha256"] == runs[1]["weights_sha256"]
+    assert (tmp_path / "out0/history.csv").read_bytes() == (tmp_path / "out1/history.csv").read_bytes()
+    info = json.loads((tmp_path / "run0/run.json").read_text())
+    assert info["runtime"]["jit_compile"] is True, "XLA kept under op determinism"
+    first, second = info["epochs"]
+    assert second["process_seconds"] > first["process_seconds"] > first["train_seconds"] > 0  # time to accuracy
+
+    rows = list(csv.DictReader((tmp_path / "out0/history.csv").open()))
+    steps = 250 // 50  # 250 train examples (300 - 50 val), batch 50
+    schedule = LearningRate(params.train["fast"], steps_per_epoch=steps).for_optimizer(0)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([float(schedule(0)), float(schedule(steps))])
+
+    model = load_model(tmp_path / "out0/model.keras")
+    whiten = model.get_layer("whiten")
+    assert not whiten.trainable
+    from cifarflow.data.inputs import load_split
+    from cifarflow.models.normalization import normalize
+
+    first = load_split(tiny_shards, "train", "parquet").images
+    np.testing.assert_array_equal(whiten.get_weights()[0], whitening_kernel(normalize(first, "center").numpy()))
