@@ -20,7 +20,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifarflow.errors import ConfigError
-from cifarflow.models.catalog import NORMALIZATION_HELP, STEMS, WIDTHS, XLA_FAMILIES, Family, Normalization, Stem, Variant
+from cifarflow.models.catalog import (
+    NORMALIZATION_HELP,
+    STEMS,
+    TTA_FAMILIES,
+    WIDTHS,
+    XLA_FAMILIES,
+    Family,
+    Normalization,
+    Stem,
+    Variant,
+)
 from cifarflow.redact import has_userinfo, redact_url, short
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -295,6 +305,11 @@ class Recipe(Strict):
     schedule: ScheduleParams = ScheduleParams()
     normalization: Normalization = Field(description=NORMALIZATION_HELP)
     width: int | None = Field(None, ge=1, le=1024, description=f"{', '.join(WIDTHS)} only: the first stage's channels")
+    tta_level: Literal[1, 2] | None = Field(
+        None,
+        description=f"{', '.join(TTA_FAMILIES)} only: test-time views the model averages at inference "
+        "(1: image and mirror, the default; 2: also both shifted by a pixel)",
+    )
     augmentation: Literal["none", "crop_flip", "flip_translate"] = Field(
         "none",
         description="crop_flip: pad 4 (zeros), random 32x32 crop, random h-flip; flip_translate: pad 2 (reflect), "
@@ -322,6 +337,8 @@ class Recipe(Strict):
             raise ValueError(f"optimizer.norm_bias_rate applies to sgd only, not {self.optimizer.name}")
         if self.ema is not None and self.optimizer.name != "sgd":
             raise ValueError(f"ema (lookahead) applies to optimizer sgd only, not {self.optimizer.name}")
+        if self.tta_level is not None and self.model not in TTA_FAMILIES:
+            raise ValueError(f"tta_level applies to {', '.join(TTA_FAMILIES)} only; remove it from this {self.model} recipe")
         if self.width is not None and self.model not in WIDTHS:
             raise ValueError(f"width applies to {', '.join(WIDTHS)} only; remove it from this {self.model} recipe")
         if self.jit_compile and self.model not in XLA_FAMILIES:

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_in, set_params, sha256
+from conftest import REPO, run_in, set_params, sha256
 
 from cifarflow.config import load_params
 from cifarflow.data.synth import write_synth_archive
 
 pytestmark = pytest.mark.slow
 ALWAYS = {"download": ["always changed"]}  # the download stage rehashes its source every run
-ARCHS = ("simple_cnn", "lenet", "lenet_mixup", "resnet56", "densenet121")
+ARCHS = tuple(load_params(REPO / "params.yaml").archs)  # what the DAG trains: train@, evaluate@ each
 TRAIN = [f"train@{arch}" for arch in ARCHS]
 
 

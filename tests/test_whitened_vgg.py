@@ -73,6 +73,26 @@ def test_inference_averages_an_image_and_its_mirror() -> None:
     assert np.asarray(model(x, training=True)).shape == (6, 10), "training sees each image once"
 
 
+def test_level_2_averages_six_views_with_airbenchs_weights() -> None:
+    """The logits of [image, mirror, shifted down-right, its mirror, shifted up-left, its mirror]
+    (reflect-padded), weighted 1/4, 1/4, 1/8 x 4, then softmax."""
+    keras.utils.set_random_seed(3)
+    model = build_model("whitened_vgg", 10, "tiny", tta_level=2)
+    logits = keras.Model(model.input, model.get_layer("logit_scale").output)  # the views' rows, unmerged
+    x = np.random.default_rng(4).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    rows = np.asarray(logits(x, training=False)).reshape(6, 3, 10)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    down_right, up_left = padded[:, :-2, :-2], padded[:, 2:, 2:]
+    views = [x, x[:, :, ::-1], down_right, down_right[:, :, ::-1], up_left, up_left[:, :, ::-1]]
+    for view, image in enumerate(views):
+        np.testing.assert_allclose(rows[view], np.asarray(logits(image, training=False))[:3], atol=1e-5)
+    merged = np.tensordot([0.25, 0.25, 0.125, 0.125, 0.125, 0.125], rows, axes=1)
+    expected = np.exp(merged) / np.exp(merged).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-6)
+    saved = keras.Model.from_config(model.get_config())  # the level is part of the model's config
+    assert saved.get_layer("tta_views").level == saved.get_layer("tta_merge").level == 2
+
+
 def test_warmup_linear_schedule_is_the_triangle() -> None:
     params = resolve({"archs": ["fast"], "train": {"fast": FAST | {"epochs": 4}}})
     lr = LearningRate(params.train["fast"], steps_per_epoch=10)
@@ -125,6 +145,7 @@ def test_norm_bias_rate_speeds_up_batchnorm_offsets_only() -> None:
         ({"model": "lenet", "width": 16}, "width applies to whitened_vgg only"),
         ({"model": "lenet", "jit_compile": True}, "has none for max pooling's gradient"),
         ({"ema": {"momentum": 0.9}}, "applies to optimizer sgd only"),
+        ({"model": "lenet", "tta_level": 2}, "tta_level applies to whitened_vgg only"),
     ],
 )
 def test_recipe_options_that_do_not_apply_are_refused(recipe: dict, message: str) -> None:

@@ -32,6 +32,9 @@ STEMS: dict[Family, tuple[Stem, ...]] = {"densenet121": typing.get_args(Stem)}
 # families whose width a recipe may set (`width`: the first stage's channels), with the full variant's
 WIDTHS: dict[Family, int] = {"whitened_vgg": 64}
 
+# families that average test-time views inside the model (`tta_level`: 1 flip, 2 flip + translations)
+TTA_FAMILIES: tuple[Family, ...] = ("whitened_vgg",)
+
 # families whose training step compiles under XLA with op determinism on (every op has a
 # deterministic XLA kernel; TensorFlow's MaxPool gradient has none on CPU): `jit_compile` is theirs
 XLA_FAMILIES: tuple[Family, ...] = ("whitened_vgg",)

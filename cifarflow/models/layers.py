@@ -25,26 +25,52 @@ class ReshapeMaxPool(layers.Layer):
         return (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
 
 
+# Test-time views per level, and each view's weight in the average: level 1 is an image and its
+# mirror; level 2 adds both, each mirrored too, shifted by one pixel up-left and down-right
+# (reflect padding), weighted as airbench's infer_mirror_translate: 1/4, 1/4, then 1/8 each.
+VIEW_WEIGHTS = {1: (0.5, 0.5), 2: (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)}
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class FlipViews(layers.Layer):
-    """Test-time augmentation, first half: at inference the batch becomes [images, mirrored
-    images] (2N rows); in training it passes through. `AverageViews` folds the rows back."""
+class TestTimeViews(layers.Layer):
+    """Test-time augmentation, first half: at inference the N images become V·N rows, view by view
+    (VIEW_WEIGHTS[level]); in training they pass through. `MergeViews` folds the rows back."""
+
+    def __init__(self, level: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.level = level
 
     def call(self, x, training=None):
         if training:
             return x
-        return ops.concatenate([x, ops.flip(x, axis=2)], axis=0)
+        views = [x, ops.flip(x, axis=2)]
+        if self.level == 2:
+            padded = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
+            for shifted in (padded[:, :-2, :-2, :], padded[:, 2:, 2:, :]):
+                views += [shifted, ops.flip(shifted, axis=2)]
+        return ops.concatenate(views, axis=0)
+
+    def get_config(self) -> dict:
+        return super().get_config() | {"level": self.level}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class AverageViews(layers.Layer):
-    """Test-time augmentation, second half: the mean of the two views' outputs (logits) per image."""
+class MergeViews(layers.Layer):
+    """Test-time augmentation, second half: the weighted mean of each image's views' outputs (logits)."""
+
+    def __init__(self, level: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.level = level
 
     def call(self, x, training=None):
         if training:
             return x
-        n = ops.shape(x)[0] // 2
-        return (x[:n] + x[n:]) / 2
+        weights = VIEW_WEIGHTS[self.level]
+        views = ops.reshape(x, (len(weights), -1, x.shape[-1]))
+        return ops.sum(views * ops.reshape(ops.convert_to_tensor(weights, x.dtype), (-1, 1, 1)), axis=0)
+
+    def get_config(self) -> dict:
+        return super().get_config() | {"level": self.level}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -11,8 +11,9 @@ re-derived in Keras for deterministic CPU training.
 Convs have no bias; BatchNorm has no scale (airbench freezes it at 1), momentum 0.6 and eps 1e-12;
 each conv starts as an identity on its first input channels (airbench's partial dirac init). The
 pooling is `ReshapeMaxPool`, so the training step compiles under XLA with op determinism on. At
-inference the model averages the logits of each image and its mirror (`FlipViews`/`AverageViews`):
-what evaluate reports is what the exported model serves. L2 on conv/linear kernels is airbench's
+inference the model averages the logits of each image and its mirror (and, at `tta_level` 2, of
+both shifted by a pixel: `TestTimeViews`/`MergeViews`): what evaluate reports is what the exported
+model serves. L2 on conv/linear kernels is airbench's
 coupled weight decay, expressed for a mean loss: 0.0153 / 11.5 (its decay over its rate)."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from keras import layers, regularizers
 
 from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.models.catalog import WIDTHS, Variant
-from cifarflow.models.layers import AverageViews, FlipViews, PartialIdentity, ReshapeMaxPool, Scale
+from cifarflow.models.layers import MergeViews, PartialIdentity, ReshapeMaxPool, Scale, TestTimeViews
 from cifarflow.models.normalization import normalize
 
 PATCH = 2  # the whitening conv's kernel
@@ -53,11 +54,12 @@ def _norm_gelu(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
     return layers.Activation("gelu", name=f"{name}_gelu")(x)
 
 
-def build(num_classes: int = 10, variant: Variant = "full", width: int | None = None) -> keras.Model:
-    """`width`: the first group's (default per variant); the other two are 4x."""
+def build(num_classes: int = 10, variant: Variant = "full", width: int | None = None, tta_level: int = 1) -> keras.Model:
+    """`width`: the first group's (default per variant); the other two are 4x. `tta_level`: the
+    test-time views averaged at inference (layers.VIEW_WEIGHTS: 1 flip, 2 flip and translations)."""
     w = width or CONFIGS[variant]
     inputs = keras.Input(IMAGE_SHAPE, name="image")
-    x = FlipViews(name="tta_views")(inputs)
+    x = TestTimeViews(tta_level, name="tta_views")(inputs)
     whiten = layers.Conv2D(2 * PATCH * PATCH * 3, PATCH, use_bias=False, trainable=False, name="whiten")
     x = layers.Activation("gelu", name="whiten_gelu")(whiten(x))
     for group, filters in enumerate((w, 4 * w, 4 * w), start=1):
@@ -69,7 +71,7 @@ def build(num_classes: int = 10, variant: Variant = "full", width: int | None = 
     x = layers.GlobalMaxPooling2D(name="global_max")(x)
     x = layers.Dense(num_classes, use_bias=False, kernel_regularizer=regularizers.L2(L2), name="logits")(x)
     x = Scale(LOGIT_SCALE, name="logit_scale")(x)
-    x = AverageViews(name="tta_average")(x)
+    x = MergeViews(tta_level, name="tta_merge")(x)
     outputs = layers.Activation("softmax", name="probs")(x)
     return keras.Model(inputs, outputs, name=f"whitened_vgg_{variant}_{w}")
 

@@ -98,8 +98,8 @@ def make_optimizer(
 
 
 def model_options(recipe: Recipe) -> dict[str, Any]:
-    """The builder's options the recipe sets (catalog.STEMS, catalog.WIDTHS)."""
-    options = {"stem": recipe.stem, "width": recipe.width}
+    """The builder's options the recipe sets (catalog.STEMS, WIDTHS, TTA_FAMILIES)."""
+    options = {"stem": recipe.stem, "width": recipe.width, "tta_level": recipe.tta_level}
     return {k: v for k, v in options.items() if v is not None}
 
 
