@@ -343,8 +343,9 @@ class Recipe(Strict):
             raise ValueError(f"width applies to {', '.join(WIDTHS)} only; remove it from this {self.model} recipe")
         if self.jit_compile and self.model not in XLA_FAMILIES:
             raise ValueError(
-                f"jit_compile: true needs a model whose training step has deterministic XLA kernels "
-                f"({', '.join(XLA_FAMILIES)}); {self.model} has none for max pooling's gradient: set jit_compile: false"
+                f"jit_compile: true needs a model whose training step compiles with deterministic XLA kernels "
+                f"({', '.join(XLA_FAMILIES)}); {self.model} is not one (max pooling's gradient, for one, has no "
+                "such kernel on CPU): set jit_compile: false"
             )
         return self
 

@@ -143,7 +143,7 @@ def test_norm_bias_rate_speeds_up_batchnorm_offsets_only() -> None:
     ("recipe", "message"),
     [
         ({"model": "lenet", "width": 16}, "width applies to whitened_vgg only"),
-        ({"model": "lenet", "jit_compile": True}, "has none for max pooling's gradient"),
+        ({"model": "lenet", "jit_compile": True}, "lenet is not one .max pooling's gradient"),
         ({"ema": {"momentum": 0.9}}, "applies to optimizer sgd only"),
         ({"model": "lenet", "tta_level": 2}, "tta_level applies to whitened_vgg only"),
     ],

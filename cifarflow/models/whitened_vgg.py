@@ -3,7 +3,8 @@
 re-derived in Keras for deterministic CPU training.
 
   whiten: 2x2 conv, 24 filters, frozen: the eigenvectors (each also negated) of the covariance of
-          2x2x3 patches of the training images, scaled by 1/sqrt(eigenvalue + 5e-4) (`init_from_data`)
+          2x2x3 patches of the training images, scaled by 1/sqrt(eigenvalue + 5e-4 x the mean pixel
+          variance) (`init_from_data`)
   GELU
   3 groups of width w, 4w, 4w: conv3x3 - maxpool2 - BN - GELU - conv3x3 - BN - GELU (31 -> 15 -> 7 -> 3)
   global max over 3x3, linear (no bias) x 1/9, softmax
@@ -13,8 +14,8 @@ each conv starts as an identity on its first input channels (airbench's partial 
 pooling is `ReshapeMaxPool`, so the training step compiles under XLA with op determinism on. At
 inference the model averages the logits of each image and its mirror (and, at `tta_level` 2, of
 both shifted by a pixel: `TestTimeViews`/`MergeViews`): what evaluate reports is what the exported
-model serves. L2 on conv/linear kernels is airbench's
-coupled weight decay, expressed for a mean loss: 0.0153 / 11.5 (its decay over its rate)."""
+model serves. L2 on conv/linear kernels is airbench's coupled weight decay, expressed for a mean
+loss: 0.0153 / 11.5 (its decay over its rate)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ class LearningRate:
         self.per_step = self.schedule.kind in PER_STEP
         if self.per_step and steps_per_epoch < 1:
             raise ValueError("a per-step schedule needs the number of steps per epoch")
-        self.steps_per_epoch, self.epochs = steps_per_epoch, recipe.epochs
+        self.steps_per_epoch = steps_per_epoch
         self.total_steps = max(recipe.epochs * steps_per_epoch, 1)
 
     def for_optimizer(self, epoch: int) -> float | WarmupLinear:
