@@ -427,6 +427,11 @@ def test_read_yaml_bounds_and_errors(tmp_path: Path) -> None:
     path.write_text("#" * (MAX_PARAMS_BYTES + 1))
     with pytest.raises(ConfigError, match=r"larger than 1,048,576 bytes; not a params file"):
         read_yaml(path)
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as f:
+        f.truncate(64 << 30)  # 64 GiB, sparse: read only up to the bound, never whole
+    with pytest.raises(ConfigError, match=r"huge.yaml: larger than"):
+        read_yaml(huge)
     path.write_bytes(b"a: \xff\xfe")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         read_yaml(path)

@@ -154,6 +154,9 @@ def test_synth_sources_are_generated_in_process(tmp_path: Path) -> None:
     got = dl.obtain("synth:train=20,test=10,seed=5", data(source="synth:train=20,test=10,seed=5", val_size=5, shards=1), tmp_path)
     assert got.kind == "synth" and got.files[cb.TEST_FILE] == FILES[cb.TEST_FILE]
     assert got.origin == "synth:train=20,test=10,seed=5" and len(got.content["sha256"]) == 64 and set(got.content) == {"sha256"}
+    mislabelled = "synth:train=20,test=10,seed=5,mislabel=50"  # the same images, half the labels changed
+    noisy = dl.obtain(mislabelled, data(source=mislabelled, val_size=5, shards=1), tmp_path)
+    assert noisy.files[cb.TEST_FILE] != got.files[cb.TEST_FILE]
 
 
 def test_local_archives_need_a_checksum_and_are_verified(tmp_path: Path) -> None:
