@@ -139,9 +139,19 @@ def run_flow(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, workspace: Pa
         )
 
 
-def task_runs(env: dict[str, str], state: Any) -> dict[str, dict[str, Any]]:
-    runs = api(env, "POST", "/task_runs/filter", task_runs={"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}})
-    return {r["name"]: r for r in runs}
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def task_runs(env: dict[str, str], state: Any, *names: str, wait_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The flow run's task runs by name. Prefect 3 records task-run states from events that the
+    server may persist after the flow has returned: wait (bounded) until `names` are there, final."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = api(env, "POST", "/task_runs/filter", task_runs={"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}})
+        runs = {r["name"]: r for r in found}
+        if all(n in runs and runs[n]["state"]["type"] in FINAL for n in names) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
 
 
 def retrain(workspace: Path) -> None:
@@ -162,7 +172,7 @@ def test_killed_training_is_retried_and_resumes_bit_identically(
     monkeypatch.setenv("CIFARFLOW_FAULT_KILL_AT", "1:2")
     state = run_flow(prefect_server, monkeypatch, workspace)
     assert state.is_completed(), state.message
-    assert task_runs(prefect_server, state)[f"train@{ARCH}"]["run_count"] == 2
+    assert task_runs(prefect_server, state, f"train@{ARCH}")[f"train@{ARCH}"]["run_count"] == 2
     info = json.loads((workspace / f"data/runinfo/train/{ARCH}/run.json").read_text())
     assert info["resumed_from_epoch"] >= 1
     digest = (workspace / f"data/models/{ARCH}/weights.sha256").read_text()
@@ -176,7 +186,7 @@ def test_transient_failure_is_retried_once(
     monkeypatch.setenv("CIFARFLOW_FAULT_FAIL_AT", "0:1")
     state = run_flow(prefect_server, monkeypatch, workspace)
     assert state.is_completed(), state.message
-    assert task_runs(prefect_server, state)[f"train@{ARCH}"]["run_count"] == 2
+    assert task_runs(prefect_server, state, f"train@{ARCH}")[f"train@{ARCH}"]["run_count"] == 2
     stages = state.result()["stages"]  # the new model made evaluate stale only after training ran
     assert not stages[f"train@{ARCH}"]["skipped"] and not stages[f"evaluate@{ARCH}"]["skipped"]
 
@@ -192,7 +202,7 @@ def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: 
     )  # valid params, bad input
     state = run_flow(prefect_server, monkeypatch, workspace)
     assert state.is_failed()
-    runs = task_runs(prefect_server, state)
+    runs = task_runs(prefect_server, state, "download")
     assert runs["download"]["run_count"] == 1 and runs["download"]["state"]["type"] == "FAILED"
     assert "missing.tgz" in runs["download"]["state"]["message"] and "no such file" in runs["download"]["state"]["message"]
     set_params(workspace, **{"data.val_szie": 3})  # invalid params: the check stops the flow first
@@ -275,7 +285,7 @@ def test_timeout_kills_the_stage_with_its_children(
     state = run_flow(env, monkeypatch, workspace, stage_timeout_s=30)
 
     assert state.is_failed(), state
-    train = task_runs(prefect_server, state)[f"train@{ARCH}"]
+    train = task_runs(prefect_server, state, f"train@{ARCH}")[f"train@{ARCH}"]
     assert train["state"]["type"] == "FAILED" and train["run_count"] == 1, train["state"]
     assert "StageTimeout" in train["state"]["message"] and "exceeded its timeout of 30 s" in train["state"]["message"]
     assert f"evaluate@{ARCH}" not in task_runs(prefect_server, state)
