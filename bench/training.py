@@ -201,8 +201,10 @@ def bench_archs(shards: Path, params: Params, steps: int) -> None:
             model = build_compiled(recipe.model_copy(update={"jit_compile": xla}), 10, 1e-3)
             try:
                 cells.append(rate(recipe.batch_size, time_fit(model, pipe.train(0), steps)))
-            except tf.errors.OpError as exc:
-                cells.append(f"fails ({exc.message.splitlines()[0][:70]})")
+            except tf.errors.OpError as exc:  # the line naming the op without a deterministic kernel
+                lines = exc.message.splitlines()
+                reason = next((line for line in lines if "determinis" in line), lines[0])
+                cells.append(f"fails ({reason.strip()[:90]})")
         chosen = "XLA" if recipe.jit_compile else "no XLA"
         print(f"  {arch:<12} batch {recipe.batch_size:>4}  XLA off {cells[0]}  XLA on {cells[1]}  (recipe: {chosen})")
 
