@@ -31,14 +31,21 @@ class ReshapeMaxPool(layers.Layer):
 VIEW_WEIGHTS = {1: (0.5, 0.5), 2: (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)}
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class TestTimeViews(layers.Layer):
-    """Test-time augmentation, first half: at inference the N images become V·N rows, view by view
-    (VIEW_WEIGHTS[level]); in training they pass through. `MergeViews` folds the rows back."""
+class _ViewLayer(layers.Layer):
+    """A test-time-augmentation layer of a given level (a key of VIEW_WEIGHTS), saved with it."""
 
     def __init__(self, level: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
         self.level = level
+
+    def get_config(self) -> dict:
+        return super().get_config() | {"level": self.level}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TestTimeViews(_ViewLayer):
+    """Test-time augmentation, first half: at inference the N images become V·N rows, view by view
+    (VIEW_WEIGHTS[level]); in training they pass through. `MergeViews` folds the rows back."""
 
     def call(self, x, training=None):
         if training:
@@ -50,17 +57,10 @@ class TestTimeViews(layers.Layer):
                 views += [shifted, ops.flip(shifted, axis=2)]
         return ops.concatenate(views, axis=0)
 
-    def get_config(self) -> dict:
-        return super().get_config() | {"level": self.level}
-
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class MergeViews(layers.Layer):
+class MergeViews(_ViewLayer):
     """Test-time augmentation, second half: the weighted mean of each image's views' outputs (logits)."""
-
-    def __init__(self, level: int = 1, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.level = level
 
     def call(self, x, training=None):
         if training:
@@ -68,9 +68,6 @@ class MergeViews(layers.Layer):
         weights = VIEW_WEIGHTS[self.level]
         views = ops.reshape(x, (len(weights), -1, x.shape[-1]))
         return ops.sum(views * ops.reshape(ops.convert_to_tensor(weights, x.dtype), (-1, 1, 1)), axis=0)
-
-    def get_config(self) -> dict:
-        return super().get_config() | {"level": self.level}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
