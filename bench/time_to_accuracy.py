@@ -21,14 +21,15 @@ THRESHOLDS = (0.70, 0.80, 0.85, 0.90)
 
 
 def curve(root: Path, arch: str) -> tuple[list[float], list[float], float, dict]:
-    """(wall seconds at each epoch's end, val accuracy of each epoch, stage seconds, run info)."""
+    """(wall seconds at each validated epoch's end, its val accuracy, stage seconds, run info)."""
     info = json.loads((root / "data/runinfo/train" / arch / "run.json").read_text())
     if info.get("resumed_from_epoch") is not None:
         raise SystemExit(f"{arch}: its stage resumed from epoch {info['resumed_from_epoch']}: times are not from one process")
     with (root / "data/models" / arch / "history.csv").open() as f:
-        accuracy = [float(row["val_accuracy"]) for row in csv.DictReader(f)]
+        accuracy = [float(row["val_accuracy"]) if row["val_accuracy"] else None for row in csv.DictReader(f)]
     seconds = [epoch["process_seconds"] for epoch in info["epochs"]]
-    return seconds, accuracy, info["process_seconds"], info
+    validated = [(s, a) for s, a in zip(seconds, accuracy, strict=True) if a is not None]  # recipe validate_every
+    return [s for s, _ in validated], [a for _, a in validated], info["process_seconds"], info
 
 
 def reached(seconds: list[float], accuracy: list[float], threshold: float) -> float | None:
@@ -44,7 +45,7 @@ def main() -> None:
     curves = {arch: curve(args.root, arch) for arch in args.archs}
     base = args.archs[0]
     header = " | ".join(f"{t:.0%} val" for t in THRESHOLDS)
-    print(f"| arch | img/s | epochs | best val | {header} | stage wall | ratio to {base} |")
+    print(f"| arch | img/s | validated epochs | best val | {header} | stage wall | ratio to {base} |")
     print("|---|---:|---:|---:|" + "---:|" * len(THRESHOLDS) + "---:|---:|")
     for arch, (seconds, accuracy, stage, info) in curves.items():
         cells = [reached(seconds, accuracy, t) for t in THRESHOLDS]

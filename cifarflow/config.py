@@ -323,6 +323,12 @@ class Recipe(Strict):
     drop_remainder: bool = False
     mixup: MixupParams | None = None
     monitor: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="which epoch is the best checkpoint")
+    validate_every: int = Field(
+        1,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="validate after every N-th epoch and after the last; the best checkpoint is the best validated one",
+    )
 
     @model_validator(mode="after")
     def _stem(self) -> Recipe:
@@ -341,6 +347,8 @@ class Recipe(Strict):
             raise ValueError(f"tta_level applies to {', '.join(TTA_FAMILIES)} only; remove it from this {self.model} recipe")
         if self.width is not None and self.model not in WIDTHS:
             raise ValueError(f"width applies to {', '.join(WIDTHS)} only; remove it from this {self.model} recipe")
+        if self.validate_every > 1 and self.schedule.kind == "plateau":
+            raise ValueError("schedule plateau reads val every epoch: validate_every must be 1 with it")
         if self.jit_compile and self.model not in XLA_FAMILIES:
             raise ValueError(
                 f"jit_compile: true needs a model whose training step compiles with deterministic XLA kernels "

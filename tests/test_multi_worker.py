@@ -209,12 +209,15 @@ def test_two_workers_end_where_one_process_ends(tiny_shards: Path, tmp_path: Pat
 
 
 def test_killed_cluster_resumes_bit_identically(tiny_shards: Path, tmp_path: Path) -> None:
+    """validate_every 2: epoch 0 is not validated (the cluster's path without val), epoch 1 is."""
     plain, killed = tmp_path / "plain", tmp_path / "killed"
-    assert cluster(plain, params_file(plain, "multi_worker", epochs=2), tiny_shards) == [0, 0], logs(plain)
+    assert cluster(plain, params_file(plain, "multi_worker", epochs=2, validate_every=2), tiny_shards) == [0, 0], logs(plain)
+    rows = (plain / "node0/out/history.csv").read_text().splitlines()
+    assert rows[1].endswith(",,") and not rows[2].endswith(","), rows
     assert json.loads((plain / "node0/run/run.json").read_text())["resumed_from_epoch"] is None
 
     # Set on both workers, as a deployment would; it fires on the chief, whose marker makes it fire once.
-    params = params_file(killed, "multi_worker", epochs=2)
+    params = params_file(killed, "multi_worker", epochs=2, validate_every=2)
     codes = cluster(killed, params, tiny_shards, CIFARFLOW_FAULT_KILL_AT="1:2")
     assert codes[0] == -9 and codes[1] != 0, (codes, logs(killed))
     assert (killed / "node0/ckpt/kill.fired").is_file() and (killed / "node0/ckpt/epoch-0.keras").is_file()

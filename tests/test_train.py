@@ -74,6 +74,28 @@ def test_mixup_and_plateau_recipes_train(tiny_shards: Path, verdict: Path, tmp_p
         replay.update({"val_accuracy": float(row["val_accuracy"])})
 
 
+def test_validate_every_skips_val_but_always_validates_the_last_epoch(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
+    """validate_every 2 over 3 epochs: val after epochs 1 and 2 (0-based) only. The epoch not
+    validated has empty val cells and no TensorBoard val point, and cannot be the best checkpoint."""
+    import tensorflow as tf
+
+    params = train_params(epochs=3, validate_every=2, monitor="val_loss")
+    summary = train(params, "lenet", tiny_shards, tmp_path / "m", tmp_path / "run", tmp_path / "ck", verdict)
+    rows = list(csv.DictReader((tmp_path / "m/history.csv").open()))
+    assert (rows[0]["val_loss"], rows[0]["val_accuracy"]) == ("", "")
+    assert all(r["val_loss"] and r["val_accuracy"] and r["loss"] for r in rows[1:])
+    assert summary["best_epoch"] in (1, 2)
+    assert summary["val_loss"] == min(float(r["val_loss"]) for r in rows[1:])
+    events = (tmp_path / "run/tensorboard/validation").glob("*tfevents*")
+    steps = sorted(e.step for path in events for e in tf.compat.v1.train.summary_iterator(str(path)) if e.summary.value)
+    assert steps == [1, 1, 2, 2], "loss and accuracy for the validated epochs only"
+
+
+def test_validate_every_needs_val_every_epoch_for_plateau() -> None:
+    with pytest.raises(ConfigError, match="schedule plateau reads val every epoch: validate_every must be 1"):
+        train_params(validate_every=2, schedule={"kind": "plateau"})
+
+
 def test_mixup_batches_are_blends(tiny_shards: Path) -> None:
     """With mixup on, each example is lam * itself + (1 - lam) * its neighbour, images and one-hot
     labels alike, one lam in (0, 1) per batch; before warm-up ends the batches are the plain ones."""

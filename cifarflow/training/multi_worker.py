@@ -243,8 +243,8 @@ class StrategySteps:
         # type(strategy) is its alias CollectiveAllReduceStrategy: name it as the user configured it
         return {"strategy": "MultiWorkerMirroredStrategy", "workers": runtime.worker_count(self.strategy)}
 
-    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset) -> tuple[dict[str, float], float]:
-        """(the epoch's logs as Keras names them, seconds of its training part)."""
+    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset | None) -> tuple[dict[str, float], float]:
+        """(the epoch's logs as Keras names them, without val_* when `validation` is None; seconds of its training part)."""
         if self.injector is not None:
             self.injector.on_epoch_begin(epoch)
         started = time.perf_counter()
@@ -252,8 +252,11 @@ class StrategySteps:
         model = self.steps.model
         model.optimizer.finalize_variable_values(model.trainable_variables)  # as fit ends: an EMA into the weights
         seconds = time.perf_counter() - started
-        val_loss, val_accuracy = run_epoch(self.steps.evaluate, validation)
-        return {"loss": loss, "accuracy": accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}, seconds
+        logs = {"loss": loss, "accuracy": accuracy}
+        if validation is not None:
+            val_loss, val_accuracy = run_epoch(self.steps.evaluate, validation)
+            logs |= {"val_loss": val_loss, "val_accuracy": val_accuracy}
+        return logs, seconds
 
     def done(self) -> None:
         """A barrier: a worker exits 0 only once the chief has written."""

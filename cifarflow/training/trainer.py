@@ -186,7 +186,8 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: (repr(float(v)) if k != "epoch" else v) for k, v in row.items()} for row in rows)
+    # an epoch that was not validated (recipe validate_every) has empty val_* cells
+    writer.writerows({k: v if k == "epoch" or v is None else repr(float(v)) for k, v in row.items()} for row in rows)
     return buffer.getvalue()
 
 
@@ -232,7 +233,8 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
 def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str) -> None:
     """A diverged epoch (NaN or infinite loss or monitored metric) stops the run as a configuration
     error: retrying the same recipe diverges again, and a NaN model must never be kept."""
-    bad = [name for name in dict.fromkeys(("loss", "val_loss", monitor)) if not np.isfinite(logs.get(name, np.nan))]
+    checked = ("loss", "val_loss", monitor) if "val_loss" in logs else ("loss",)  # val_*: validated epochs only
+    bad = [name for name in dict.fromkeys(checked) if not np.isfinite(logs.get(name, np.nan))]
     if bad:
         raise ConfigError(
             f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch}: the recipe train.{arch} "
@@ -252,10 +254,11 @@ def record_epoch(
 ) -> None:
     """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next.
     Timings: the epoch's training seconds, and the wall seconds from this process's start to the
-    end of the epoch's validation (time to accuracy; a resumed run counts from its own start)."""
+    end of the epoch and its validation, if it had one (time to accuracy; a resumed run counts from
+    its own start)."""
     schedule.update(logs)
     state.schedule = schedule.to_dict()
-    state.history.append({"epoch": epoch, "lr": rate, **{k: logs[k] for k in HISTORY_FIELDS[2:]}})
+    state.history.append({"epoch": epoch, "lr": rate, **{k: logs.get(k) for k in HISTORY_FIELDS[2:]}})
     state.timings.append(
         {
             "epoch": epoch,
@@ -265,7 +268,7 @@ def record_epoch(
         }
     )
     state.checkpoint = f"epoch-{epoch}.keras"
-    if improved(recipe, logs[recipe.monitor], state.best):
+    if recipe.monitor in logs and improved(recipe, logs[recipe.monitor], state.best):
         state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
     state.epoch = epoch + 1
 
@@ -282,9 +285,10 @@ class Summaries:
             for name in ("loss", "accuracy"):
                 tf.summary.scalar(f"epoch_{name}", logs[name], step=epoch)
             tf.summary.scalar("epoch_learning_rate", rate, step=epoch)
-        with self.validation.as_default():
-            for name in ("loss", "accuracy"):
-                tf.summary.scalar(f"epoch_{name}", logs[f"val_{name}"], step=epoch)
+        if "val_loss" in logs:  # a validated epoch
+            with self.validation.as_default():
+                for name in ("loss", "accuracy"):
+                    tf.summary.scalar(f"epoch_{name}", logs[f"val_{name}"], step=epoch)
         self.train.flush()
         self.validation.flush()
 
@@ -310,10 +314,11 @@ class FitSteps:
     def describe(self) -> dict[str, Any]:
         return {"workers": 1}
 
-    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset) -> tuple[dict[str, float], float]:
-        """(the epoch's logs, seconds of its training part). Validation runs after `fit` returns,
-        not inside it: fit ends by copying an EMA of the weights into the model
-        (`finalize_variable_values`) after its own validation, and val must score the weights kept."""
+    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset | None) -> tuple[dict[str, float], float]:
+        """(the epoch's logs, without val_* when `validation` is None; seconds of its training part).
+        Validation runs after `fit` returns, not inside it: fit ends by copying an EMA of the weights
+        into the model (`finalize_variable_values`) after its own validation, and val must score the
+        weights kept."""
         fit = self.model.fit(
             train,
             initial_epoch=epoch,
@@ -322,7 +327,7 @@ class FitSteps:
             callbacks=self.callbacks,
             verbose=0,  # the loop logs one line per epoch, for every kind of steps
         )
-        scores = self.model.evaluate(validation, verbose=0, return_dict=True)
+        scores = {} if validation is None else self.model.evaluate(validation, verbose=0, return_dict=True)
         logs = {k: float(v[-1]) for k, v in fit.history.items()} | {f"val_{k}": float(v) for k, v in scores.items()}
         return logs, self.timer.seconds
 
@@ -495,20 +500,21 @@ def run_epochs(
         if not schedule.per_step:  # a per-step schedule is the optimizer's own
             model.optimizer.learning_rate.assign(rate)
         reseed_layers(model, params.seed, epoch)
+        validates = (epoch + 1) % recipe.validate_every == 0 or epoch + 1 == recipe.epochs
         try:
-            logs, seconds = steps.epoch(epoch, train_inputs.train(epoch), validation)
+            logs, seconds = steps.epoch(epoch, train_inputs.train(epoch), validation if validates else None)
         except tf.errors.ResourceExhaustedError as exc:
             floor = params.runtime.oom_min_micro_batch
             raise out_of_memory(exc, steps, store, recipe, arch, micro, floor, epoch) from None
+        scored = f" val_loss {logs['val_loss']:.4f} val_accuracy {logs['val_accuracy']:.4f}" if validates else ""
         log.info(
-            "train@%s: epoch %d/%d loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs)",
+            "train@%s: epoch %d/%d loss %.4f accuracy %.4f%s (%.1fs)",
             arch,
             epoch + 1,
             recipe.epochs,
             logs["loss"],
             logs["accuracy"],
-            logs["val_loss"],
-            logs["val_accuracy"],
+            scored,
             seconds,
         )
         check_finite(arch, epoch, logs, recipe.monitor)
