@@ -6,7 +6,9 @@ simple_cnn), plus a PNG of val accuracy against wall seconds.
     python bench/time_to_accuracy.py --root . --archs simple_cnn whitened_vgg --png docs/time_to_accuracy.png
 
 Reads data/runinfo/train/<arch>/run.json (`process_seconds` per epoch and at the end) and
-data/models/<arch>/history.csv (val accuracy per epoch) under --root. Both stages should have run
+data/models/<arch>/history.csv (val accuracy per validated epoch) under --root. A recipe with
+`validate_every: N` is seen only every N-th epoch, so its times to a threshold are upper bounds
+(up to N - 1 epochs late). Both stages should have run
 on the same machine the same day, without a resume (a resumed stage counts from its own start).
 """
 

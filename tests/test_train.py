@@ -17,7 +17,7 @@ from cifarflow.config import resolve
 from cifarflow.errors import ConfigError
 from cifarflow.training import resume
 from cifarflow.training.schedule import LearningRate
-from cifarflow.training.trainer import train
+from cifarflow.training.trainer import record_epoch, train
 
 
 def test_outputs_and_determinism(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
@@ -91,9 +91,51 @@ def test_validate_every_skips_val_but_always_validates_the_last_epoch(tiny_shard
     assert steps == [1, 1, 2, 2], "loss and accuracy for the validated epochs only"
 
 
-def test_validate_every_needs_val_every_epoch_for_plateau() -> None:
+def test_validate_every_needs_val_every_epoch_for_plateau_and_is_positive() -> None:
     with pytest.raises(ConfigError, match="schedule plateau reads val every epoch: validate_every must be 1"):
         train_params(validate_every=2, schedule={"kind": "plateau"})
+    with pytest.raises(ConfigError, match="validate_every"):
+        train_params(validate_every=0)
+
+
+def test_validation_does_not_touch_training(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
+    """The last epoch's weights are the same bytes whether epoch 0 was validated or not (val_loss
+    falls here, so both runs keep their last epoch: the premise is asserted)."""
+    runs = {
+        every: train(
+            train_params(validate_every=every, monitor="val_loss"),
+            "lenet",
+            tiny_shards,
+            tmp_path / f"o{every}",
+            tmp_path / f"r{every}",
+            tmp_path / f"c{every}",
+            verdict,
+        )
+        for every in (1, 2)
+    }
+    assert runs[1]["best_epoch"] == runs[2]["best_epoch"] == 1
+    assert runs[1]["weights_sha256"] == runs[2]["weights_sha256"]
+
+
+def test_the_best_checkpoint_is_the_best_validated_epoch_not_the_last() -> None:
+    recipe = train_params(epochs=4, validate_every=2, monitor="val_loss").train["lenet"]
+    state, schedule = resume.RunState(), LearningRate(recipe)
+    for epoch, val_loss in enumerate([None, 0.5, None, 0.9]):
+        logs = {"loss": 1.0, "accuracy": 0.5} | ({} if val_loss is None else {"val_loss": val_loss, "val_accuracy": 0.5})
+        record_epoch(state, schedule, recipe, epoch, 0.1, logs, 1.0, 10)
+    assert (state.best_epoch, state.best, state.best_checkpoint) == (1, 0.5, "epoch-1.keras")
+    assert state.history[0]["val_loss"] is None and state.epoch == 4
+
+
+def test_an_epoch_without_val_still_stops_on_non_finite_weights(
+    tiny_shards: Path, verdict: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training loss is measured before each update: NaN weights from the epoch's last step
+    (250 examples / 32 = 8 steps) show in no loss of that epoch, only in the weights."""
+    monkeypatch.setenv("CIFARFLOW_FAULT_NAN_AT", "0:7")
+    with pytest.raises(ConfigError, match="weights not finite in epoch 0"):
+        train(train_params(validate_every=2), "lenet", tiny_shards, tmp_path / "o", tmp_path / "r", tmp_path / "c", verdict)
+    assert not (tmp_path / "c/epoch-0.keras").exists() and not (tmp_path / "o/model.keras").exists()
 
 
 def test_mixup_batches_are_blends(tiny_shards: Path) -> None:

@@ -230,11 +230,16 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
     return state
 
 
-def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str) -> None:
+def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str, weights: list[np.ndarray]) -> None:
     """A diverged epoch (NaN or infinite loss or monitored metric) stops the run as a configuration
-    error: retrying the same recipe diverges again, and a NaN model must never be kept."""
-    checked = ("loss", "val_loss", monitor) if "val_loss" in logs else ("loss",)  # val_*: validated epochs only
-    bad = [name for name in dict.fromkeys(checked) if not np.isfinite(logs.get(name, np.nan))]
+    error: retrying the same recipe diverges again, and a NaN model must never be kept. An epoch
+    without validation has its weights checked instead: the training loss is measured before each
+    update, so it misses weights that the epoch's last step made non-finite."""
+    validated = "val_loss" in logs
+    names = ("loss", "val_loss", monitor) if validated else ("loss",)
+    bad = [name for name in dict.fromkeys(names) if not np.isfinite(logs[name])]
+    if not validated and not all(np.isfinite(w).all() for w in weights):
+        bad.append("weights")
     if bad:
         raise ConfigError(
             f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch}: the recipe train.{arch} "
@@ -517,7 +522,7 @@ def run_epochs(
             scored,
             seconds,
         )
-        check_finite(arch, epoch, logs, recipe.monitor)
+        check_finite(arch, epoch, logs, recipe.monitor, [] if validates else model.get_weights())
         record_epoch(state, schedule, recipe, epoch, rate, logs, seconds, seen)
         if steps.writes:
             save_model_atomic(model, store.path(state.checkpoint))
