@@ -230,7 +230,7 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
     return state
 
 
-def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str, weights: list[np.ndarray]) -> None:
+def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str, model: keras.Model) -> None:
     """A diverged epoch (NaN or infinite loss or monitored metric) stops the run as a configuration
     error: retrying the same recipe diverges again, and a NaN model must never be kept. An epoch
     without validation has its weights checked instead: the training loss is measured before each
@@ -238,7 +238,7 @@ def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str, we
     validated = "val_loss" in logs
     names = ("loss", "val_loss", monitor) if validated else ("loss",)
     bad = [name for name in dict.fromkeys(names) if not np.isfinite(logs[name])]
-    if not validated and not all(np.isfinite(w).all() for w in weights):
+    if not validated and not all(np.isfinite(w).all() for w in model.get_weights()):
         bad.append("weights")
     if bad:
         raise ConfigError(
@@ -522,7 +522,7 @@ def run_epochs(
             scored,
             seconds,
         )
-        check_finite(arch, epoch, logs, recipe.monitor, [] if validates else model.get_weights())
+        check_finite(arch, epoch, logs, recipe.monitor, model)
         record_epoch(state, schedule, recipe, epoch, rate, logs, seconds, seen)
         if steps.writes:
             save_model_atomic(model, store.path(state.checkpoint))
