@@ -1,12 +1,16 @@
 """`cifarflow evaluate <arch>`: score the best checkpoint on val and test.
 
-Writes, in `out/`: `metrics.json`, the DVC metrics: the headline figures only (accuracy with a
-95% Wilson interval as `ci95_low`/`ci95_high`, loss and example count, for val and test; flip-TTA
-figures as separate fields when `evaluate.tta` is set), so that `dvc metrics show` stays readable;
-`details.json`, the long tail in plain JSON with the same keys (per-class accuracy, correct counts),
-`predictions_{val,test}.csv` (per-class probabilities; the plain predictions are the serving
-reference), `confusion_test.csv` (one row per example, for `dvc plots`), `confusion_test.png`
-and `predictions_grid.png` (16 test images with predicted label, score and true label).
+Confidences are calibrated by one temperature fitted on val NLL (cifarflow.calibration); the
+export serves the calibrated probabilities. Writes, in `out/`: `metrics.json`, the DVC metrics:
+the headline figures only, so that `dvc metrics show` stays readable: `temperature`; per split
+(`val`, `test`) accuracy with a 95% Wilson interval (`ci95_low`/`ci95_high`), example count, and
+the raw probabilities' NLL (`loss`), ECE and Brier score; the calibrated probabilities' NLL, ECE
+and Brier as `<split>_calibrated`; flip-TTA figures as `<split>_tta` when `evaluate.tta` is set.
+`details.json`, the long tail in plain JSON with the same keys (per-class accuracy, correct
+counts); `predictions_{val,test}.csv` (calibrated per-class probabilities: the serving
+reference); `reliability.png` (raw and calibrated, val and test); `confusion_test.csv` (one row
+per example, for `dvc plots`), `confusion_test.png` and `predictions_grid.png` (16 test images
+with predicted label, calibrated score and true label).
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from cifarflow import calibration
 from cifarflow.config import Params
 from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
+from cifarflow.figures import figure, png
 from cifarflow.fileio import write_bytes_atomic, write_json_atomic
 
-EPSILON = 1e-7  # Keras' clip in cross-entropy
 SPLITS = ("val", "test")
 GRID = 16
-METRICS, DETAILS = "metrics.json", "details.json"
+METRICS, DETAILS, RELIABILITY = "metrics.json", "details.json", "reliability.png"
 # The fields of metrics.json, scalars so that `dvc metrics show` has a column for each (it skips lists);
 # the rest of scores() goes to details.json.
-HEADLINE = ("accuracy", "ci95_low", "ci95_high", "loss", "n")
+HEADLINE = ("accuracy", "ci95_low", "ci95_high", "loss", "n", "ece", "brier")
 
 
 def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -65,12 +70,20 @@ def read_metrics(eval_dir: Path) -> dict[str, Any]:
     return {k: {**v, **details.get(k, {})} if isinstance(v, dict) else v for k, v in headline.items()}
 
 
+def confidence_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How good the probabilities are, beyond their argmax: NLL (`loss`), ECE, Brier score."""
+    return {
+        "loss": round(calibration.nll(probs, labels), 6),
+        "ece": round(calibration.ece(probs, labels), 6),
+        "brier": round(calibration.brier(probs, labels), 6),
+    }
+
+
 def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy with its interval, mean cross-entropy, per-class accuracy and counts."""
+    """Accuracy with its interval, the confidence scores, per-class accuracy and counts."""
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
     low, high = wilson(int(correct.sum()), len(labels))
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0)))) if len(labels) else 0.0
     per_class = {
         name: round(float(correct[labels == c].mean()), 6) if (labels == c).any() else None for c, name in enumerate(classes)
     }
@@ -81,7 +94,7 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
         "ci95_high": round(high, 6),
         "correct": int(correct.sum()),
         "n": len(labels),
-        "loss": round(loss, 6),
+        **confidence_scores(probs, labels),
         "per_class_accuracy": per_class,
     }
 
@@ -111,7 +124,7 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
-    fig = _figure((7, 6))
+    fig = figure((7, 6))
     ax = fig.add_axes((0.17, 0.17, 0.7, 0.75))
     image = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -122,36 +135,19 @@ def confusion_png(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > matrix.max() / 2 else "black")
     fig.colorbar(image, cax=fig.add_axes((0.89, 0.17, 0.03, 0.75)))
-    return _png(fig)
+    return png(fig)
 
 
 def grid_png(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
     cols, rows = 8, 2
-    fig = _figure((2 * cols - 1, 3 * rows - 1))
+    fig = figure((2 * cols - 1, 3 * rows - 1))
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.87, wspace=0.1, hspace=0.6)  # room for 3-line titles
     for k in range(min(len(images), cols * rows)):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.axis("off")
         ax.imshow(images[k])
         ax.set_title(f"pred: {classes[probs[k].argmax()]}\nscore: {probs[k].max():.3}\ntrue: {classes[labels[k]]}", fontsize=8)
-    return _png(fig)
-
-
-def _figure(size: tuple[float, float]) -> Any:
-    """A bare Agg figure: no pyplot (no global figure registry, no backend lookup) and fixed
-    margins instead of tight_layout, which draws every text twice to measure it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})  # no version stamp in the bytes
-    return buffer.getvalue()
+    return png(fig)
 
 
 def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
@@ -183,12 +179,18 @@ def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path,
     model = load_model(model_path)
     out = Path(out)
     metrics: dict[str, Any] = {"arch": arch}
-    for split in SPLITS:
+    curves = {}
+    for split in SPLITS:  # val first: it fits the temperature that test is calibrated with
         data = load_checked(checked, split)
         pipeline = InputPipeline(data, recipe, len(classes), params.seed, params.evaluate.batch_size)
-        probs = predict(model, pipeline)
+        raw = predict(model, pipeline)
         labels = data.labels.astype(np.int64)
-        metrics[split] = scores(probs, labels, classes)
+        if split == "val":
+            metrics["temperature"] = calibration.fit_temperature(raw, labels)
+        probs = calibration.calibrated(raw, metrics["temperature"])  # what the export serves
+        metrics[split] = scores(raw, labels, classes)
+        metrics[f"{split}_calibrated"] = confidence_scores(probs, labels)
+        curves |= {f"{split}, raw": (raw, labels), f"{split}, T = {metrics['temperature']:.3f}": (probs, labels)}
         if params.evaluate.tta:
             metrics[f"{split}_tta"] = scores(predict(model, pipeline, tta=True), labels, classes)
         write_bytes_atomic(out / f"predictions_{split}.csv", predictions_csv(data.index, labels, probs, classes).encode())
@@ -200,6 +202,7 @@ def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path,
             write_bytes_atomic(out / "confusion_test.png", confusion_png(matrix, classes, f"{arch}: test confusion"))
             pick = np.sort(np.random.default_rng(params.seed).choice(len(labels), min(GRID, len(labels)), replace=False))
             write_bytes_atomic(out / "predictions_grid.png", grid_png(data.images[pick], labels[pick], probs[pick], classes))
+    write_bytes_atomic(out / RELIABILITY, calibration.reliability_png(curves, f"{arch}: reliability"))
     headline, details = split_metrics(metrics)
     write_json_atomic(out / DETAILS, details)
     write_json_atomic(out / METRICS, headline)

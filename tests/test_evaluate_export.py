@@ -17,8 +17,18 @@ import yaml
 from conftest import cli_env, run_in, set_params
 from PIL import Image
 
-from cifarflow import registry
-from cifarflow.evaluate import DETAILS, HEADLINE, METRICS, confusion, read_metrics, scores, split_metrics, wilson
+from cifarflow import calibration, registry
+from cifarflow.evaluate import (
+    DETAILS,
+    HEADLINE,
+    METRICS,
+    confusion,
+    read_metrics,
+    read_predictions,
+    scores,
+    split_metrics,
+    wilson,
+)
 from cifarflow.export import Entry, bless, mcnemar, rank, select
 
 CLASSES = ["c0", "c1", "c2"]
@@ -160,8 +170,22 @@ def test_evaluate_outputs(smoke_workspace: Path) -> None:
     assert rows[0] == "actual,predicted" and len(rows) - 1 == counts["test"]
     header = (smoke_workspace / "data/eval/simple_cnn/predictions_test.csv").read_text().splitlines()[0]
     assert header.startswith("index,label,predicted,confidence,p_airplane")
-    for png in ("confusion_test.png", "predictions_grid.png"):
+    for png in ("confusion_test.png", "predictions_grid.png", "reliability.png"):
         assert (smoke_workspace / "data/eval/simple_cnn" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_calibrates_on_val_and_writes_the_calibrated_predictions(smoke_workspace: Path) -> None:
+    folder = smoke_workspace / "data/eval/simple_cnn"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["temperature"] != 1.0  # else the checks below could not tell raw from calibrated
+    assert metrics["val_calibrated"]["loss"] < metrics["val"]["loss"]  # fitted on val NLL
+    for split in ("val", "test"):
+        labels, probs = read_predictions(folder / f"predictions_{split}.csv")
+        # the CSVs (the serving reference) hold the calibrated probabilities, not the raw ones
+        assert calibration.nll(probs, labels) == pytest.approx(metrics[f"{split}_calibrated"]["loss"], abs=2e-6)
+        assert calibration.ece(probs, labels) == pytest.approx(metrics[f"{split}_calibrated"]["ece"], abs=2e-6)
+        assert abs(calibration.nll(probs, labels) - metrics[split]["loss"]) > 1e-3
+        assert metrics[split]["accuracy"] == round(float(np.mean(probs.argmax(1) == labels)), 6)  # argmax unchanged
 
 
 @pytest.mark.slow
@@ -177,6 +201,11 @@ def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
     assert len(card["leaderboard"]) == len(archs) == 6 and "per_class_accuracy" in card["test"]
     assert card["serving_check"]["argmax_disagreements"] == 0
     assert card["serving_check"]["max_probability_difference"] <= 1e-5
+    winner = json.loads((smoke_workspace / "data/eval" / card["arch"] / "metrics.json").read_text())
+    assert card["temperature"] == winner["temperature"] != 1.0  # what the serving check compared is calibrated
+    assert card["test_calibrated"]["ece"] == winner["test_calibrated"]["ece"]
+    assert (smoke_workspace / "data/export/reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"T = {card['temperature']:.3f}" in (smoke_workspace / "data/export/MODEL_CARD.md").read_text()
     assert card["comparison"]["runner_up"] == card["leaderboard"][1]["arch"]
     assert {"data_manifest_sha256", "params_sha256", "git_commit", "versions", "blessing_reasons"} <= set(card)
     assert "seconds" not in json.dumps(card) and "hardware" not in card
@@ -214,7 +243,7 @@ def test_tta_and_forced_unblessed_export(workspace: Path) -> None:
     assert {"val_tta", "test_tta"} <= set(metrics)
     card = json.loads((workspace / "data/export/model_card.json").read_text())
     assert card["blessed"] is False and "< export.min_accuracy 0.99" in card["blessing_reasons"][0]
-    assert card["serving_check"]["argmax_disagreements"] == 0  # the plain predictions stay the reference
+    assert card["serving_check"]["argmax_disagreements"] == 0  # the plain (calibrated) predictions stay the reference
     refused = run_in(workspace, "cifarflow", "promote", check=False)
     assert refused.returncode == 2 and "not blessed" in refused.stderr
     assert registry.current(workspace / "champion") is None

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cifarflow import calibration
 from cifarflow import evaluate as ev
 
 
@@ -45,7 +46,7 @@ def test_scores_report_accuracy_interval_loss_and_per_class() -> None:
     assert got["accuracy"] == 0.5 and got["correct"] == 2 and got["n"] == 4
     low, high = ev.wilson(2, 4)
     assert interval(got) == [round(low, 6), round(high, 6)]
-    want_loss = -np.mean(np.log([0.7, 0.8, 0.4, ev.EPSILON]))  # a zero probability is clipped, not -inf
+    want_loss = -np.mean(np.log([0.7, 0.8, 0.4, calibration.TINY]))  # a zero probability is clipped, not -inf
     assert got["loss"] == round(float(want_loss), 6)
     assert got["per_class_accuracy"] == {"a": 0.5, "b": 0.5, "c": None}
     assert got["accuracy"] == round(2 / 4, 6)
