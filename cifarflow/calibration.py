@@ -112,5 +112,5 @@ def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str
     ax.set_xlabel(f"confidence (max probability), {BINS} equal-width bins")
     ax.set_ylabel("accuracy in the bin")
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     return png(fig)

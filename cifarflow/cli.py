@@ -140,19 +140,31 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_corrupt(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.data import corrupt
+
+    manifest = corrupt.run(params, args.shards, args.verdict, args.out)
+    log.info("corrupt: %d images x %d cells", manifest["counts"][corrupt.CLEAN], len(manifest["counts"]) - 1)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
     params.recipe(args.arch)
     from cifarflow import evaluate
 
-    metrics = evaluate.run(params, args.arch, args.shards, args.model, args.out, args.verdict)
+    metrics = evaluate.run(params, args.arch, args.shards, args.model, args.out, args.verdict, args.corrupt)
     log.info("evaluate@%s: val %.4f, test %.4f", args.arch, metrics["val"]["accuracy"], metrics["test"]["accuracy"])
+    if evaluate.ROBUSTNESS in metrics:
+        log.info("evaluate@%s: mean corruption accuracy %.4f", args.arch, metrics[evaluate.ROBUSTNESS]["mca"])
     return 0
 
 
 def cmd_export(args: argparse.Namespace, params: Params) -> int:
     from cifarflow import export
 
-    card = export.run(params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo, args.verdict)
+    card = export.run(
+        params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo, args.verdict, args.corrupt
+    )
     log.info("export: %s, blessed=%s (%s)", card["arch"], card["blessed"], "; ".join(card["blessing_reasons"]))
     return 0
 
@@ -295,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("corrupt", help="the corruption benchmark: CIFAR-10-C's corruptions of a test subset, as shards")
+    p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
+    p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write: Parquet shards, manifest, verdict")
+    p.set_defaults(func=cmd_corrupt)
+
     p = sub.add_parser("train", help="train one architecture (a key of train: in params.yaml)")
     p.add_argument("arch", help="the architecture to train: a key of train: in params.yaml, e.g. lenet")
     p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
@@ -310,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="the train stage's output folder")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics, details, predictions and plots")
     p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
+    p.add_argument("--corrupt", type=Path, help="the corrupt stage's folder: also score the corruption benchmark")
     p.set_defaults(func=cmd_evaluate, tensorflow=True)
 
     p = sub.add_parser("export", help="select the best of archs on val, bless it, write the servable export")
@@ -324,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the validate stage's verdict on these shards (without it the shard digests are still checked)",
     )
+    p.add_argument("--corrupt", type=Path, help="the corrupt stage's folder: re-scores the champion's mCA when a gate asks")
     p.set_defaults(func=cmd_export, tensorflow=True)
 
     p = sub.add_parser("promote", help="make a blessed export the champion: a new version in the registry")

@@ -390,6 +390,33 @@ class EvaluateParams(Strict):
     batch_size: int = Field(500, ge=1, le=MAX_BATCH, description="inference batch")
 
 
+CORRUPTIONS = (  # cifarflow.data.corruptions.FAMILIES, named here so that config needs no scipy (a test checks they agree)
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)  # fmt: skip
+
+
+class RobustnessParams(Strict):
+    """The `corrupt` stage and the corrupted evaluation: CIFAR-10-C's corruptions of a test subset."""
+
+    images: int = Field(
+        2000, ge=10, le=MAX_EXAMPLES, description="test images corrupted, stratified by class (all when >= the split)"
+    )
+    families: list[Literal[CORRUPTIONS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(CORRUPTIONS), min_length=1, max_length=len(CORRUPTIONS)
+    )
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5], min_length=1, max_length=5
+    )
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> RobustnessParams:
+        for name, values in (("families", self.families), ("severities", self.severities)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"robustness.{name} lists a value twice: {values}")
+        return self
+
+
 class ExportParams(Strict):
     """The `export` stage: selection, blessing, and where the champion lives."""
 
@@ -397,6 +424,12 @@ class ExportParams(Strict):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="test accuracy a model needs to be blessed")
     tolerance: float = Field(0.01, ge=0, le=1, description="how far below the champion's test accuracy is still blessed")
     significance: float = Field(0.05, gt=0, lt=1, description="McNemar p-value that makes the winner significantly better")
+    min_corruption_accuracy: float | None = Field(
+        None, ge=0, le=1, description="mean corruption accuracy (mCA) a model needs to be blessed; null: no such gate"
+    )
+    robustness_vs_champion: bool = Field(
+        False, description="blessed only if its mCA is not below the champion's (re-scored now) by more than `tolerance`"
+    )
     champion_dir: str = Field(
         "champion",
         min_length=1,
@@ -415,6 +448,7 @@ class Params(Strict):
     runtime: RuntimeParams = RuntimeParams()
     train: dict[str, Recipe] = Field(default_factory=dict, max_length=64)
     evaluate: EvaluateParams = EvaluateParams()
+    robustness: RobustnessParams = RobustnessParams()
     export: ExportParams = ExportParams()
 
     @model_validator(mode="after")

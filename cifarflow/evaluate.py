@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow import calibration
+from cifarflow import calibration, robustness
 from cifarflow.config import Params
 from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
@@ -32,7 +32,8 @@ from cifarflow.fileio import write_bytes_atomic, write_json_atomic
 
 SPLITS = ("val", "test")
 GRID = 16
-METRICS, DETAILS, RELIABILITY = "metrics.json", "details.json", "reliability.png"
+METRICS, DETAILS, RELIABILITY, HEATMAP = "metrics.json", "details.json", "reliability.png", "corruption_heatmap.png"
+ROBUSTNESS = "robustness"  # metrics' block of the corruption benchmark
 # The fields of metrics.json, scalars so that `dvc metrics show` has a column for each (it skips lists);
 # the rest of scores() goes to details.json.
 HEADLINE = ("accuracy", "ci95_low", "ci95_high", "loss", "n", "ece", "brier")
@@ -55,8 +56,9 @@ def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     details: dict[str, Any] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            headline[key] = {k: v for k, v in value.items() if k in HEADLINE}
-            details[key] = {k: v for k, v in value.items() if k not in HEADLINE}
+            keep = robustness.HEADLINE if key == ROBUSTNESS else HEADLINE
+            headline[key] = {k: v for k, v in value.items() if k in keep}
+            details[key] = {k: v for k, v in value.items() if k not in keep}
         else:
             headline[key] = details[key] = value
     return headline, details
@@ -164,8 +166,28 @@ def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
-def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path, verdict: Path) -> dict[str, Any]:
-    """Score `arch` on val and test of shards that the validate stage passed (`verdict`) and that are unchanged since."""
+def corruption_scores(params: Params, model: Any, recipe: Any, corrupt_dir: Path, classes: list[str]) -> dict[str, Any]:
+    """The model on the corrupt stage's cells and on the same images clean: cifarflow.robustness.score."""
+    from cifarflow.data import corrupt
+    from cifarflow.data.inputs import InputPipeline
+
+    corrupt_classes, splits = corrupt.load(corrupt_dir, params)
+    if corrupt_classes != classes:
+        raise InputError(f"{corrupt_dir}: made from shards with other classes ({corrupt_classes}); rerun the corrupt stage")
+
+    def correct(split: str) -> np.ndarray:
+        data = splits[split]
+        pipeline = InputPipeline(data, recipe, len(classes), params.seed, params.evaluate.batch_size)
+        return predict(model, pipeline).argmax(axis=1) == data.labels
+
+    return robustness.score({c: correct(corrupt.cell(*c)) for c in corrupt.cells(params)}, correct(corrupt.CLEAN), params.seed)
+
+
+def run(
+    params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path, verdict: Path, corrupt_dir: Path | None = None
+) -> dict[str, Any]:
+    """Score `arch` on val and test of shards that the validate stage passed (`verdict`) and that are
+    unchanged since, and on the corrupt stage's output (`corrupt_dir`) when given."""
 
     from cifarflow.data.inputs import InputPipeline, load_checked
     from cifarflow.models.registry import load_model
@@ -203,6 +225,10 @@ def run(params: Params, arch: str, shards_dir: Path, model_dir: Path, out: Path,
             pick = np.sort(np.random.default_rng(params.seed).choice(len(labels), min(GRID, len(labels)), replace=False))
             write_bytes_atomic(out / "predictions_grid.png", grid_png(data.images[pick], labels[pick], probs[pick], classes))
     write_bytes_atomic(out / RELIABILITY, calibration.reliability_png(curves, f"{arch}: reliability"))
+    if corrupt_dir is not None:
+        metrics[ROBUSTNESS] = corruption_scores(params, model, recipe, Path(corrupt_dir), classes)
+        title = f"{arch}: accuracy under corruption (mCA {metrics[ROBUSTNESS]['mca']:.1%})"
+        write_bytes_atomic(out / HEATMAP, robustness.heatmap_png(metrics[ROBUSTNESS]["grid"], title))
     headline, details = split_metrics(metrics)
     write_json_atomic(out / DETAILS, details)
     write_json_atomic(out / METRICS, headline)

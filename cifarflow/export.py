@@ -28,7 +28,7 @@ from cifarflow import registry
 from cifarflow.config import Params
 from cifarflow.data.layout import IMAGE_SHAPE, MANIFEST
 from cifarflow.errors import CifarflowError, InputError
-from cifarflow.evaluate import RELIABILITY, read_metrics, read_predictions
+from cifarflow.evaluate import HEATMAP, RELIABILITY, ROBUSTNESS, read_metrics, read_predictions
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file, write_json_atomic
 
 SAVED_MODEL = "saved_model"
@@ -49,6 +49,8 @@ class Entry:
     test_accuracy: float
     test_ci95: list[float]
     test_loss: float
+    mca: float | None = None  # mean corruption accuracy, when evaluate scored the benchmark
+    mca_ci95: list[float] | None = None  # bootstrap over images
 
 
 def leaderboard(archs: list[str], evals: Path, models: Path) -> list[Entry]:
@@ -60,6 +62,7 @@ def leaderboard(archs: list[str], evals: Path, models: Path) -> list[Entry]:
             if not path.is_file():
                 raise InputError(f"{path}: not found; run the {stage} stage first")
         m, s = json.loads(metrics_path.read_text()), json.loads(summary_path.read_text())
+        robust = m.get(ROBUSTNESS)
         rows.append(
             Entry(
                 arch,
@@ -71,6 +74,8 @@ def leaderboard(archs: list[str], evals: Path, models: Path) -> list[Entry]:
                 m["test"]["accuracy"],
                 [m["test"]["ci95_low"], m["test"]["ci95_high"]],
                 m["test"]["loss"],
+                robust and robust["mca"],
+                robust and [robust["ci95_low"], robust["ci95_high"]],
             )
         )
     if not rows:
@@ -100,7 +105,19 @@ def mcnemar(first_correct: np.ndarray, second_correct: np.ndarray) -> dict[str, 
     return {"only_winner_right": only_first, "only_runner_up_right": only_second, "p_value": float(f"{p_value:.6g}")}
 
 
-def bless(accuracy: float, champion: float | None, min_accuracy: float, tolerance: float) -> tuple[bool, list[str]]:
+@dataclass
+class Robustness:
+    """The blessing's optional robustness gates and what they compare (mean corruption accuracy)."""
+
+    mca: float | None  # the winner's, from its evaluation
+    min_mca: float | None = None  # export.min_corruption_accuracy
+    champion_mca: float | None = None  # re-scored now; None with no champion or with the gate off
+    vs_champion: bool = False  # export.robustness_vs_champion
+
+
+def bless(
+    accuracy: float, champion: float | None, min_accuracy: float, tolerance: float, robust: Robustness | None = None
+) -> tuple[bool, list[str]]:
     """The verdict and its reasons, one per check."""
     reasons = []
     ok_threshold = accuracy >= min_accuracy
@@ -114,7 +131,24 @@ def bless(accuracy: float, champion: float | None, min_accuracy: float, toleranc
             f"test accuracy {accuracy:.4f} is {'within' if ok_champion else 'more than'} export.tolerance "
             f"{tolerance} of the champion's {champion:.4f} (re-scored on this test split)"
         )
-    return ok_threshold and ok_champion, reasons
+    ok_robust = True
+    if robust is not None and robust.mca is not None:
+        if robust.min_mca is not None:
+            ok = robust.mca >= robust.min_mca
+            ok_robust &= ok
+            reasons.append(
+                f"mean corruption accuracy {robust.mca:.4f} {'>=' if ok else '<'} export.min_corruption_accuracy {robust.min_mca}"
+            )
+        if robust.vs_champion and robust.champion_mca is None:
+            reasons.append("no champion to compare robustness with")
+        elif robust.vs_champion:
+            ok = robust.mca >= robust.champion_mca - tolerance
+            ok_robust &= ok
+            reasons.append(
+                f"mean corruption accuracy {robust.mca:.4f} is {'within' if ok else 'more than'} export.tolerance "
+                f"{tolerance} of the champion's {robust.champion_mca:.4f} (re-scored on this benchmark)"
+            )
+    return ok_threshold and ok_champion and ok_robust, reasons
 
 
 def save_serving_model(model: Any, normalization: str, temperature: float, path: Path) -> None:
@@ -185,21 +219,38 @@ def serving_check(saved_model: Path, shards_dir: Path, expected: np.ndarray) -> 
     }
 
 
-def saved_model_accuracy(saved: Path, shards_dir: Path) -> float:
-    """A SavedModel's accuracy on the test split of `shards_dir`, through its serving signature."""
+def served_correct(serve: Any, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image, whether a serving signature's argmax is the label (batches of 500)."""
     import tensorflow as tf
 
+    predicted = [
+        next(iter(serve(images=tf.constant(images[i : i + 500])).values())).numpy().argmax(1) for i in range(0, len(images), 500)
+    ]
+    return np.concatenate(predicted) == labels if predicted else np.zeros(0, bool)
+
+
+def load_serving(saved: Path) -> Any:
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(saved)).signatures["serving_default"]
+
+
+def saved_model_accuracy(saved: Path, shards_dir: Path) -> float:
+    """A SavedModel's accuracy on the test split of `shards_dir`, through its serving signature."""
     from cifarflow.data import shards
 
     test = shards.read_parquet(shards.shard_paths(shards_dir, "test", "parquet"))
-    serve = tf.saved_model.load(str(saved)).signatures["serving_default"]
-    predicted = np.concatenate(
-        [
-            next(iter(serve(images=tf.constant(test.images[i : i + 500])).values())).numpy().argmax(1)
-            for i in range(0, len(test), 500)
-        ]
-    )
-    return round(float(np.mean(predicted == test.labels)), 6)
+    return round(float(np.mean(served_correct(load_serving(saved), test.images, test.labels))), 6)
+
+
+def saved_model_mca(saved: Path, corrupt_dir: Path, params: Params) -> float:
+    """A SavedModel's mean corruption accuracy on the corrupt stage's cells, through its serving signature."""
+    from cifarflow.data import corrupt
+
+    _, splits = corrupt.load(corrupt_dir, params)
+    serve = load_serving(saved)
+    cells = [splits[corrupt.cell(*c)] for c in corrupt.cells(params)]
+    return round(float(np.mean([served_correct(serve, c.images, c.labels).mean() for c in cells])), 6)
 
 
 def champion_score(registry_dir: Path, shards_dir: Path) -> dict[str, Any] | None:
@@ -213,6 +264,38 @@ def champion_score(registry_dir: Path, shards_dir: Path) -> dict[str, Any] | Non
         registry_dir, champion, manifest, lambda v: saved_model_accuracy(v.path / SAVED_MODEL, shards_dir)
     )
     return {"version": champion.name, "weights_sha256": champion.digest, "test_accuracy": accuracy}
+
+
+def champion_mca(registry_dir: Path, corrupt_dir: Path, params: Params) -> float | None:
+    """The current champion's mCA on this corruption benchmark, re-scored now (cached per weights
+    and the corrupt stage's manifest), or None when the registry has no champion."""
+    champion = registry.current(registry_dir)
+    if champion is None:
+        return None
+    manifest = sha256_file(Path(corrupt_dir) / MANIFEST)
+    return registry.cached_score(
+        registry_dir, champion, manifest, lambda v: saved_model_mca(v.path / SAVED_MODEL, corrupt_dir, params), key="mca"
+    )
+
+
+def robustness_gates(
+    params: Params, arch: str, measured: dict[str, Any] | None, evals: Path, corrupt_dir: Path | None
+) -> Robustness:
+    """The blessing's robustness gates for the winner; a gate that is set but cannot be checked is an error."""
+    gates = params.export
+    wanted = [name for name, on in (("min_corruption_accuracy", gates.min_corruption_accuracy is not None),
+                                    ("robustness_vs_champion", gates.robustness_vs_champion)) if on]  # fmt: skip
+    if wanted and measured is None:
+        raise InputError(
+            f"export.{wanted[0]} is set but {evals / arch / 'metrics.json'} has no corruption benchmark: "
+            f"run evaluate@{arch} with --corrupt (dvc repro runs it), or unset the gate"
+        )
+    champion = None
+    if gates.robustness_vs_champion:
+        if corrupt_dir is None:
+            raise InputError("export.robustness_vs_champion is set: export needs the corrupt stage's folder (--corrupt)")
+        champion = champion_mca(Path(gates.champion_dir), Path(corrupt_dir), params)
+    return Robustness(measured and measured["mca"], gates.min_corruption_accuracy, champion, gates.robustness_vs_champion)
 
 
 def git_commit() -> str | None:
@@ -233,6 +316,7 @@ def run(
     runinfo: Path | None = None,
     train_runinfo: Path | None = None,
     verdict: Path | None = None,
+    corrupt_dir: Path | None = None,
 ) -> dict:
     from cifarflow.data.verdict import check_shards
     from cifarflow.models.registry import load_model
@@ -254,8 +338,12 @@ def run(
         test = mcnemar(winner_probs.argmax(1) == labels, runner_probs.argmax(1) == labels)
         comparison = {"runner_up": runner.arch, **test, "significant": test["p_value"] < params.export.significance}
     champion = champion_score(Path(params.export.champion_dir), shards_dir)
+    winner_metrics = read_metrics(evals / winner.arch)
+    robust = robustness_gates(params, winner.arch, winner_metrics.get(ROBUSTNESS), evals, corrupt_dir)
+    if champion and robust.champion_mca is not None:
+        champion["mca"] = robust.champion_mca
     blessed, reasons = bless(
-        winner.test_accuracy, champion and champion["test_accuracy"], params.export.min_accuracy, params.export.tolerance
+        winner.test_accuracy, champion and champion["test_accuracy"], params.export.min_accuracy, params.export.tolerance, robust
     )
     source_kind = manifest["source"]["kind"]
     if source_kind == "synth":  # a verdict on generated data says nothing about real photos
@@ -265,7 +353,6 @@ def run(
     why = f"best {metric} on val ({getattr(winner, metric):.4f}) among {len(ranked)} architectures" + (
         ", fewest parameters among the tied" if tied else ""
     )
-    winner_metrics = read_metrics(evals / winner.arch)
     card = {
         "arch": winner.arch,
         "why": why,
@@ -276,6 +363,7 @@ def run(
         "test": winner_metrics["test"],
         "temperature": winner_metrics["temperature"],  # served probabilities are calibrated with it
         "test_calibrated": winner_metrics["test_calibrated"],
+        "robustness": winner_metrics.get(ROBUSTNESS),  # mCA with its bootstrap CI, and the grid
         "blessed": blessed,
         "blessing_reasons": reasons,
         "champion": champion,
@@ -295,6 +383,8 @@ def run(
         card["serving_check"] = serving_check(tmp / SAVED_MODEL, shards_dir, expected)
         shutil.copyfile(models / winner.arch / "model.keras", tmp / "model.keras")
         shutil.copyfile(evals / winner.arch / RELIABILITY, tmp / RELIABILITY)
+        if card["robustness"]:
+            shutil.copyfile(evals / winner.arch / HEATMAP, tmp / HEATMAP)
         (tmp / "labels.txt").write_text("\n".join(classes) + "\n")
         (tmp / "model_card.json").write_text(dumps_json(card))
         (tmp / "MODEL_CARD.md").write_text(model_card_md(card))
@@ -336,14 +426,15 @@ def model_card_md(card: dict[str, Any]) -> str:
         "",
         "## Leaderboard (selection on val; test reported, not used to choose)",
         "",
-        "| arch | params | epochs | val accuracy (95% CI) | val loss | test accuracy (95% CI) |",
-        "|---|---:|---:|---|---:|---|",
+        "| arch | params | epochs | val accuracy (95% CI) | val loss | test accuracy (95% CI) | mCA (95% CI) |",
+        "|---|---:|---:|---|---:|---|---|",
     ]
     for r in card["leaderboard"]:
+        mca = f"{_pct(r['mca'])} ({_pct(r['mca_ci95'][0])}–{_pct(r['mca_ci95'][1])})" if r.get("mca") is not None else "–"
         lines.append(
             f"| {r['arch']} | {r['params']:,} | {r['epochs']} | {_pct(r['val_accuracy'])} "
             f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {r['val_loss']:.4f} | "
-            f"{_pct(r['test_accuracy'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) |"
+            f"{_pct(r['test_accuracy'])} ({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {mca} |"
         )
     c = card["comparison"]
     if c:
@@ -365,6 +456,23 @@ def model_card_md(card: dict[str, Any]) -> str:
         "",
         f"![reliability diagram]({RELIABILITY})",
         "",
+    ]
+    robust = card["robustness"]
+    if robust:
+        lines += [
+            "## Robustness to corruptions",
+            "",
+            f"Mean corruption accuracy (mCA, over {len(robust['grid'])} corruptions x "
+            f"{len(next(iter(robust['grid'].values())))} severities of {robust['n']} stratified test images, "
+            f"re-implementations of CIFAR-10-C's): {_pct(robust['mca'])}, 95% CI {_pct(robust['ci95_low'])}–"
+            f"{_pct(robust['ci95_high'])} (bootstrap over images); clean accuracy on the same images "
+            f"{_pct(robust['clean_accuracy'])}, relative mCA {robust['relative_mca']:.3f}. Not directly comparable "
+            "with published CIFAR-10-C figures: the corruptions are a re-implementation, applied to this test split.",
+            "",
+            f"![accuracy per corruption and severity]({HEATMAP})",
+            "",
+        ]
+    lines += [
         "## Provenance",
         "",
         f"- data manifest sha256: `{card['data_manifest_sha256']}`",

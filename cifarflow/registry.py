@@ -617,12 +617,15 @@ def collect_garbage(registry: Path, keep: int, wait_s: float = DEFAULT_WAIT_S) -
         return removed
 
 
-def cached_score(registry: Path, champion: Version, manifest_sha256: str, score: Callable[[Version], float]) -> float:
-    """The champion's test accuracy on the split with this manifest, computed once per (weights, data)."""
+def cached_score(
+    registry: Path, champion: Version, manifest_sha256: str, score: Callable[[Version], float], key: str = "test_accuracy"
+) -> float:
+    """The champion's score (`key`: test accuracy, or mCA on a corruption benchmark) on the data
+    with this manifest, computed once per (weights, data)."""
     path = registry / SCORES / f"{champion.digest[:16]}-{manifest_sha256[:16]}.json"
     if path.is_file():
         try:
-            return float(_read_json(path)["test_accuracy"])
+            return float(_read_json(path)[key])
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache entry: score again
     value = score(champion)
@@ -633,7 +636,7 @@ def cached_score(registry: Path, champion: Version, manifest_sha256: str, score:
         io.remove_file(temp)
         io.write(
             temp,
-            _dumps({"test_accuracy": value, "weights_sha256": champion.digest, "data_manifest_sha256": manifest_sha256}).encode(),
+            _dumps({key: value, "weights_sha256": champion.digest, "data_manifest_sha256": manifest_sha256}).encode(),
         )
         io.rename(temp, path)
     except OSError:

@@ -1,4 +1,4 @@
-"""The `cifar10-pipeline` flow: download -> preprocess -> validate -> (train, evaluate) per arch
+"""The `cifar10-pipeline` flow: download -> preprocess -> validate -> corrupt -> (train, evaluate) per arch
 -> export -> report -> promote if blessed, each stage a `dvc repro --single-item` task.
 
 It only orchestrates: order, retries (in tasks/), artifacts, alerts. Stages run one after
@@ -42,7 +42,7 @@ from tasks.stages import (
 WEBHOOK_ENV = "CIFARFLOW_WEBHOOK_URL"
 # requests quotes the URL, or its path and query, in its messages ("Max retries exceeded with url: /T0/B0/token").
 QUOTED_URL = re.compile(r"((?:with|for) url: )\S+")
-DATA_STAGES = ("download", "preprocess", "validate")
+DATA_STAGES = ("download", "preprocess", "validate", "corrupt")
 MODEL_CARD = "model_card.json"  # the file `cifarflow export` writes in its output folder
 
 

@@ -210,7 +210,7 @@ def stage_task(stage: str, workspace: str, timeout_s: float | None = None, up_to
     return run_dvc_stage(stage, workspace, timeout_s, up_to_date=up_to_date)
 
 
-data_stage = stage_task.with_options(name="data-stage")  # download, preprocess, validate
+data_stage = stage_task.with_options(name="data-stage")  # download, preprocess, validate, corrupt
 # GPU work; a retry resumes from the last epoch. The backoff is given again: it was expanded for 2 retries.
 train_stage = stage_task.with_options(name="train", tags=["gpu"], retries=4, retry_delay_seconds=RETRY["retry_delay_seconds"])
 evaluate_stage = stage_task.with_options(name="evaluate")

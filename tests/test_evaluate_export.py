@@ -29,7 +29,7 @@ from cifarflow.evaluate import (
     split_metrics,
     wilson,
 )
-from cifarflow.export import Entry, bless, mcnemar, rank, select
+from cifarflow.export import Entry, Robustness, bless, mcnemar, rank, select
 
 CLASSES = ["c0", "c1", "c2"]
 
@@ -156,6 +156,31 @@ def test_blessing(accuracy: float, champion: float | None, blessed: bool, fragme
 # --- the real stages, on the session's smoke workspace ------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("robust", "blessed", "fragment"),
+    [
+        (Robustness(0.50, min_mca=0.60), False, "mean corruption accuracy 0.5000 < export.min_corruption_accuracy 0.6"),
+        (Robustness(0.50, min_mca=0.50), True, "0.5000 >= export.min_corruption_accuracy 0.5"),
+        (
+            Robustness(0.50, champion_mca=0.52, vs_champion=True),
+            False,
+            "more than export.tolerance 0.01 of the champion's 0.5200",
+        ),
+        (Robustness(0.50, champion_mca=0.51, vs_champion=True), True, "within export.tolerance 0.01 of the champion's 0.5100"),
+        (Robustness(0.50, vs_champion=True), True, "no champion to compare robustness with"),
+    ],
+)
+def test_robustness_gates(robust: Robustness, blessed: bool, fragment: str) -> None:
+    ok, reasons = bless(0.6, None, 0.5, 0.01, robust)
+    assert ok is blessed and any(fragment in r for r in reasons), reasons
+
+
+def test_unset_robustness_gates_change_nothing() -> None:
+    plain = bless(0.6, 0.6, 0.5, 0.01)
+    assert bless(0.6, 0.6, 0.5, 0.01, Robustness(0.1)) == plain  # measured, no gate set
+    assert bless(0.6, 0.6, 0.5, 0.01, Robustness(None, min_mca=0.9, vs_champion=True)) == plain  # nothing measured
+
+
 @pytest.mark.slow
 def test_evaluate_outputs(smoke_workspace: Path) -> None:
     metrics = json.loads((smoke_workspace / "data/eval/simple_cnn/metrics.json").read_text())
@@ -247,6 +272,56 @@ def test_tta_and_forced_unblessed_export(workspace: Path) -> None:
     refused = run_in(workspace, "cifarflow", "promote", check=False)
     assert refused.returncode == 2 and "not blessed" in refused.stderr
     assert registry.current(workspace / "champion") is None
+
+
+@pytest.mark.slow
+def test_robustness_in_evaluate_card_and_a_gate_that_blocks(workspace: Path) -> None:
+    metrics = json.loads((workspace / "data/eval/simple_cnn/metrics.json").read_text())
+    robust = metrics["robustness"]
+    assert set(robust) == {"mca", "ci95_low", "ci95_high", "relative_mca", "clean_accuracy", "n"}  # headline only
+    grid = json.loads((workspace / "data/eval/simple_cnn/details.json").read_text())["robustness"]["grid"]
+    cells = [v for row in grid.values() for v in row.values()]
+    assert len(cells) == 4 * 2 and robust["mca"] == pytest.approx(np.mean(cells), abs=1e-6)
+    assert robust["ci95_low"] <= robust["mca"] <= robust["ci95_high"]
+    assert robust["relative_mca"] == pytest.approx(robust["mca"] / robust["clean_accuracy"], abs=1e-5)
+    card = json.loads((workspace / "data/export/model_card.json").read_text())
+    assert (
+        card["robustness"]["mca"]
+        == json.loads((workspace / "data/eval" / card["arch"] / "metrics.json").read_text())["robustness"]["mca"]
+    )
+    assert all(r["mca"] is not None for r in card["leaderboard"])
+    assert not any("corruption" in r for r in card["blessing_reasons"])  # unset gates: not even mentioned
+
+    set_params(workspace, **{"profiles.smoke.export.min_corruption_accuracy": 0.99})
+    done = run_in(workspace, "dvc", "repro", "export")
+    assert "Running stage 'export'" in done.stdout and "Running stage 'evaluate@" not in done.stdout
+    card = json.loads((workspace / "data/export/model_card.json").read_text())
+    assert card["blessed"] is False
+    assert (
+        f"mean corruption accuracy {card['robustness']['mca']:.4f} < export.min_corruption_accuracy 0.99"
+        in card["blessing_reasons"]
+    )
+
+
+@pytest.mark.slow
+def test_robustness_against_the_champion_is_rescored_and_cached(workspace: Path) -> None:
+    run_in(workspace, "cifarflow", "promote", "--force")  # synthetic data: only by force
+    set_params(workspace, **{"profiles.smoke.export.robustness_vs_champion": True})
+    run_in(workspace, "dvc", "repro", "export")
+    card = json.loads((workspace / "data/export/model_card.json").read_text())
+    # the champion is the same model: its mCA through the SavedModel is evaluate's through Keras
+    assert card["champion"]["mca"] == pytest.approx(card["robustness"]["mca"], abs=0.02)
+    assert any("within export.tolerance" in r and "re-scored on this benchmark" in r for r in card["blessing_reasons"])
+    manifest = hashlib.sha256((workspace / "data/corrupt/manifest.json").read_bytes()).hexdigest()
+    cache = workspace / "champion" / registry.SCORES / f"{card['champion']['weights_sha256'][:16]}-{manifest[:16]}.json"
+    assert json.loads(cache.read_text())["mca"] == card["champion"]["mca"]
+    # a champion more robust than the winner by more than the tolerance blocks the blessing; the
+    # cached score stands for it (the same weights and benchmark are never scored twice)
+    cache.write_text(json.dumps({"mca": 0.99}))
+    run_in(workspace, "dvc", "repro", "-f", "export")
+    card = json.loads((workspace / "data/export/model_card.json").read_text())
+    assert card["blessed"] is False and card["champion"]["mca"] == 0.99
+    assert any("more than export.tolerance 0.01 of the champion's 0.9900" in r for r in card["blessing_reasons"])
 
 
 def model_state(folder: Path) -> dict[str, tuple[str, int]]:

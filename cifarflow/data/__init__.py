@@ -1,1 +1,1 @@
-"""Data stages: download (fetch, verify, extract), preprocess (split, shards), validate."""
+"""Data stages: download (fetch, verify, extract), preprocess (split, shards), validate, corrupt (the robustness benchmark)."""
