@@ -46,6 +46,7 @@ def rows(params: Params, models: Path, evals: Path) -> list[dict[str, Any]]:
         metrics = _read(evals / arch / "metrics.json", f"evaluate@{arch}")
         summary = _read(models / arch / "summary.json", f"train@{arch}")
         seed_value, seed_note = SEED_REPORTED.get(arch, (None, "no seed"))
+        robust = metrics.get("robustness")
         table.append(
             {
                 "arch": arch,
@@ -58,6 +59,10 @@ def rows(params: Params, models: Path, evals: Path) -> list[dict[str, Any]]:
                 "val_ci95": [metrics["val"]["ci95_low"], metrics["val"]["ci95_high"]],
                 "test_accuracy": metrics["test"]["accuracy"],
                 "test_ci95": [metrics["test"]["ci95_low"], metrics["test"]["ci95_high"]],
+                "temperature": metrics["temperature"],
+                "test_ece": [metrics["test"]["ece"], metrics["test_calibrated"]["ece"]],  # raw, calibrated
+                "mca": robust and robust["mca"],
+                "mca_ci95": robust and [robust["ci95_low"], robust["ci95_high"]],
                 "seed_reported_accuracy": seed_value,
                 "seed_note": seed_note,
             }
@@ -86,16 +91,21 @@ def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: st
         "# Leaderboard",
         "",
         f"Profile `{profile}`.{data} Selection on val; test is the honest final figure. "
-        "Intervals are 95% Wilson. Seed figures are what the tutorials report on the official CIFAR-10.",
+        "Intervals are 95% Wilson (mCA: bootstrap over images). Test ECE: top-label, 15 bins, raw → after the "
+        "temperature T fitted on val. mCA: mean accuracy over the corruption benchmark's cells. Seed figures are "
+        "what the tutorials report on the official CIFAR-10.",
         "",
-        "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | seed reported |",
-        "|---|---:|---:|---|---|---|",
+        "| arch | params | epochs (best) | val accuracy (95% CI) | test accuracy (95% CI) | test ECE (T) | mCA (95% CI) "
+        "| seed reported |",
+        "|---|---:|---:|---|---|---|---|---|",
     ]
     for r in table:
+        mca = f"{_pct(r['mca'])} ({_pct(r['mca_ci95'][0])}–{_pct(r['mca_ci95'][1])})" if r["mca"] is not None else "–"
         lines.append(
             f"| {r['arch']} | {r['params']:,} | {r['epochs']} ({r['best_epoch']}) | {_pct(r['val_accuracy'])} "
             f"({_pct(r['val_ci95'][0])}–{_pct(r['val_ci95'][1])}) | {_pct(r['test_accuracy'])} "
-            f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {_pct(r['seed_reported_accuracy'])} |"
+            f"({_pct(r['test_ci95'][0])}–{_pct(r['test_ci95'][1])}) | {r['test_ece'][0]:.3f} → {r['test_ece'][1]:.3f} "
+            f"(T = {r['temperature']:.2f}) | {mca} | {_pct(r['seed_reported_accuracy'])} |"
         )
     if card:
         verdict = "blessed" if card["blessed"] else "not blessed"

@@ -406,8 +406,13 @@ def test_report_metrics_and_plots(smoke_workspace: Path, tmp_path: Path) -> None
     ]
     lenet = next(r for r in report["rows"] if r["arch"] == "lenet")
     assert lenet["seed_reported_accuracy"] == 0.72 and lenet["params"] == 7994
+    metrics = json.loads((smoke_workspace / "data/eval/lenet/metrics.json").read_text())
+    assert lenet["mca"] == metrics["robustness"]["mca"] and lenet["temperature"] == metrics["temperature"]
+    assert lenet["test_ece"] == [metrics["test"]["ece"], metrics["test_calibrated"]["ece"]]
     markdown = (smoke_workspace / "data/reports/leaderboard.md").read_text()
     assert "| lenet | 7,994 |" in markdown and "run info" in markdown
+    robust = metrics["robustness"]
+    assert f"{100 * robust['mca']:.2f}% ({100 * robust['ci95_low']:.2f}%–{100 * robust['ci95_high']:.2f}%)" in markdown
     link = re.search(r"\[dvc_plots/index\.html\]\(([^)]+)\)", markdown)
     assert link, markdown  # relative to the leaderboard's folder; `dvc plots show` writes in the project
     leaderboard_dir = smoke_workspace / "data/reports"
