@@ -273,3 +273,18 @@ def test_make_params_has_the_cpu_default() -> None:
     params = make_params()
     assert params.robustness.images == 2000 and params.robustness.severities == [1, 2, 3, 4, 5]
     assert params.robustness.families == list(c.FAMILIES)
+
+
+def test_glass_blur_moves_each_pixel_at_most_one_step_up_or_left() -> None:
+    """Severity 1's blur (sigma 0.05) is the identity up to the script's truncation, so what is
+    left is the jitter: as the published script really runs it (its tuple swap of numpy views
+    copies one way), each pixel of rows and columns 2..31 takes its own value or that of the pixel
+    above, left or above-left; rows and columns 0 and 1 keep theirs."""
+    out = c.glass_blur(IMAGES, 1, np.random.default_rng(0)).astype(int)
+    x = IMAGES.astype(int)
+    candidates = np.stack([x[:, 1:, 1:], x[:, :-1, 1:], x[:, 1:, :-1], x[:, :-1, :-1]])  # self, up, left, up-left
+    nearest = np.abs(candidates - out[None, :, 1:, 1:]).min(axis=0)[:, 1:, 1:]  # rows and columns 2..31
+    assert nearest.max() <= 1  # one level: the script's truncation of a blur by sigma 0.05
+    assert np.abs(out[:, :2] - x[:, :2]).max() <= 1 and np.abs(out[:, :, :2] - x[:, :, :2]).max() <= 1
+    moved = np.abs(out[:, 2:, 2:] - x[:, 2:, 2:]) > 1
+    assert 0.5 < moved.mean() < 0.9  # three of the four choices move the pixel (random images: ~3/4 differ)

@@ -122,17 +122,23 @@ def defocus_blur(images: np.ndarray, severity: int, rng: np.random.Generator) ->
 
 
 def glass_blur(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Blur, then swap each pixel (bottom-right to top-left) with a neighbour up to `shift` away
-    (the script's randint(-shift, shift): the upper end excluded), `passes` times, then blur again."""
+    """Blur, jitter each pixel by up to one step up and left, `passes` times, then blur again.
+
+    The script loops from the bottom-right pixel to the top-left one and "swaps" each with a
+    neighbour `randint(-1, 1)` away (0 or -1 on each axis) through `a, b = b, a` on two numpy
+    views, which copies one way only: the pixel takes its neighbour's value and the neighbour keeps
+    its own. That neighbour lies up or left, so the loop has not reached it yet: each pass is one
+    gather from the values the pass started with, done here for all pixels at once (the script's
+    loop bounds: rows and columns 2..31; its max shift is 1 at every severity)."""
     sigma, shift, passes = SEVERITIES["glass_blur"][severity - 1]
+    assert shift == 1, "the one-pass gather below holds only for the script's max shift of 1"
     x = _to_uint8(_gaussian_blur(_unit(images), sigma))
-    n = np.arange(len(x))
+    n = np.arange(len(x))[:, None, None]
+    inner = np.arange(shift + 1, SIZE)  # range(32 - shift, shift, -1), in any order
+    rows, cols = np.meshgrid(inner, inner, indexing="ij")
     for _ in range(passes):
-        for h in range(SIZE - shift, shift, -1):
-            for w in range(SIZE - shift, shift, -1):
-                dx, dy = rng.integers(-shift, shift, size=(2, len(x)))
-                here, there = x[n, h, w].copy(), x[n, h + dy, w + dx].copy()
-                x[n, h, w], x[n, h + dy, w + dx] = there, here
+        dx, dy = rng.integers(-shift, shift, size=(2, len(x), len(inner), len(inner)))
+        x[n, rows, cols] = x[n, rows + dy, cols + dx]  # the right side is read whole before the write
     return _to_uint8(_gaussian_blur(x / 255.0, sigma))
 
 
