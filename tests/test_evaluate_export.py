@@ -199,6 +199,7 @@ def test_evaluate_outputs(smoke_workspace: Path) -> None:
         assert (smoke_workspace / "data/eval/simple_cnn" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_evaluate_calibrates_on_val_and_writes_the_calibrated_predictions(smoke_workspace: Path) -> None:
     folder = smoke_workspace / "data/eval/simple_cnn"
     metrics = json.loads((folder / "metrics.json").read_text())
