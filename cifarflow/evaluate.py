@@ -5,10 +5,13 @@ export serves the calibrated probabilities. Writes, in `out/`: `metrics.json`, t
 the headline figures only, so that `dvc metrics show` stays readable: `temperature`; per split
 (`val`, `test`) accuracy with a 95% Wilson interval (`ci95_low`/`ci95_high`), example count, and
 the raw probabilities' NLL (`loss`), ECE and Brier score; the calibrated probabilities' NLL, ECE
-and Brier as `<split>_calibrated`; flip-TTA figures as `<split>_tta` when `evaluate.tta` is set.
+and Brier as `<split>_calibrated`; flip-TTA figures as `<split>_tta` when `evaluate.tta` is set;
+with the corrupt stage's output (`--corrupt`), the corruption benchmark as `robustness` (mCA with
+its bootstrap interval, relative mCA, clean accuracy on its images: cifarflow.robustness).
 `details.json`, the long tail in plain JSON with the same keys (per-class accuracy, correct
-counts); `predictions_{val,test}.csv` (calibrated per-class probabilities: the serving
-reference); `reliability.png` (raw and calibrated, val and test); `confusion_test.csv` (one row
+counts, the benchmark's accuracy per corruption and severity); `predictions_{val,test}.csv`
+(calibrated per-class probabilities: the serving reference); `reliability.png` (raw and
+calibrated, val and test); `corruption_heatmap.png` with the benchmark; `confusion_test.csv` (one row
 per example, for `dvc plots`), `confusion_test.png` and `predictions_grid.png` (16 test images
 with predicted label, calibrated score and true label).
 """
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cifarflow import calibration, robustness
-from cifarflow.config import Params
+from cifarflow.config import Params, Recipe
 from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
 from cifarflow.figures import figure, png
@@ -166,7 +169,7 @@ def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
-def corruption_scores(params: Params, model: Any, recipe: Any, corrupt_dir: Path, classes: list[str]) -> dict[str, Any]:
+def corruption_scores(params: Params, model: Any, recipe: Recipe, corrupt_dir: Path, classes: list[str]) -> dict[str, Any]:
     """The model on the corrupt stage's cells and on the same images clean: cifarflow.robustness.score."""
     from cifarflow.data import corrupt
     from cifarflow.data.inputs import InputPipeline

@@ -283,11 +283,11 @@ def robustness_gates(
 ) -> Robustness:
     """The blessing's robustness gates for the winner; a gate that is set but cannot be checked is an error."""
     gates = params.export
-    wanted = [name for name, on in (("min_corruption_accuracy", gates.min_corruption_accuracy is not None),
-                                    ("robustness_vs_champion", gates.robustness_vs_champion)) if on]  # fmt: skip
-    if wanted and measured is None:
+    gate = "min_corruption_accuracy" if gates.min_corruption_accuracy is not None else None
+    gate = "robustness_vs_champion" if gates.robustness_vs_champion else gate
+    if gate and measured is None:
         raise InputError(
-            f"export.{wanted[0]} is set but {evals / arch / 'metrics.json'} has no corruption benchmark: "
+            f"export.{gate} is set but {evals / arch / 'metrics.json'} has no corruption benchmark: "
             f"run evaluate@{arch} with --corrupt (dvc repro runs it), or unset the gate"
         )
     champion = None

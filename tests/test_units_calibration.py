@@ -98,9 +98,7 @@ def test_temperature_of_calibrated_or_empty_data_is_about_one() -> None:
     assert cal.fit_temperature(under, labels) == pytest.approx(0.5, rel=0.05)
 
 
-def test_calibrated_is_softmax_of_log_probs_over_t_in_numpy_and_tensorflow() -> None:
-    import tensorflow as tf
-
+def test_calibrated_is_softmax_of_log_probs_over_t() -> None:
     probs, _ = overconfident(64, 3.0)
     probs[0] = np.eye(10)[3]  # zeros: their logs stay finite
     for t in (0.5, 1.0, 1.7):
@@ -108,8 +106,17 @@ def test_calibrated_is_softmax_of_log_probs_over_t_in_numpy_and_tensorflow() -> 
         want /= want.sum(1, keepdims=True)
         got = cal.calibrated(probs, t)
         assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-6
-        assert np.abs(cal.calibrated_tf(tf.constant(probs), t).numpy() - got).max() < 1e-6
     assert np.abs(cal.calibrated(probs, 1.0) - probs).max() < 1e-6
+
+
+def test_calibrated_tf_is_the_numpy_formula() -> None:
+    """The serving graph's version (TensorFlow: deselected in mutation runs, whose forked workers hang in it)."""
+    import tensorflow as tf
+
+    probs, _ = overconfident(64, 3.0)
+    probs[0] = np.eye(10)[3]
+    for t in (0.5, 1.0, 1.7):
+        assert np.abs(cal.calibrated_tf(tf.constant(probs), t).numpy() - cal.calibrated(probs, t)).max() < 1e-6
 
 
 def test_reliability_png_is_deterministic() -> None:
