@@ -72,7 +72,7 @@ def calibrated_tf(probs: Any, temperature: float) -> Any:
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     """The temperature minimising NLL of `calibrated(probs, T)` on these (val) examples, searched
-    over log T (bounded, deterministic); 1.0 when there is nothing to fit on."""
+    over log T (bounded, deterministic), rounded to 6 places; 1.0 when there is nothing to fit on."""
     if len(labels) == 0:
         return 1.0
     from scipy.optimize import minimize_scalar
@@ -85,9 +85,10 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
         z -= z.max(axis=1, keepdims=True)
         return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, labels]))
 
+    # NLL is convex in 1/T (a log-sum-exp of affine functions minus a linear one), so unimodal in
+    # log T: the bounded search finds the best temperature, never one worse than T = 1
     found = minimize_scalar(loss, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
-    best = float(found.x) if loss(found.x) < loss(0.0) else 0.0  # never worse than leaving it alone
-    return round(float(np.exp(best)), 6)
+    return round(float(np.exp(found.x)), 6)
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

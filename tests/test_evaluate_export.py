@@ -173,6 +173,15 @@ def test_blessing(accuracy: float, champion: float | None, blessed: bool, fragme
 def test_robustness_gates(robust: Robustness, blessed: bool, fragment: str) -> None:
     ok, reasons = bless(0.6, None, 0.5, 0.01, robust)
     assert ok is blessed and any(fragment in r for r in reasons), reasons
+    assert reasons[:2] == bless(0.6, None, 0.5, 0.01)[1] and len(reasons) == 3  # one reason of its own
+
+
+def test_each_robustness_gate_blocks_on_its_own() -> None:
+    both = Robustness(0.50, min_mca=0.60, champion_mca=0.40, vs_champion=True)  # fails the first, passes the second
+    assert bless(0.6, None, 0.5, 0.01, both)[0] is False
+    both = Robustness(0.50, min_mca=0.40, champion_mca=0.60, vs_champion=True)  # passes the first, fails the second
+    assert bless(0.6, None, 0.5, 0.01, both)[0] is False
+    assert bless(0.6, None, 0.5, 0.01, Robustness(0.5, vs_champion=True))[1][-1] == "no champion to compare robustness with"
 
 
 def test_unset_robustness_gates_change_nothing() -> None:

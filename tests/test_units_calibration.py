@@ -45,6 +45,17 @@ def test_ece_edges_are_right_closed_and_a_certain_prediction_is_in_the_last_bin(
     assert cal.ece(*top_label([1.0], [True])) == 0.0 and cal.ece(*top_label([1.0], [False])) == 1.0
     counts = cal.reliability(*top_label([1.0, 14 / 15 + 1e-9, 0.5], [True] * 3))[2]
     assert counts[14] == 2 and counts[7] == 1 and counts.sum() == 3
+    # float32 rows may sum a hair above 1: such a confidence still falls in the last bin
+    over = np.array([[1.0000001, 0.0]], np.float32)
+    assert cal.reliability(over, np.array([0]))[2].tolist() == [0] * 14 + [1] and cal.ece(over, np.array([0])) < 1e-6
+
+
+def test_reliability_reports_each_bins_mean_confidence_and_accuracy() -> None:
+    probs, labels = top_label([0.88, 0.9, 0.92, 0.5], [True, True, False, False])
+    confidence, accuracy, count = cal.reliability(probs, labels)
+    assert count[13] == 3 and confidence[13] == pytest.approx(0.9) and accuracy[13] == pytest.approx(2 / 3)
+    assert count[7] == 1 and confidence[7] == pytest.approx(0.5) and accuracy[7] == 0.0
+    assert np.isnan(confidence[0]) and np.isnan(accuracy[0]) and count.sum() == 4
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -64,6 +75,12 @@ def test_nll_and_brier_by_hand() -> None:
     assert cal.brier(probs, labels) == pytest.approx(((0.09 + 0.04 + 0.01) + (0.01 + 0.64 + 0.81) + 0) / 3)
     # a zero probability of the true class is finite (float32's smallest normal), not inf
     assert np.isfinite(cal.nll(np.array([[1.0, 0.0]]), np.array([1])))
+    one = np.array([[0.8, 0.2]])
+    assert cal.brier(one, np.array([1])) == pytest.approx(0.64 + 0.64) and cal.nll(one, np.array([1])) == pytest.approx(
+        -np.log(0.2)
+    )
+    empty = (np.zeros((0, 3)), np.zeros(0, np.int64))
+    assert cal.nll(*empty) == 0.0 and cal.brier(*empty) == 0.0 and cal.ece(*empty) == 0.0
 
 
 def overconfident(n: int, temperature: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +111,8 @@ def test_temperature_of_calibrated_or_empty_data_is_about_one() -> None:
     probs, labels = overconfident(20_000, 1.0, seed=1)
     assert cal.fit_temperature(probs, labels) == pytest.approx(1.0, rel=0.05)
     assert cal.fit_temperature(np.zeros((0, 10)), np.zeros(0, np.int64)) == 1.0
+    # one confident mistake is enough to fit on: the hottest temperature allowed softens it most
+    assert cal.fit_temperature(np.array([[0.9, 0.1]]), np.array([1])) == pytest.approx(np.exp(cal.LOG_T_BOUNDS[1]), rel=1e-3)
     under, labels = overconfident(20_000, 0.5, seed=2)  # underconfident: T < 1 sharpens
     assert cal.fit_temperature(under, labels) == pytest.approx(0.5, rel=0.05)
 

@@ -102,3 +102,18 @@ def test_metrics_split_into_headline_and_details_and_merge_back(tmp_path: Path) 
 def test_predictions_csv_refuses_mismatched_columns() -> None:
     with pytest.raises(ValueError):
         ev.predictions_csv(np.array([1, 2]), np.array([0]), np.array([[0.5, 0.5], [0.5, 0.5]]), ["a", "b"])
+
+
+def test_confidence_scores_are_nll_ece_brier_rounded_to_six_places() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (200, 10))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 10, 200)
+    got = ev.confidence_scores(probs, labels)
+    exact = {
+        "loss": calibration.nll(probs, labels),
+        "ece": calibration.ece(probs, labels),
+        "brier": calibration.brier(probs, labels),
+    }
+    assert got == {k: round(v, 6) for k, v in exact.items()}
+    assert all(round(v, 6) != round(v, 7) for v in exact.values())  # the case tells 6 places from 7
