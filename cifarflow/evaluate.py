@@ -169,14 +169,20 @@ def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
-def corruption_scores(params: Params, model: Any, recipe: Recipe, corrupt_dir: Path, classes: list[str]) -> dict[str, Any]:
-    """The model on the corrupt stage's cells and on the same images clean: cifarflow.robustness.score."""
+def load_benchmark(params: Params, corrupt_dir: Path, classes: list[str]) -> dict[str, Any]:
+    """The corrupt stage's splits, checked (cifarflow.data.corrupt.load) and of these classes."""
     from cifarflow.data import corrupt
-    from cifarflow.data.inputs import InputPipeline
 
     corrupt_classes, splits = corrupt.load(corrupt_dir, params)
     if corrupt_classes != classes:
         raise InputError(f"{corrupt_dir}: made from shards with other classes ({corrupt_classes}); rerun the corrupt stage")
+    return splits
+
+
+def corruption_scores(params: Params, model: Any, recipe: Recipe, splits: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The model on the corrupt stage's cells and on the same images clean: cifarflow.robustness.score."""
+    from cifarflow.data import corrupt
+    from cifarflow.data.inputs import InputPipeline
 
     def correct(split: str) -> np.ndarray:
         data = splits[split]
@@ -201,6 +207,8 @@ def run(
     if not model_path.is_file():
         raise InputError(f"{model_path}: not found; run the train@{arch} stage first")
     classes = checked.classes
+    # checked before anything is written: a bad --corrupt leaves no half-written evaluation
+    benchmark = None if corrupt_dir is None else load_benchmark(params, Path(corrupt_dir), classes)
     model = load_model(model_path)
     out = Path(out)
     metrics: dict[str, Any] = {"arch": arch}
@@ -228,8 +236,8 @@ def run(
             pick = np.sort(np.random.default_rng(params.seed).choice(len(labels), min(GRID, len(labels)), replace=False))
             write_bytes_atomic(out / "predictions_grid.png", grid_png(data.images[pick], labels[pick], probs[pick], classes))
     write_bytes_atomic(out / RELIABILITY, calibration.reliability_png(curves, f"{arch}: reliability"))
-    if corrupt_dir is not None:
-        metrics[ROBUSTNESS] = corruption_scores(params, model, recipe, Path(corrupt_dir), classes)
+    if benchmark is not None:
+        metrics[ROBUSTNESS] = corruption_scores(params, model, recipe, benchmark, classes)
         title = f"{arch}: accuracy under corruption (mCA {metrics[ROBUSTNESS]['mca']:.1%})"
         write_bytes_atomic(out / HEATMAP, robustness.heatmap_png(metrics[ROBUSTNESS]["grid"], title))
     headline, details = split_metrics(metrics)

@@ -225,6 +225,8 @@ def test_tampered_or_missing_cells_are_refused_by_name(tiny_shards: Path, verdic
     shard.write_bytes(bytes(data))
     with pytest.raises(InputError, match="pixelate-5-00000-of-00001.parquet: sha256 differs"):
         corrupt.load(tmp_path / "a", params)
+    with pytest.raises(InputError, match=r"nowhere/manifest.json: not found; run the corrupt stage first"):
+        corrupt.load(tmp_path / "nowhere", params)
     (tmp_path / "a" / corrupt.VERDICT).unlink()
     with pytest.raises(InputError, match="verdict.json: not found"):
         corrupt.load(tmp_path / "a", params)

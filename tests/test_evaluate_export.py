@@ -314,6 +314,18 @@ def test_robustness_in_evaluate_card_and_a_gate_that_blocks(workspace: Path) -> 
 
 
 @pytest.mark.slow
+def test_evaluate_with_a_wrong_benchmark_path_writes_nothing(smoke_workspace: Path, tmp_path: Path) -> None:
+    done = run_in(
+        smoke_workspace,
+        *("cifarflow", "evaluate", "lenet", "--shards", "data/shards", "--model", "data/models/lenet"),
+        *("--verdict", "data/validation/verdict.json", "--out", str(tmp_path / "eval"), "--corrupt", "data/corupt"),
+        check=False,
+    )
+    assert done.returncode == 2 and "data/corupt/manifest.json: not found; run the corrupt stage first" in done.stderr
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
 def test_robustness_against_the_champion_is_rescored_and_cached(workspace: Path) -> None:
     run_in(workspace, "cifarflow", "promote", "--force")  # synthetic data: only by force
     set_params(workspace, **{"profiles.smoke.export.robustness_vs_champion": True})

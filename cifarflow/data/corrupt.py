@@ -11,7 +11,6 @@ evaluate checks before reading, as it does the shards'. Byte-identical for the s
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ def run(params: Params, shards_dir: Path, verdict: Path, out: Path) -> dict[str,
             "class_counts": np.bincount(clean.labels, minlength=len(checked.classes)).tolist(),
             "shards": dict(sorted(files.items())),
             "source": {
-                "test_manifest_sha256": hashlib.sha256((Path(shards_dir) / MANIFEST).read_bytes()).hexdigest(),
+                "test_manifest_sha256": sha256_file(Path(shards_dir) / MANIFEST),
                 "seed": params.seed,
                 "families": params.robustness.families,
                 "severities": params.robustness.severities,
@@ -100,6 +99,8 @@ def load(root: Path, params: Params) -> tuple[list[str], dict[str, Split]]:
     (verdict, listing, sha256, counts, labels) before use."""
     root = Path(root)
     wanted = [CLEAN] + [cell(f, s) for f, s in cells(params)]
+    if not (root / MANIFEST).is_file():
+        raise InputError(f"{root / MANIFEST}: not found; run the corrupt stage first (dvc repro corrupt)")
     _, manifest = read_manifest(root)
     if missing := [split for split in wanted if split not in manifest["counts"]]:
         raise InputError(
