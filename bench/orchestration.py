@@ -43,7 +43,7 @@ def main() -> None:
 
     from prefect import flow
 
-    from flows.pipeline import cifar10_pipeline
+    from cifarflow.flows.pipeline import cifar10_pipeline
 
     started = time.perf_counter()
     flow(lambda: None, name="warm-up")()  # starts the ephemeral server once

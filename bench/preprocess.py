@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the figures
 sys.path.insert(0, str(ROOT))
 
-from cifarflow.config import resolve  # noqa: E402
 from cifarflow.data import download, preprocess, shards, validate  # noqa: E402
 from cifarflow.data.synth import write_synth_archive  # noqa: E402
+from cifarflow.settings import resolve  # noqa: E402
 
 
 def rss_mib() -> float:

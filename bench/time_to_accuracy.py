@@ -25,8 +25,8 @@ THRESHOLDS = (0.70, 0.80, 0.85, 0.90)
 def curve(root: Path, arch: str) -> tuple[list[float], list[float], float, dict]:
     """(wall seconds at each validated epoch's end, its val accuracy, stage seconds, run info)."""
     info = json.loads((root / "data/runinfo/train" / arch / "run.json").read_text())
-    if info.get("resumed_from_epoch") is not None:
-        raise SystemExit(f"{arch}: its stage resumed from epoch {info['resumed_from_epoch']}: times are not from one process")
+    if info.get("resumed_after_epoch") is not None:
+        raise SystemExit(f"{arch}: its stage resumed after epoch {info['resumed_after_epoch']}: times are not from one process")
     with (root / "data/models" / arch / "history.csv").open() as f:
         accuracy = [float(row["val_accuracy"]) if row["val_accuracy"] else None for row in csv.DictReader(f)]
     seconds = [epoch["process_seconds"] for epoch in info["epochs"]]

@@ -35,10 +35,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cifarflow.config import Params, resolve  # noqa: E402
 from cifarflow.data import download, preprocess, validate  # noqa: E402
 from cifarflow.data.inputs import InputPipeline, load_split  # noqa: E402
-from cifarflow.models.normalization import normalize  # noqa: E402
+from cifarflow.normalization import normalize  # noqa: E402
+from cifarflow.settings import Params, resolve  # noqa: E402
 from cifarflow.training.trainer import build_compiled, train  # noqa: E402
 
 COMMITTED = ROOT / "params.yaml"

@@ -6,89 +6,29 @@ have no path defaults. Exit codes (`main`, from the `exit_code` of cifarflow.err
 subclasses): 0 ok; 2 bad configuration or input (ConfigError, InputError: not worth retrying);
 3 out of memory in training (train's OutOfMemoryError: the next attempt resumes with a smaller
 micro-batch); 130 interrupted (Ctrl-C); 1 anything else, including an unexpected exception (its
-traceback is printed). When CIFARFLOW_STATUS_FILE is set, a failure also writes its class there as
-JSON ("config", "input", "oom" or "runtime"), because `dvc repro` turns every stage failure into
-exit 255 and a driver needs to know which it was.
+traceback is printed). When CIFARFLOW_STATUS_FILE is set, every failure also writes its class there
+as JSON ("config", "input", "oom", "interrupted" or "runtime"), because `dvc repro` turns every
+stage failure into exit 255 and a driver needs to know which it was; only a process killed outright
+(SIGKILL) writes nothing, and its driver sees a runtime failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
-import re
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from cifarflow.config import DEFAULT_PARAMS, Params, load_params
+from cifarflow import console, native_stderr
 from cifarflow.errors import STATUS_ENV, CifarflowError
+from cifarflow.flow_options import add_options as add_flow_options
+from cifarflow.settings import DEFAULT_PARAMS, Params, load_params
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 log = logging.getLogger("cifarflow")
-
-# What TensorFlow's native code prints in every process before absl's logging is initialised, so
-# that TF_CPP_MIN_LOG_LEVEL does not reach it: the banner announcing exactly that, and the oneDNN
-# notice (an INFO line, on CPUs where oneDNN is on by default, e.g. with AVX-512).
-STARTUP_NOTICES = re.compile(
-    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|port\.cc:\d+\] oneDNN custom operations are on"
-)
-# What it prints on a machine with no NVIDIA driver: the CUDA runtime stub's probe and cuInit's
-# failure (an ERROR line, so a log level that hid it would hide real errors too). Dropped only on
-# such machines (see `gpu_expected`).
-CPU_ONLY_NOISE = re.compile(
-    r"cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
-    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
-)
-
-
-def gpu_expected() -> bool:
-    """Whether an NVIDIA driver is present: then TensorFlow's CUDA messages may matter and are kept."""
-    import ctypes.util
-
-    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists() or ctypes.util.find_library("cuda") is not None
-
-
-@contextmanager
-def native_stderr_filtered(drop: re.Pattern[str]) -> Iterator[None]:
-    """Capture file descriptor 2 (native code writes there directly), then replay it without the lines `drop` matches."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not drop.search(line))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
-
-
-def tensorflow_noise(gpu: bool) -> re.Pattern[str]:
-    """The native start-up lines to drop: STARTUP_NOTICES, and CPU_ONLY_NOISE too when no GPU is expected."""
-    return STARTUP_NOTICES if gpu else re.compile(f"{STARTUP_NOTICES.pattern}|{CPU_ONLY_NOISE.pattern}")
-
-
-def quiet_tensorflow() -> None:
-    """Import TensorFlow without its start-up notices, before any stage code does; its warnings and
-    errors stay. TF_CPP_MIN_LOG_LEVEL=1 (unless set) drops the native INFO lines logged after start-up,
-    and `tensorflow_noise` those logged before it (TF_ENABLE_ONEDNN_OPTS is left alone: it changes
-    numerics). TF_CPP_MIN_LOG_LEVEL=0 keeps everything; no GPU is hidden anywhere."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # inherited by the processes a stage starts
-    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
-        return
-    with native_stderr_filtered(tensorflow_noise(gpu_expected())):
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # the CUDA platform probes (cuInit) here; the runtime stays unconfigured
 
 
 def cmd_params(args: argparse.Namespace, params: Params) -> int:
@@ -97,15 +37,30 @@ def cmd_params(args: argparse.Namespace, params: Params) -> int:
 
         sys.stdout.write(redact_text(params.to_yaml()))  # a signed source URL's query is not for a terminal or log
     else:
-        print(f"{args.params}: ok (profile {params.profile})")
+        where = Path(args.params).resolve().parent
+        print(f"{args.params}: ok; profile {params.profile} trains {', '.join(params.archs)} in {where}")
     return 0
 
 
 def cmd_synth_archive(args: argparse.Namespace, params: Params | None) -> int:
     from cifarflow.data.synth import write_synth_archive
+    from cifarflow.errors import ConfigError
+    from cifarflow.sources import SynthSpec
 
-    write_synth_archive(args.out, args.train, args.test, args.seed, args.mislabel)
+    try:  # the bounds of a `synth:` source in params, for the same generator
+        spec = SynthSpec.checked(train=args.train, test=args.test, seed=args.seed, mislabel=args.mislabel)
+    except ValueError as exc:
+        raise ConfigError(f"synth-archive: {exc}") from None
+    write_synth_archive(args.out, spec.train, spec.test, spec.seed, spec.mislabel)
     print(args.out)
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow import resolved
+
+    written = resolved.run(params, args.out)
+    log.info("resolve: %d settings files in %s", len(written), args.out)
     return 0
 
 
@@ -163,26 +118,34 @@ def cmd_export(args: argparse.Namespace, params: Params) -> int:
     from cifarflow import export
 
     card = export.run(
-        params, args.shards, args.models, args.evals, args.out, args.runinfo, args.train_runinfo, args.verdict, args.corrupt
+        params,
+        args.shards,
+        args.models,
+        args.evals,
+        args.out,
+        registry_dir(args, params),
+        Path(args.params).resolve().parent,
+        args.runinfo,
+        args.train_runinfo,
+        args.verdict,
+        args.corrupt,
     )
-    log.info("export: %s, blessed=%s (%s)", card["arch"], card["blessed"], "; ".join(card["blessing_reasons"]))
+    verdict = card["verdict"]
+    log.info("export: %s, blessed=%s (%s)", card["arch"], verdict["blessed"], "; ".join(c["reason"] for c in verdict["checks"]))
     return 0
 
 
 def registry_dir(args: argparse.Namespace, params: Params) -> Path:
-    """The champion registry: --champion, else export.champion_dir relative to the params file's folder
-    (the project), checked by the same rules as `params --check`."""
-    from cifarflow.config import check_champion_dir
+    """The champion registry: --champion, else export.champion_dir, resolved as every command resolves it
+    (cifarflow.champion: `~` expanded, relative to the params file's folder, the folder rules checked)."""
+    from cifarflow.champion import champion_dir
     from cifarflow.errors import ConfigError
 
-    root = Path(args.params).resolve().parent
     given = str(args.champion) if getattr(args, "champion", None) else params.export.champion_dir
     try:
-        check_champion_dir(given, root)
+        return champion_dir(given, Path(args.params).resolve().parent)
     except ValueError as exc:
         raise ConfigError(f"{'--champion' if getattr(args, 'champion', None) else 'export.champion_dir'}: {exc}") from None
-    path = Path(os.path.expanduser(given))
-    return path if path.is_absolute() else root / path
 
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> int:
@@ -195,7 +158,10 @@ def cmd_predict(args: argparse.Namespace, params: Params) -> int:
     from cifarflow import predict
 
     model = args.model or predict.default_model(registry_dir(args, params))
-    return predict.run(args.paths, model, args.format, params.data.max_image_pixels, max_files=params.data.max_members)
+    data = params.data
+    return predict.run(
+        args.paths, model, args.format, data.max_image_pixels, max_files=data.max_members, max_chunks=data.max_image_chunks
+    )
 
 
 def cmd_report(args: argparse.Namespace, params: Params) -> int:
@@ -206,21 +172,14 @@ def cmd_report(args: argparse.Namespace, params: Params) -> int:
 
 
 def cmd_flow_run(args: argparse.Namespace, params: Params) -> int:
-    sys.path.insert(0, str(Path.cwd()))  # flows/ and tasks/ live in the project, beside params.yaml
-    from flows.pipeline import main as run_flow
+    from cifarflow.flows.pipeline import run_flow
 
-    run_flow(
-        [
-            *(["--archs", args.archs] if args.archs else []),
-            *(["--profile", args.profile] if args.profile else []),
-            *(["--webhook-secret", args.webhook_secret] if args.webhook_secret else []),
-        ]
-    )
+    run_flow(args)
     return 0
 
 
 def cmd_workspace(args: argparse.Namespace, params: Params) -> int:
-    from cifarflow.config import read_yaml
+    from cifarflow.bounded_yaml import read_yaml
     from cifarflow.errors import ConfigError
     from cifarflow.workspace import prepare
 
@@ -255,17 +214,42 @@ def seconds(text: str) -> float:
     return value
 
 
+class VersionAction(argparse.Action):
+    """`--version`: the package's version, and the git commit of the code that runs (with "uncommitted
+    changes" when its tracked files differ from it), computed only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and commit, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from cifarflow import __version__
+        from cifarflow.provenance import commit_of
+
+        code = commit_of(Path(__file__).resolve().parent.parent)
+        if code["commit"] is None:
+            where = "not a git checkout"
+        else:
+            where = f"commit {code['commit'][:12]}{', uncommitted changes' if code['dirty'] else ''}"
+        print(f"cifarflow {__version__} ({where})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifarflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("params", help="print the resolved configuration")
+    def command(group: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help opens with its one-line description (the list's help line)."""
+        return group.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.")
+
+    p = command(sub, "params", "print the resolved configuration")
     p.add_argument("--check", action="store_true", help="only validate; exit 0 if valid, 2 if not")
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("synth-archive", help="write a small synthetic archive in the official binary layout")
+    p = command(sub, "synth-archive", "write a small synthetic archive in the official binary layout")
     p.add_argument("out", type=Path, help="the .tar.gz to write")
     p.add_argument("--train", type=positive_int, required=True, help="train images (spread over the five data batches)")
     p.add_argument("--test", type=positive_int, required=True, help="test images")
@@ -282,18 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_synth_archive, needs_params=False)
 
-    p = sub.add_parser("download", help="obtain, verify and validate data.source")
+    p = command(sub, "resolve", "write what each stage reads of params.yaml, defaults filled in, and its code's digest")
+    p.add_argument("--out", type=Path, required=True, help="folder of <stage>.json and <stage>/<arch>.json files")
+    p.set_defaults(func=cmd_resolve)
+
+    p = command(sub, "download", "obtain, verify and validate data.source")
     p.add_argument("--out", type=Path, required=True, help="batches folder + manifest")
     p.add_argument("--cache", type=Path, required=True, help="verified downloads, reused by later runs")
     p.add_argument("--runinfo", type=Path, help="side file: which mirror served, timings")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("preprocess", help="split and write Parquet + TFRecord shards")
+    p = command(sub, "preprocess", "split and write Parquet + TFRecord shards")
     p.add_argument("--raw", type=Path, required=True, help="the download stage's output: batches folder + manifest")
     p.add_argument("--out", type=Path, required=True, help="shards folder: parquet/, tfrecord/ and manifest.json")
     p.set_defaults(func=cmd_preprocess, tensorflow=True)
 
-    p = sub.add_parser("validate", help="data-validation report of the shards")
+    p = command(sub, "validate", "data-validation report of the shards")
     p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--metrics", type=Path, required=True, help="JSON file to write: counts, duplicates, leakage (DVC metrics)")
     p.add_argument(
@@ -307,13 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("corrupt", help="the corruption benchmark: CIFAR-10-C's corruptions of a test subset, as shards")
+    p = command(sub, "corrupt", "the corruption benchmark: CIFAR-10-C's corruptions of a test subset, as shards")
     p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
     p.add_argument("--out", type=Path, required=True, help="the folder to write: Parquet shards, manifest, verdict")
     p.set_defaults(func=cmd_corrupt)
 
-    p = sub.add_parser("train", help="train one architecture (a key of train: in params.yaml)")
+    p = command(sub, "train", "train one architecture (a key of train: in params.yaml)")
     p.add_argument("arch", help="the architecture to train: a key of train: in params.yaml, e.g. lenet")
     p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--out", type=Path, required=True, help="model, weight digest, history, summary")
@@ -322,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
     p.set_defaults(func=cmd_train, tensorflow=True)
 
-    p = sub.add_parser("evaluate", help="score one architecture's best checkpoint on val and test")
+    p = command(sub, "evaluate", "score one architecture's best checkpoint on val and test")
     p.add_argument("arch", help="the architecture to score: a key of train: in params.yaml, e.g. lenet")
     p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--model", type=Path, required=True, help="the train stage's output folder")
@@ -331,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt", type=Path, help="the corrupt stage's folder: also score the corruption benchmark")
     p.set_defaults(func=cmd_evaluate, tensorflow=True)
 
-    p = sub.add_parser("export", help="select the best of archs on val, bless it, write the servable export")
+    p = command(sub, "export", "select the best of archs on val, bless it, write the servable export")
     p.add_argument("--shards", type=Path, required=True, help="the shards folder (the test split runs the serving check)")
     p.add_argument("--models", type=Path, required=True, help="the train stages' folder: <arch>/model.keras, summary.json")
     p.add_argument("--evals", type=Path, required=True, help="the evaluate stages' folder: <arch>/metrics.json, predictions")
@@ -346,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt", type=Path, help="the corrupt stage's folder: re-scores the champion's mCA when a gate asks")
     p.set_defaults(func=cmd_export, tensorflow=True)
 
-    p = sub.add_parser("promote", help="make a blessed export the champion: a new version in the registry")
+    p = command(sub, "promote", "make a blessed export the champion: a new version in the registry")
     # Not a DVC stage: these defaults are where dvc.yaml's export and preprocess stages write.
     p.add_argument("--export", type=Path, default=Path("data/export"), help="the export to promote (default: %(default)s)")
     p.add_argument(
@@ -354,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("data/shards"),
         help="the test split the champion is re-scored on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--corrupt",
+        type=Path,
+        default=Path("data/corrupt"),
+        help="the corruption benchmark the champion is re-scored on when a robustness gate asks (default: %(default)s)",
     )
     p.add_argument("--champion", type=Path, help="the registry folder (default: export.champion_dir)")
     p.add_argument(
@@ -373,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="make VERSION (default: the one served before) the champion again",
     )
     action.add_argument("--gc", action="store_true", help="remove old versions (see --keep)")
+    action.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild a lost or cut-short history from the versions' own records, adopt an older registry; deletes nothing",
+    )
+    action.add_argument(
+        "--archive-history",
+        action="store_true",
+        help="move history.jsonl aside and start a new one carrying what it decided (when it nears its size cap)",
+    )
     p.add_argument(
         "--keep",
         type=positive_int,
@@ -381,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_promote, tensorflow=True)
 
-    p = sub.add_parser("predict", help="classify PNG/JPEG files and folders")
+    p = command(sub, "predict", "classify PNG/JPEG files and folders")
     p.add_argument(
         "paths", type=Path, nargs="+", metavar="PATH", help="PNG/JPEG files, or folders of them (searched recursively)"
     )
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict, tensorflow=True)
 
-    p = sub.add_parser("report", help="the leaderboard as markdown and JSON")
+    p = command(sub, "report", "the leaderboard as markdown and JSON")
     p.add_argument("--models", type=Path, required=True, help="the train stages' folder: <arch>/summary.json")
     p.add_argument("--evals", type=Path, required=True, help="the evaluate stages' folder: <arch>/metrics.json")
     p.add_argument("--export", type=Path, required=True, help="the export stage's folder (its model card, if any)")
@@ -403,27 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md and leaderboard.json")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("flow", help="run the Prefect flow locally (ephemeral server)")
+    p = command(sub, "flow", "run the Prefect flow locally (ephemeral server)")
     flow_sub = p.add_subparsers(dest="flow_command", required=True, metavar="COMMAND")
-    p = flow_sub.add_parser("run", help="the whole pipeline as the cifar10-pipeline flow")
-    p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
-    p.add_argument("--profile", help="params profile, e.g. smoke")
-    p.add_argument(
-        "--webhook-secret",
-        metavar="NAME",
-        help="Prefect Secret block holding the alert webhook URL "
-        "(Slack-compatible JSON; default: $CIFARFLOW_WEBHOOK_URL, else no alerts)",
-    )
+    p = command(flow_sub, "run", "the whole pipeline as the cifar10-pipeline flow")
+    add_flow_options(p)
     p.set_defaults(func=cmd_flow_run)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
         "workspace",
-        help="create or refresh runs/PROFILE/, a private copy of the project that runs PROFILE (make pipeline PROFILE=smoke)",
+        "create or refresh runs/PROFILE/, a private copy of the project that runs PROFILE (make pipeline PROFILE=smoke)",
     )
     p.add_argument("profile", help="a profile of params.yaml, e.g. smoke")
     p.set_defaults(func=cmd_workspace)
 
-    p = sub.add_parser("verify-repro", help="two clean clones run the smoke pipeline; outputs must be identical")
+    p = command(sub, "verify-repro", "two clean clones run the smoke pipeline; outputs must be identical")
     p.add_argument("--repo", type=Path, default=Path("."), help="the git repository to clone (its HEAD)")
     p.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
     p.add_argument("--real-data", type=Path, help="run on an archive built from this folder (e.g. ../shared/data)")
@@ -437,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 def uses_tensorflow(args: argparse.Namespace) -> bool:
     """Whether the command imports TensorFlow (promote only to re-score the champion, not to list, gc or roll back)."""
     if args.command == "promote":
-        return not (args.list or args.gc or args.rollback is not None)
+        return not (args.list or args.gc or args.repair or args.archive_history or args.rollback is not None)
     return bool(getattr(args, "tensorflow", False))
 
 
@@ -449,20 +447,62 @@ def write_status(error: BaseException, exit_code: int, failure_class: str) -> No
         write_json_atomic(Path(path), {"class": failure_class, "exit_code": exit_code, "message": str(error)})
 
 
+# What the system says when it cannot write: a full disk or quota, a read-only file system, a file
+# over the size limit. Nothing the program can fix by itself, so one line naming the file, not a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def write_failure(exc: OSError) -> CifarflowError | None:
+    """The error to report for an OSError that means "cannot write", None for any other."""
+    if exc.errno not in WRITE_ERRNOS:
+        return None
+    where = exc.filename if exc.filename is not None else "the output"
+    return CifarflowError(f"cannot write {where}: {exc.strerror or exc}; nothing half-written was kept")
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null: what could not be written is dropped, so Python's flush at exit
+    does not fail a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing to flush at exit
+        pass
+
+
+def report(exc: CifarflowError) -> int:
+    """One line on stderr, the failure class in the status file (CIFARFLOW_STATUS_FILE), the exit code."""
+    print(f"error: {exc}", file=sys.stderr)
+    write_status(exc, exc.exit_code, exc.failure_class)
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console.configure(args.verbose)
+    for stream in (sys.stdout, sys.stderr):  # a character the terminal's encoding lacks is escaped, never fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None
         if uses_tensorflow(args):
-            quiet_tensorflow()
+            native_stderr.quiet_tensorflow()
         return args.func(args, params)
     except CifarflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        write_status(exc, exc.exit_code, exc.failure_class)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        return report(exc)
+    except KeyboardInterrupt as exc:
+        write_status(exc, INTERRUPTED_EXIT, "interrupted")
+        return INTERRUPTED_EXIT
+    except BrokenPipeError:  # `cifarflow predict ... | head`: the reader has all it wanted
+        silence_stdout()
+        return 1
+    except OSError as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            write_status(exc, 1, "runtime")
+            raise
+        if exc.filename is None:  # the output itself
+            silence_stdout()
+        return report(failure)
     except Exception as exc:  # a bug or an unexpected runtime failure: keep the traceback
         write_status(exc, 1, "runtime")
         raise

@@ -31,6 +31,13 @@ class InputError(CifarflowError):
     failure_class = "input"
 
 
+class OutOfMemoryError(CifarflowError):
+    """A training ran out of device memory; the next attempt (a fresh process) uses a smaller micro-batch."""
+
+    exit_code = 3
+    failure_class = "oom"
+
+
 class SourceUnavailableError(CifarflowError):
     """No mirror of data.source could be read; may be transient, so a retry can help."""
 

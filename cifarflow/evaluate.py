@@ -1,15 +1,16 @@
 """`cifarflow evaluate <arch>`: score the best checkpoint on val and test.
 
 Confidences are calibrated by one temperature fitted on val NLL (cifarflow.calibration); the
-export serves the calibrated probabilities. Writes, in `out/`: `metrics.json`, the DVC metrics:
-the headline figures only, so that `dvc metrics show` stays readable: `temperature`; per split
-(`val`, `test`) accuracy with a 95% Wilson interval (`ci95_low`/`ci95_high`), example count, and
-the raw probabilities' NLL (`loss`), ECE and Brier score; the calibrated probabilities' NLL, ECE
-and Brier as `<split>_calibrated`; flip-TTA figures as `<split>_tta` when `evaluate.tta` is set;
-with the corrupt stage's output (`--corrupt`), the corruption benchmark as `robustness` (mCA with
-its bootstrap interval, relative mCA, clean accuracy on its images: cifarflow.robustness).
-`details.json`, the long tail in plain JSON with the same keys (per-class accuracy, correct
-counts, the benchmark's accuracy per corruption and severity); `predictions_{val,test}.csv`
+export serves the calibrated probabilities. Writes, in `out/`: `metrics.json`, the DVC metrics,
+a few numbers (HEADLINE) so that `dvc metrics show`, which puts every stage's metrics in one table,
+stays readable: val accuracy, test accuracy with its 95% Wilson interval and loss, and the mCA.
+`details.json` holds everything else, with the same keys: `temperature`; per split (`val`,
+`test`) the example count, the raw probabilities' NLL (`loss`), ECE and Brier score, per-class
+accuracy and correct counts; the calibrated probabilities' NLL, ECE and Brier as
+`<split>_calibrated`; flip-TTA figures as `<split>_tta` when `evaluate.tta` is set; with the
+corrupt stage's output (`--corrupt`), the rest of the corruption benchmark `robustness` (mCA's
+bootstrap interval, relative mCA, clean accuracy on its images, the accuracy per corruption and
+severity: cifarflow.robustness). `contract.read_metrics` gives both merged. `predictions_{val,test}.csv`
 (calibrated per-class probabilities: the serving reference); `reliability.png` (raw and
 calibrated, val and test); `corruption_heatmap.png` with the benchmark; `confusion_test.csv` (one row
 per example, for `dvc plots`), `confusion_test.png` and `predictions_grid.png` (16 test images
@@ -20,26 +21,41 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cifarflow import calibration, robustness
-from cifarflow.config import Params, Recipe
+from cifarflow import calibration, policy, robustness
+from cifarflow.contract import (
+    CONFUSION_CSV,
+    CONFUSION_PNG,
+    DETAILS,
+    GRID_PNG,
+    HEATMAP,
+    METRICS,
+    MODEL,
+    RELIABILITY,
+    predictions,
+    split_headline,
+)
 from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
 from cifarflow.figures import figure, png
 from cifarflow.fileio import write_bytes_atomic, write_json_atomic
+from cifarflow.openfile import open_regular
+from cifarflow.settings import Params, Recipe
 
 SPLITS = ("val", "test")
 GRID = 16
-METRICS, DETAILS, RELIABILITY, HEATMAP = "metrics.json", "details.json", "reliability.png", "corruption_heatmap.png"
-ROBUSTNESS = "robustness"  # metrics' block of the corruption benchmark
-# The fields of metrics.json, scalars so that `dvc metrics show` has a column for each (it skips lists);
-# the rest of scores() goes to details.json.
-HEADLINE = ("accuracy", "ci95_low", "ci95_high", "loss", "n", "ece", "brier")
+ROBUSTNESS = policy.ROBUSTNESS  # metrics' block of the corruption benchmark
+# The fields of metrics.json per block, numbers only (`dvc metrics show` makes a column of each, for
+# every architecture's file in one table); everything else goes to details.json.
+HEADLINE = {
+    "val": ("accuracy",),
+    "test": ("accuracy", "ci95_low", "ci95_high", "loss"),
+    ROBUSTNESS: ("mca",),
+}
 
 
 def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -51,28 +67,6 @@ def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float
 
     ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
-
-
-def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(headline, details) of evaluate's metrics: each split's HEADLINE fields, and the rest."""
-    headline: dict[str, Any] = {}
-    details: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            keep = robustness.HEADLINE if key == ROBUSTNESS else HEADLINE
-            headline[key] = {k: v for k, v in value.items() if k in keep}
-            details[key] = {k: v for k, v in value.items() if k not in keep}
-        else:
-            headline[key] = details[key] = value
-    return headline, details
-
-
-def read_metrics(eval_dir: Path) -> dict[str, Any]:
-    """An evaluate output folder's metrics, headline and details merged back into one dict per split."""
-    headline = json.loads((Path(eval_dir) / METRICS).read_text())
-    details_path = Path(eval_dir) / DETAILS
-    details = json.loads(details_path.read_text()) if details_path.is_file() else {}
-    return {k: {**v, **details.get(k, {})} if isinstance(v, dict) else v for k, v in headline.items()}
 
 
 def confidence_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -122,8 +116,8 @@ def predictions_csv(index: np.ndarray, labels: np.ndarray, probs: np.ndarray, cl
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) from a predictions CSV."""
-    with open(path) as f:
-        rows = list(csv.reader(f))
+    with open_regular(path) as f:
+        rows = list(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")))
     body = np.array(rows[1:], dtype=object)
     return body[:, 1].astype(np.int64), body[:, 4:].astype(np.float64)
 
@@ -169,6 +163,18 @@ def predict(model: Any, pipeline: Any, tta: bool = False) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
+def check_finite_outputs(probs: np.ndarray, model: Path, where: str) -> np.ndarray:
+    """`probs` if every one is a finite number; an InputError naming the model otherwise (a NaN would
+    become a NaN metric, a temperature fitted on NaN and a model card that says nothing)."""
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        raise InputError(
+            f"{model}: gives non-finite outputs (NaN or infinite) for {int(bad.sum())} of {len(probs)} {where} "
+            "images; the model is broken: retrain it"
+        )
+    return probs
+
+
 def load_benchmark(params: Params, corrupt_dir: Path, classes: list[str]) -> dict[str, Any]:
     """The corrupt stage's splits, checked (cifarflow.data.corrupt.load) and of these classes."""
     from cifarflow.data import corrupt
@@ -203,7 +209,7 @@ def run(
 
     recipe = params.recipe(arch)
     checked = check_shards(shards_dir, verdict, params.data.format, SPLITS)
-    model_path = Path(model_dir) / "model.keras"
+    model_path = Path(model_dir) / MODEL
     if not model_path.is_file():
         raise InputError(f"{model_path}: not found; run the train@{arch} stage first")
     classes = checked.classes
@@ -216,7 +222,7 @@ def run(
     for split in SPLITS:  # val first: it fits the temperature that test is calibrated with
         data = load_checked(checked, split)
         pipeline = InputPipeline(data, recipe, len(classes), params.seed, params.evaluate.batch_size)
-        raw = predict(model, pipeline)
+        raw = check_finite_outputs(predict(model, pipeline), model_path, split)
         labels = data.labels.astype(np.int64)
         if split == "val":
             metrics["temperature"] = calibration.fit_temperature(raw, labels)
@@ -226,21 +232,21 @@ def run(
         curves |= {f"{split}, raw": (raw, labels), f"{split}, T = {metrics['temperature']:.3f}": (probs, labels)}
         if params.evaluate.tta:
             metrics[f"{split}_tta"] = scores(predict(model, pipeline, tta=True), labels, classes)
-        write_bytes_atomic(out / f"predictions_{split}.csv", predictions_csv(data.index, labels, probs, classes).encode())
+        write_bytes_atomic(out / predictions(split), predictions_csv(data.index, labels, probs, classes).encode())
         if split == "test":
             predicted = probs.argmax(axis=1)
             rows = "actual,predicted\n" + "".join(f"{classes[a]},{classes[p]}\n" for a, p in zip(labels, predicted, strict=True))
-            write_bytes_atomic(out / "confusion_test.csv", rows.encode())
+            write_bytes_atomic(out / CONFUSION_CSV, rows.encode())
             matrix = confusion(labels, predicted, len(classes))
-            write_bytes_atomic(out / "confusion_test.png", confusion_png(matrix, classes, f"{arch}: test confusion"))
+            write_bytes_atomic(out / CONFUSION_PNG, confusion_png(matrix, classes, f"{arch}: test confusion"))
             pick = np.sort(np.random.default_rng(params.seed).choice(len(labels), min(GRID, len(labels)), replace=False))
-            write_bytes_atomic(out / "predictions_grid.png", grid_png(data.images[pick], labels[pick], probs[pick], classes))
+            write_bytes_atomic(out / GRID_PNG, grid_png(data.images[pick], labels[pick], probs[pick], classes))
     write_bytes_atomic(out / RELIABILITY, calibration.reliability_png(curves, f"{arch}: reliability"))
     if benchmark is not None:
         metrics[ROBUSTNESS] = corruption_scores(params, model, recipe, benchmark, classes)
         title = f"{arch}: accuracy under corruption (mCA {metrics[ROBUSTNESS]['mca']:.1%})"
         write_bytes_atomic(out / HEATMAP, robustness.heatmap_png(metrics[ROBUSTNESS]["grid"], title))
-    headline, details = split_metrics(metrics)
+    headline, details = split_headline(metrics, HEADLINE)
     write_json_atomic(out / DETAILS, details)
     write_json_atomic(out / METRICS, headline)
     return metrics

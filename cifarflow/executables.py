@@ -1,5 +1,5 @@
 """The environment's own commands (dvc, cifarflow, prefect): found beside the running Python, so the
-venv's copy runs even when PATH lacks the venv. Standard library only: tasks/ and flows/ import it."""
+venv's copy runs even when PATH lacks the venv. Standard library only: cifarflow.tasks and cifarflow.flows import it."""
 
 from __future__ import annotations
 

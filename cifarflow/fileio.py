@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cifarflow.openfile import open_regular
+
 CHUNK = 1 << 20  # 1 MiB reads: large enough that hashing runs at memory speed
 
 
@@ -22,7 +24,7 @@ def sha256_file(path: Path) -> str:
 
 def hash_file(path: Path, algorithm: str) -> str:
     digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO where a shard belongs is an error, never a hang
         while block := f.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()

@@ -14,7 +14,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
-from cifarflow.config import read_yaml
+from cifarflow.bounded_yaml import read_yaml
 from cifarflow.fileio import write_bytes_atomic
 
 

@@ -18,23 +18,25 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cifarflow.config import DataParams
-from cifarflow.data.extract import file_kind, open_regular
-from cifarflow.data.layout import HEIGHT, WIDTH
+from cifarflow.contract import LABELS, SAVED_MODEL, read_card
+from cifarflow.data.cifar_binary import check_class_names
+from cifarflow.data.image_file import EXTENSIONS, Budget, decode
 from cifarflow.errors import InputError
+from cifarflow.openfile import file_kind, read_regular
+from cifarflow.policy import SYNTH
+from cifarflow.serving import SERVING_BATCH, ServedModel, open_export
+from cifarflow.settings import DataParams
 
 log = logging.getLogger(__name__)
-EXTENSIONS = {".png", ".jpg", ".jpeg"}
-FORMATS = ("PNG", "JPEG")  # the only decoders Pillow may pick, whatever a file's bytes claim to be
-BATCH = 256
 DEFAULT_MAX_FILES = DataParams.model_fields["max_members"].default
-MAX_LABELS_BYTES = 1 << 20  # labels.txt names at most a few hundred classes
+DEFAULT_MAX_CHUNKS = DataParams.model_fields["max_image_chunks"].default
+MAX_LABELS_BYTES = 1 << 20  # labels.json names at most a few hundred classes
 
 
 @dataclass
@@ -45,36 +47,16 @@ class Prediction:
     top3: list[tuple[str, float]] = field(default_factory=list)
 
 
-class _Budget:
-    """Paths given and folder entries listed, counted: the walk stops at `limit` (data.max_members),
-    so `cifarflow predict /` ends early with an error line instead of walking /proc."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.count, self.exceeded = limit, 0, False
-
-    def take(self, errors: list[str], where: Path | str) -> bool:
-        """Count one more; False (and the error line, once) when that is over the limit."""
-        if self.count >= self.limit:
-            if not self.exceeded:
-                errors.append(
-                    f"{where}: more than {self.limit:,} files and folders, over data.max_members={self.limit}; "
-                    "stopped there, the rest is not classified (pass fewer or smaller folders, or raise it)"
-                )
-            self.exceeded = True
-            return False
-        self.count += 1
-        return True
-
-
 def expand(paths: list[Path], max_files: int = DEFAULT_MAX_FILES) -> tuple[list[Path], list[str]]:
     """Files as given; folders searched recursively for images, in sorted order. Also one error line
     per path that is missing or neither a regular file nor a folder (a FIFO, a device, a socket), and
     one when more than `max_files` paths and folder entries were met (the rest are not looked at)."""
     files: list[Path] = []
     errors: list[str] = []
-    budget = _Budget(max_files)
+    budget = Budget(max_files)
     for path in paths:
-        if not budget.take(errors, path):
+        if not budget.take():
+            errors.append(budget.message(path))
             break
         try:
             mode = os.stat(path).st_mode  # never open() to find out: a FIFO would block
@@ -93,11 +75,12 @@ def expand(paths: list[Path], max_files: int = DEFAULT_MAX_FILES) -> tuple[list[
         else:
             errors.append(f"{path}: is a {file_kind(mode)}, not an image file or folder")
         if budget.exceeded:
+            errors.append(budget.message(path))
             break
     return files, errors
 
 
-def _walk(folder: Path, budget: _Budget) -> tuple[list[Path], list[str]]:
+def _walk(folder: Path, budget: Budget) -> tuple[list[Path], list[str]]:
     """The image files under `folder`, sorted. Symlinked folders are never descended into, so a
     symlink loop cannot make it run forever; a symlinked file is followed and must be a regular file.
     Every entry listed counts against `budget`, while the listing is read: a folder of millions of
@@ -111,7 +94,7 @@ def _walk(folder: Path, budget: _Budget) -> tuple[list[Path], list[str]]:
         try:
             with os.scandir(top) as listing:
                 for entry in listing:
-                    if not budget.take(errors, folder):
+                    if not budget.take():
                         break
                     entries.append(entry)
         except OSError as exc:
@@ -140,40 +123,6 @@ def _walk(folder: Path, budget: _Budget) -> tuple[list[Path], list[str]]:
     return sorted(found), errors
 
 
-def load_image(path: Path, max_pixels: int) -> np.ndarray:
-    """(32, 32, 3) uint8; other sizes are resized with a warning. A file larger than an image within
-    `max_pixels` can be is refused unread, and an image over `max_pixels` from its header, before
-    decoding. Raises InputError naming the file, whatever went wrong."""
-    from PIL import Image
-
-    from cifarflow.data.image_folder import check_image_bytes, pixel_limit
-
-    try:
-        with pixel_limit(max_pixels), open_regular(path) as f:  # Pillow's own check, at open; then explicit ones
-            check_image_bytes(path, os.fstat(f.fileno()).st_size, max_pixels)  # before Pillow reads a byte
-            with Image.open(f, formats=FORMATS) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        f"{path}: image is {width}x{height}, over data.max_image_pixels={max_pixels} "
-                        "(raise it in params.yaml if the image is genuine)"
-                    )
-                rgb = image.convert("RGB")
-        if rgb.size != (WIDTH, HEIGHT):
-            log.warning("%s: %dx%d, resized to %dx%d", path, *rgb.size, WIDTH, HEIGHT)
-            rgb = rgb.resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(
-            f"{path}: image over data.max_image_pixels={max_pixels}, refused before decoding (raise "
-            "it in params.yaml if the image is genuine)"
-        ) from None
-    except Exception as exc:  # whatever a decoder raises on hostile bytes is this file's error, not the batch's
-        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-
-
 def default_model(registry_dir: Path) -> Path:
     """The registry's champion, checked complete; no champion is an error, never a silent fallback."""
     from cifarflow import registry
@@ -194,78 +143,71 @@ def default_model(registry_dir: Path) -> Path:
 
 
 def read_labels(path: Path) -> list[str]:
-    """labels.txt: one class name per line, in label order (a name may hold spaces: `sea lion`);
-    trailing empty lines are dropped, and nothing else."""
-    with open_regular(path) as f:
-        data = f.read(MAX_LABELS_BYTES + 1)
-    if len(data) > MAX_LABELS_BYTES:
-        raise InputError(f"{path}: over {MAX_LABELS_BYTES:,} bytes; expected one class name per line")
+    """labels.json: the class names in label order, as a JSON list (a name may hold spaces, `sea lion`;
+    none can split into two), checked by the rules the data stages apply to them."""
+    data = read_regular(Path(path), MAX_LABELS_BYTES, what="a JSON list of class names")
     try:
-        names = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text; expected one class name per line") from None
-    while names and not names[-1]:
-        names.pop()
-    if not names or not all(names):
-        raise InputError(f"{path}: expected one non-empty class name per line")
+        names = json.loads(data)
+    except (ValueError, RecursionError):
+        raise InputError(f"{path}: not JSON; expected a list of class names") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{path}: expected a JSON list of class names")
+    check_class_names(names, str(path))
     return names
 
 
-def load_model(model_dir: Path) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]:
-    """The export's class names and its serving function: a uint8 batch in, probabilities out."""
-    import tensorflow as tf
-
-    saved = Path(model_dir) / "saved_model"
-    labels_file = Path(model_dir) / "labels.txt"
+def load_model(model_dir: Path) -> tuple[list[str], ServedModel]:
+    """The export's class names and its served model, once the export is checked to serve what its
+    card claims (serving.check_served: no file swapped, added or removed)."""
+    saved, labels_file = Path(model_dir) / SAVED_MODEL, Path(model_dir) / LABELS
     if not saved.is_dir() or not labels_file.is_file():
-        raise InputError(f"{model_dir}: no saved_model/ and labels.txt; run export (or pass --model)")
-    classes = read_labels(labels_file)
-    signature = tf.saved_model.load(str(saved)).signatures["serving_default"]
-    return classes, lambda batch: next(iter(signature(images=tf.constant(batch)).values())).numpy()
+        raise InputError(f"{model_dir}: no {SAVED_MODEL}/ and {LABELS}; run export (or pass --model)")
+    served = open_export(model_dir)
+    if read_card(model_dir).get("data_source_kind") == SYNTH:
+        log.warning(
+            "%s was trained and tested on generated data (data.source synth:..., as in the smoke profile), "
+            "not on photographs: its labels for real images mean nothing",
+            model_dir,
+        )
+    return read_labels(labels_file), served
 
 
-def load_images(files: list[Path], max_pixels: int) -> tuple[list[np.ndarray], list[str], list[str]]:
-    """The readable images and their names, and one error line per file that is not."""
-    images, names, errors = [], [], []
-    for path in files:
-        try:
-            images.append(load_image(path, max_pixels))
-            names.append(str(path))
-        except InputError as exc:
-            errors.append(str(exc))
-    return images, names, errors
-
-
-def batches(files: list[Path], max_pixels: int, errors: list[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+def batches(
+    files: list[Path], max_pixels: int, errors: list[str], max_chunks: int = DEFAULT_MAX_CHUNKS
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """The readable images, BATCH at a time, with their names; one error line per unreadable file is
     appended to `errors`. Files are read as the batches are used: one batch in memory at a time."""
     names: list[str] = []
     images: list[np.ndarray] = []
     for path in files:
         try:
-            images.append(load_image(path, max_pixels))
+            images.append(decode(path, max_pixels, resize=True, max_chunks=max_chunks))
         except InputError as exc:
             errors.append(str(exc))
             continue
         names.append(str(path))
-        if len(images) >= BATCH:
+        if len(images) >= SERVING_BATCH:
             yield names, np.stack(images)
             names, images = [], []
     if images:
         yield names, np.stack(images)
 
 
-def classify(model_dir: Path, files: list[Path], max_pixels: int) -> tuple[list[Prediction], list[str]]:
+def classify(
+    model_dir: Path, files: list[Path], max_pixels: int, max_chunks: int = DEFAULT_MAX_CHUNKS
+) -> tuple[list[Prediction], list[str]]:
     """Predictions for the readable files, and one error line per unreadable one. The images go
     through the model a batch at a time, as they are read."""
-    classes, serve = load_model(model_dir)
+    classes, model = load_model(model_dir)
     results: list[Prediction] = []
     errors: list[str] = []
-    for names, images in batches(files, max_pixels, errors):
-        probs = serve(images)
+    for names, images in batches(files, max_pixels, errors, max_chunks):
+        probs = model.probabilities(images)
+        if not np.isfinite(probs).all():
+            raise InputError(f"{model_dir}: the model gives non-finite outputs (NaN or infinite); it is broken: export it again")
         if probs.ndim != 2 or probs.shape[1] != len(classes):
             raise InputError(
-                f"{model_dir}: the model gives {probs.shape[-1]} scores per image but labels.txt names "
+                f"{model_dir}: the model gives {probs.shape[-1]} scores per image but {LABELS} names "
                 f"{len(classes)} classes; export the model again"
             )
         for name, row in zip(names, probs, strict=True):
@@ -276,7 +218,27 @@ def classify(model_dir: Path, files: list[Path], max_pixels: int) -> tuple[list[
     return results, errors
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def shown(text: str | Path) -> str:
+    """`text` as one printable line: bytes that are not UTF-8 (a file name may hold any) as \\xNN, and
+    every control, line-separator, bidi or other non-printable character as its escape (\\n, \\x1b,
+    \\u202e): no name can start a line of its own, move the cursor, reorder text or fail to encode."""
+    decoded = os.fsencode(str(text)).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in decoded)
+
+
+def csv_cell(text: str) -> str:
+    """A cell a spreadsheet shows as text: one that would start a formula gets a leading apostrophe."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
 def render(results: list[Prediction], fmt: str) -> str:
+    """The predictions as a table, JSON or CSV; every path and label shown escaped (`shown`), and CSV
+    cells kept from being run as formulas (`csv_cell`)."""
+    results = [Prediction(shown(r.path), shown(r.label), r.confidence, [(shown(lb), p) for lb, p in r.top3]) for r in results]
     if fmt == "json":
         return (
             json.dumps(
@@ -290,6 +252,7 @@ def render(results: list[Prediction], fmt: str) -> str:
                     for r in results
                 ],
                 indent=2,
+                allow_nan=False,
             )
             + "\n"
         )
@@ -298,7 +261,8 @@ def render(results: list[Prediction], fmt: str) -> str:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["path", "label", "confidence", "top3"])
         for r in results:
-            writer.writerow([r.path, r.label, f"{r.confidence:.4f}", " ".join(f"{label}:{p:.4f}" for label, p in r.top3)])
+            top = " ".join(f"{label}:{p:.4f}" for label, p in r.top3)
+            writer.writerow([csv_cell(r.path), csv_cell(r.label), f"{r.confidence:.4f}", csv_cell(top)])
         return buffer.getvalue()
     width = max([len(r.path) for r in results] + [4])
     lines = [f"{'path':<{width}}  {'label':<10}  {'conf':>6}  top-3"]
@@ -308,12 +272,22 @@ def render(results: list[Prediction], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(paths: list[Path], model_dir: Path, fmt: str, max_image_pixels: int, max_files: int = DEFAULT_MAX_FILES) -> int:
-    """Classify `paths` (at most `max_files` files and folder entries, data.max_members)."""
+def run(
+    paths: list[Path],
+    model_dir: Path,
+    fmt: str,
+    max_image_pixels: int,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_chunks: int = DEFAULT_MAX_CHUNKS,
+) -> int:
+    """Classify `paths` (at most `max_files` files and folder entries, data.max_members; images within
+    data.max_image_pixels and data.max_image_chunks)."""
     files, errors = expand(paths, max_files)
-    results, unreadable = classify(model_dir, files, max_image_pixels)
+    results, unreadable = classify(model_dir, files, max_image_pixels, max_chunks) if files else ([], [])
     errors += unreadable
-    sys.stdout.write(render(results, fmt))
+    if results or fmt != "table":  # JSON and CSV stay well-formed when empty; a table with no rows is not shown
+        sys.stdout.write(render(results, fmt))
+    sys.stdout.flush()  # a full or closed output is found here, as the CLI's error, not at exit
     for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {shown(line)}", file=sys.stderr)
     return 1 if errors else 0

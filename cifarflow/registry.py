@@ -1,8 +1,10 @@
 """The champion registry: immutable versions, one pointer switched atomically, an append-only history.
 
+    <registry>/REGISTRY                 written when the registry is made: a folder without it is not one
     <registry>/versions/<n>-<digest>/   a promoted export, written whole and fsynced before it appears
     <registry>/CURRENT                  the champion: JSON naming its version and the promotion that made it
     <registry>/history.jsonl            one line per promotion, rollback and clean-up ("what served when")
+    <registry>/PENDING                  while a writer stages a version or removes some: which ones
     <registry>/.lock                    held by whoever changes the registry (filelock)
 
 Readers only ever follow CURRENT, which is replaced by a rename: at every instant they see exactly
@@ -10,6 +12,12 @@ one complete champion, whatever process is killed when. Writers hold the lock; t
 writer does is finish or undo what a killed writer left (staging folders, a history line not yet
 written for the CURRENT it had already switched). Every filesystem change goes through `Durable`,
 so a test can kill the process just before and just after each one.
+
+The registry deletes only what it can prove it made and a writer left: the version PENDING names
+(written before that version is staged) when the history never recorded it. A version nothing
+records is kept and listed as unrecorded; a folder the registry did not make is refused before
+anything is written; a history that is missing, emptied or cut short is an error naming it, which
+`cifarflow promote --repair` rebuilds from the versions' own records, deleting nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -29,14 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cifarflow.contract import MODEL_CARD, SAVED_MODEL, read_card
 from cifarflow.errors import CifarflowError, InputError
+from cifarflow.policy import Verdict
+from cifarflow.provenance import describe
 
 VERSIONS, CURRENT, HISTORY, LOCK = "versions", "CURRENT", "history.jsonl", ".lock"
 INCOMING, TRASH, SCORES = ".incoming", ".trash", "scores"
+MARKER, PENDING = "REGISTRY", "PENDING"
+MARKER_CONTENT = b'{"cifarflow_registry": 1}\n'
+ARCHIVED = re.compile(r"^history-\d{8}T\d{6}Z(-\d+)?\.jsonl$")  # what `promote --archive-history` moved aside
+BACKUP = re.compile(r"^history\.jsonl\.\d{8}T\d{6}Z(-\d+)?\.bak$")  # what `promote --repair` kept
 VERSION_FILE = "version.json"  # inside each version: its facts and the sha256 of every file
 VERSION_NAME = re.compile(r"^(\d{4,9})-([0-9a-f]{12})$")
-KINDS = ("promote", "rollback", "gc")
-MAX_HISTORY_BYTES = 64 << 20  # ~100,000 events
+KINDS = ("promote", "rollback", "gc", "repair", "archive")
+MAX_HISTORY_BYTES = 64 << 20  # ~100,000 events: `promote --archive-history` starts a new one
 MAX_POINTER_BYTES = 1 << 16  # CURRENT is a few hundred bytes; never read an unbounded file
 KILL_ENV = "CIFARFLOW_REGISTRY_KILL_AT"  # tests: SIGKILL at the n-th durability point (1-based)
 POINTS_ENV = "CIFARFLOW_REGISTRY_POINTS"  # tests: append the name of every durability point to this file
@@ -288,7 +304,10 @@ def history(registry: Path) -> list[dict[str, Any]]:
         if not path.is_file():
             raise RegistryError(f"{path}: not a regular file; the history is damaged")
         if path.stat().st_size > MAX_HISTORY_BYTES:
-            raise RegistryError(f"{path}: over {MAX_HISTORY_BYTES:,} bytes; archive it and start a new one")
+            raise RegistryError(
+                f"{path}: over {MAX_HISTORY_BYTES:,} bytes; move it aside and start a new one that carries what it "
+                "decides (rollbacks, what served): `cifarflow promote --archive-history`"
+            )
         data = path.read_bytes()
     except OSError as exc:
         raise RegistryError(f"{path}: unreadable ({exc.__class__.__name__})") from None
@@ -313,57 +332,145 @@ def history(registry: Path) -> list[dict[str, Any]]:
 # --- writing: under the lock -----------------------------------------------------------------------
 
 
-def check_layout(registry: Path) -> None:
-    """Refuse a folder that is not a registry: a legacy champion copy, a symlink, a file."""
+FIXED_ENTRIES = (VERSIONS, CURRENT, HISTORY, LOCK, INCOMING, TRASH, SCORES, MARKER, PENDING)
+
+
+def ours(name: str) -> bool:
+    """Whether an entry of a registry folder is one the registry makes (its temps included)."""
+    temp = name.endswith(".tmp") and name.split(".", 1)[0] in (CURRENT, MARKER, PENDING, "history")
+    return name in FIXED_ENTRIES or bool(ARCHIVED.match(name) or BACKUP.match(name)) or temp
+
+
+def check_layout(registry: Path, adopting: bool = False) -> None:
+    """Refuse a folder that is not a registry, before anything is written: a symlink, a file, a folder
+    holding anything the registry did not make (a `versions/` of someone else's included), or one of
+    registry files without the REGISTRY marker (`adopting`: promote --repair writes it)."""
     if registry.is_symlink() or (registry.exists() and not registry.is_dir()):
         raise RegistryError(f"{registry}: is a symlink or a file; the registry must be a real folder")
-    if (registry / "saved_model").exists():
+    if (registry / SAVED_MODEL).exists():
         raise RegistryError(
             f"{registry}: holds a champion copied by an older cifarflow (saved_model/ at the top); "
             "move it away, then promote again to start a registry there"
         )
+    if not registry.is_dir() or (registry / MARKER).is_file():
+        return
+    entries = sorted(p.name for p in registry.iterdir())
+    foreign = [name for name in entries if not ours(name)]
+    if foreign:
+        raise RegistryError(
+            f"{registry}: holds files the registry did not make ({', '.join(foreign[:5])}"
+            f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}) and no {MARKER} file: export.champion_dir "
+            "must name a new or empty folder, or a registry; nothing was written"
+        )
+    if set(entries) & {VERSIONS, CURRENT, HISTORY} and not adopting:  # a registry's content, unmarked
+        raise RegistryError(
+            f"{registry}: a registry without its {MARKER} file (made by an older cifarflow?): "
+            "`cifarflow promote --repair` adopts it, deleting nothing"
+        )
 
 
 @contextmanager
-def locked(registry: Path, wait_s: float = DEFAULT_WAIT_S) -> Iterator[Durable]:
-    """Hold the registry's lock (waiting up to `wait_s`), after repairing what a killed writer left."""
+def locked(registry: Path, wait_s: float = DEFAULT_WAIT_S, repairing: bool = False) -> Iterator[Durable]:
+    """Hold the registry's lock (waiting up to `wait_s`), after finishing or undoing what a killed writer
+    left. A new registry gets its REGISTRY marker first. `repairing`: promote --repair, which adopts
+    an unmarked registry and rebuilds a lost history, so neither is an error here."""
     from filelock import FileLock, Timeout
 
     registry = Path(registry)
-    check_layout(registry)
+    check_layout(registry, adopting=repairing)
     io = Durable()
     io.mkdir(registry)
-    lock = FileLock(registry / LOCK)
+    lock_path = registry / LOCK
+    if os.path.lexists(lock_path) and (lock_path.is_symlink() or not lock_path.is_file()):
+        raise RegistryError(f"{lock_path}: not a regular file (a folder or a symlink); remove it, no promotion is running")
+    content = {p.name for p in registry.iterdir()} & {VERSIONS, CURRENT, HISTORY}
+    if not (registry / MARKER).is_file() and (repairing or not content):  # new, or adopted by --repair
+        temp = registry / f"{MARKER}.{os.getpid()}.tmp"
+        io.remove_file(temp)
+        io.write(temp, MARKER_CONTENT)
+        io.rename(temp, registry / MARKER)
+    lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
         raise RegistryError(
-            f"{registry / LOCK}: another promotion has held the registry for over {wait_s:.0f} s; "
+            f"{lock_path}: another promotion has held the registry for over {wait_s:.0f} s; "
             "wait for it to finish (or pass a longer --wait)"
         ) from None
     try:
-        recover(registry, io)
+        recover(registry, io, verify_history=not repairing)
         yield io
     finally:
         lock.release()
 
 
-def recover(registry: Path, io: Durable) -> None:
-    """Finish or undo a killed writer's work: drop staging and trash, write the history line of a
-    switch that happened, and remove a version that never became champion."""
-    for leftover in (registry / INCOMING, registry / TRASH):
-        if leftover.exists():
-            io.remove_tree(leftover)
-    for temp in [*registry.glob(f"{CURRENT}.*.tmp"), *registry.glob(f"{SCORES}/.*.tmp")]:
+def check_history(registry: Path, events: list[dict[str, Any]], found: dict[str, Any] | None) -> None:
+    """A history that lost events is an error naming it: CURRENT or a recorded version ahead of it."""
+    last = events[-1]["seq"] if events else 0
+    path = registry / HISTORY
+    repair = (
+        "restore it from a backup, or run `cifarflow promote --repair` to rebuild it from the versions' records (deletes nothing)"
+    )
+    if found is not None and found["event"]["seq"] > last + 1:
+        raise RegistryError(
+            f"{path}: {'missing or empty' if not events else 'cut short'}: it ends at event {last} but the champion "
+            f"(CURRENT) was made by event {found['event']['seq']}; {repair}"
+        )
+    held = versions(registry)
+    if not events and held and found is None:
+        raise RegistryError(f"{path}: missing or empty, but versions/ holds {len(held)} version(s); {repair}")
+
+
+def recover(registry: Path, io: Durable, verify_history: bool = True) -> None:
+    """Finish or undo a killed writer's work: drop staging folders and temps, write the history line of
+    a switch that happened, remove the version a killed promoter staged but never recorded (PENDING
+    names it), and put back versions a killed clean-up moved out but never recorded removing."""
+    pending = _pending(registry)
+    if (registry / TRASH).is_dir():
+        gc_names = set(pending.get("gc") or [])
+        recorded = any(e.get("kind") == "gc" and set(e.get("removed") or []) == gc_names for e in history(registry))
+        for entry in (registry / TRASH).iterdir():  # removing what a recorded clean-up removed; undoing an unrecorded one
+            if not recorded and entry.name in gc_names and not (registry / VERSIONS / entry.name).exists():
+                io.rename(entry, registry / VERSIONS / entry.name)
+        io.remove_tree(registry / TRASH)
+    if (registry / INCOMING).exists():
+        io.remove_tree(registry / INCOMING)
+    for temp in [*registry.glob(f"{CURRENT}.*.tmp"), *registry.glob(f"{SCORES}/.*.tmp"), *registry.glob(f"{HISTORY}.*.tmp")]:
         io.remove_file(temp)
     events, found = history(registry), pointer(registry)
+    staged = pending.get("version")
+    named = {e.get("to") for e in events} | ({found["version"]} if found else set())
+    if staged and staged not in named and (registry / VERSIONS / staged).is_dir():
+        io.remove_tree(registry / VERSIONS / staged)  # made by a promoter that died before recording it
+    if pending:
+        io.remove_file(registry / PENDING)
+    if verify_history:
+        check_history(registry, events, found)
     if found is not None and found["event"]["seq"] > (events[-1]["seq"] if events else 0):
         io.append(registry / HISTORY, _dumps({**found["event"], "recorded_late": True}) + "\n")
-        events = history(registry)
-    named = {e.get("to") for e in events} | ({found["version"]} if found else set())
-    for orphan in (registry / VERSIONS).glob("*") if (registry / VERSIONS).is_dir() else []:
-        if orphan.name not in named:  # renamed into versions/ by a promoter killed before the switch
-            io.remove_tree(orphan)
+
+
+def _pending(registry: Path) -> dict[str, Any]:
+    """What PENDING says a writer was doing (a version it staged, versions it was removing), or {}."""
+    if not os.path.lexists(registry / PENDING):
+        return {}
+    try:
+        return _read_json(registry / PENDING)
+    except RegistryError:  # torn by a power cut before its rename: it names nothing for certain
+        return {}
+
+
+def _set_pending(registry: Path, io: Durable, **what: Any) -> None:
+    temp = registry / f"{PENDING}.{os.getpid()}.tmp"
+    io.remove_file(temp)
+    io.write(temp, _dumps({**what, "pid": os.getpid(), "host": socket.gethostname()}).encode())
+    io.rename(temp, registry / PENDING)
+
+
+def unrecorded(registry: Path) -> list[str]:
+    """Versions in versions/ that no history line or CURRENT names: kept, never removed, listed."""
+    named = {e.get("to") for e in _events(registry)} | ({p["version"]} if (p := pointer(registry)) else set())
+    return [v.name for v in versions(registry) if v.name not in named]
 
 
 def _by(given: str | None = None) -> str:
@@ -382,6 +489,8 @@ def _switch(registry: Path, io: Durable, event: dict[str, Any]) -> None:
     io.write(temp, _dumps({"version": event["to"], "event": event}, indent=2).encode() + b"\n")
     io.rename(temp, registry / CURRENT)
     io.append(registry / HISTORY, _dumps(event) + "\n")
+    if os.path.lexists(registry / PENDING):  # recorded: nothing of this writer's is an orphan now
+        io.remove_file(registry / PENDING)
 
 
 def _next_seq(registry: Path) -> int:
@@ -392,8 +501,11 @@ def _next_seq(registry: Path) -> int:
 def add_version(registry: Path, io: Durable, export: Path, facts: dict[str, Any]) -> Version:
     """Copy `export` into a new version folder: staged, every file and folder fsynced, then renamed
     into versions/ in one step."""
-    numbers = [v.number for v in versions(registry)] + [int(e["to"].split("-")[0]) for e in history(registry) if e.get("to")]
+    events = history(registry)
+    numbers = [v.number for v in versions(registry)] + [int(e["to"].split("-")[0]) for e in events if e.get("to")]
+    numbers += [e.get("max_version", 0) for e in events if e["kind"] == "archive"]
     name = f"{max(numbers, default=0) + 1:04d}-{facts['weights_sha256'][:12]}"
+    _set_pending(registry, io, version=name)  # before staging: recovery may remove this version, and only it
     staging = registry / INCOMING / f"{name}.{os.getpid()}.tmp"
     io.mkdir(staging)
     files: dict[str, str] = {}
@@ -408,7 +520,7 @@ def add_version(registry: Path, io: Durable, export: Path, facts: dict[str, Any]
             files[rel.as_posix()] = _sha256(staging / rel)
     for folder in sorted({(staging / rel).parent for rel in files} | {staging}, key=lambda p: -len(p.parts)):
         io.fsync(folder)
-    io.write(staging / VERSION_FILE, _dumps({**facts, "files": files}, indent=2).encode() + b"\n")
+    io.write(staging / VERSION_FILE, _dumps({**facts, "files": files, "recorded_by": "promote"}, indent=2).encode() + b"\n")
     io.mkdir(registry / VERSIONS)
     io.rename(staging, registry / VERSIONS / name)
     io.remove_tree(registry / INCOMING)  # empty now
@@ -428,7 +540,9 @@ def rolled_back(registry: Path) -> dict[str, dict[str, Any]]:
     with that rollback's event."""
     revoked: dict[str, dict[str, Any]] = {}
     for e in _events(registry):
-        if e["kind"] == "rollback" and e.get("from_weights_sha256"):
+        if e["kind"] == "archive":  # what the archived history decided, carried forward
+            revoked.update(e.get("rolled_back") or {})
+        elif e["kind"] == "rollback" and e.get("from_weights_sha256"):
             revoked[e["from_weights_sha256"]] = e
         elif e["kind"] == "promote" and (e.get("verdict") or {}).get("forced"):
             revoked.pop(e.get("weights_sha256"), None)
@@ -439,68 +553,59 @@ def served_before(registry: Path, champion: str) -> str | None:
     """The version that served before `champion`, skipping versions rolled back from: what a plain
     `--rollback` returns to, and what `--gc` keeps besides the champion."""
     events = _events(registry)
-    revoked = {e["from"] for e in events if e["kind"] == "rollback"}
+    revoked: set[str] = set()
+    served: list[str] = []
     for e in events:  # a version reinstated after a rollback serves again
-        if e["kind"] == "promote":
+        if e["kind"] == "archive":  # the order of what served, and what was rolled back from, before it
+            revoked |= set(e.get("revoked_versions") or [])
+            served += list(e.get("served") or [])
+        elif e["kind"] in ("promote", "repair"):
             revoked.discard(e["to"])
         elif e["kind"] == "rollback":
             revoked.discard(e["to"])
             revoked.add(e["from"])
-    earlier = [e["to"] for e in events if e.get("to") and e["to"] != champion and e["to"] not in revoked]
+        if e["kind"] in ("promote", "rollback", "repair") and e.get("to"):
+            served.append(e["to"])
+    earlier = [name for name in served if name != champion and name not in revoked]
     return earlier[-1] if earlier else None
 
 
-@dataclass(frozen=True)
-class Gate:
-    """What promotion re-checks inside the lock, against the champion as it is then."""
-
-    min_accuracy: float
-    tolerance: float
-    manifest_sha256: str  # the test split the candidate was scored on must be the one scored now
-    score: Callable[[Version], float]  # the champion's test accuracy on that split (cached by the caller)
-
-
 def promote(
-    export: Path, registry: Path, gate: Gate, force: bool = False, by: str | None = None, wait_s: float = DEFAULT_WAIT_S
+    export: Path,
+    registry: Path,
+    decide: Callable[[dict[str, Any], Version | None, dict[str, Any] | None], Verdict],
+    force: bool = False,
+    by: str | None = None,
+    wait_s: float = DEFAULT_WAIT_S,
 ) -> dict[str, Any]:
-    """Make the export in `export` the champion, if it passes the gate against the current champion.
-    Returns the recorded event, or {"kind": "unchanged", ...} when it already is the champion.
-    Raises PromotionRefused with every reason when it may not (unless `force`)."""
+    """Make the export in `export` the champion if the policy allows it now: `decide(card, champion,
+    rollback)` is called under the lock with the export's model card, the current champion (None if
+    there is none) and the rollback event that revoked these weights (None if none), and returns
+    the verdict. Returns the
+    recorded event, or {"kind": "unchanged", ...} when it already is the champion. Raises
+    PromotionRefused with every failed check when it may not (unless `force`)."""
     export, registry = Path(export), Path(registry)
-    card_path = export / "model_card.json"
-    if not card_path.is_file():
-        raise InputError(f"{card_path}: not found; run the export stage first")
-    try:
-        card = _read_json(card_path, 1 << 24)
-    except RegistryError:
-        raise InputError(f"{card_path}: not a readable model card (JSON object); export again") from None
+    card = read_card(export)
     digest = card.get("weights_sha256")
-    test = card.get("test")
-    accuracy = test.get("accuracy") if isinstance(test, dict) else None
-    if (
-        not isinstance(digest, str)
-        or not re.fullmatch(r"[0-9a-f]{64}", digest)
-        or not isinstance(accuracy, (int, float))
-        or isinstance(accuracy, bool)
-    ):
-        raise InputError(f"{card_path}: no weights_sha256 or test.accuracy; export again with this version of cifarflow")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise InputError(f"{export / MODEL_CARD}: no weights_sha256; export again with this version of cifarflow")
     with locked(registry, wait_s) as io:
         champion = current(registry)
         if champion is not None and champion.digest == digest:
             return {"kind": "unchanged", "to": champion.name, "reason": f"{export} is already the champion"}
-        verdict = judge(card, champion, gate, rolled_back(registry).get(digest))
-        if verdict["reasons"] and not force:
+        verdict = decide(card, champion, rolled_back(registry).get(digest))
+        if not verdict.blessed and not force:
             raise PromotionRefused(
                 f"not promoting {export} ({card.get('arch')}): "
-                + "; ".join(verdict["reasons"])
+                + "; ".join(verdict.failures)
                 + " (cifarflow promote --force overrides)"
             )
         facts = {
             "arch": card.get("arch"),
             "weights_sha256": digest,
-            "test_accuracy": card["test"]["accuracy"],
-            "blessed": card.get("blessed"),
-            "git_commit": card.get("git_commit"),
+            "test_accuracy": _number((card.get("test") or {}).get("accuracy")),
+            "blessed": verdict.blessed,
+            "provenance": card.get("provenance"),
             "profile": card.get("profile"),
             "data_source_kind": card.get("data_source_kind"),
             "data_manifest_sha256": card.get("data_manifest_sha256"),
@@ -513,39 +618,16 @@ def promote(
             "by": _by(by),
             "to": new.name,
             "from": champion.name if champion else None,
-            **{k: facts[k] for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "git_commit", "data_source_kind")},
-            "verdict": {**verdict, "forced": bool(force and verdict["reasons"])},
+            **{k: facts[k] for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "provenance", "data_source_kind")},
+            "verdict": {**verdict.record(), "forced": bool(force and not verdict.blessed)},
         }
         _switch(registry, io, event)
         return event
 
 
-def judge(card: dict[str, Any], champion: Version | None, gate: Gate, rollback: dict[str, Any] | None) -> dict[str, Any]:
-    """Every reason the candidate may not be promoted now ([] when it may), and what it was compared with."""
-    reasons = []
-    accuracy = float(card["test"]["accuracy"])
-    if not 0.0 <= accuracy <= 1.0:  # NaN fails this too: every comparison with it is false
-        reasons.append(f"its test accuracy {accuracy} is not a number in [0, 1]")
-    if not card.get("blessed"):
-        reasons.append("the export is not blessed (" + "; ".join(card.get("blessing_reasons", [])) + ")")
-    if card.get("data_source_kind") == "synth":
-        reasons.append("it was trained on synthetic data (profile " + str(card.get("profile")) + ")")
-    if card.get("data_manifest_sha256") != gate.manifest_sha256:
-        reasons.append("its test accuracy was measured on other data than data/shards now (rerun the pipeline)")
-    if accuracy < gate.min_accuracy:
-        reasons.append(f"test accuracy {accuracy:.4f} < export.min_accuracy {gate.min_accuracy}")
-    if rollback is not None:
-        reasons.append(f"these weights were rolled back from version {rollback['from']} at {rollback['time']}")
-    compared = None
-    if champion is not None:
-        score = gate.score(champion)
-        compared = {"version": champion.name, "weights_sha256": champion.digest, "test_accuracy": score}
-        if accuracy < score - gate.tolerance:
-            reasons.append(
-                f"test accuracy {accuracy:.4f} is more than export.tolerance {gate.tolerance} below the "
-                f"champion {champion.name}'s {score:.4f} (re-scored now on this test split)"
-            )
-    return {"reasons": reasons, "candidate_test_accuracy": accuracy, "champion": compared}
+def _number(value: Any) -> float | None:
+    """A finite number as recorded, else None (a record is strict JSON: no NaN)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def rollback(registry: Path, to: str | None = None, by: str | None = None, wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
@@ -583,7 +665,7 @@ def rollback(registry: Path, to: str | None = None, by: str | None = None, wait_
             "from_weights_sha256": champion.digest,
             **{
                 k: target.facts.get(k)
-                for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "git_commit", "data_source_kind")
+                for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "provenance", "data_source_kind")
             },
         }
         _switch(registry, io, event)
@@ -601,10 +683,12 @@ def collect_garbage(registry: Path, keep: int, wait_s: float = DEFAULT_WAIT_S) -
         before = served_before(registry, champion.name) if champion else None
         if before:
             protected.add(before)
-        every = versions(registry)
+        unknown = set(unrecorded(registry))  # never the registry's to remove: listed, kept
+        every = [v for v in versions(registry) if v.name not in unknown]
         newest = {v.name for v in every[-keep:]}
         removed = [v.name for v in every if v.name not in newest | protected]
         if removed:
+            _set_pending(registry, io, gc=removed)  # a clean-up killed before it is recorded is undone
             io.mkdir(registry / TRASH)
             for name in removed:  # out of versions/ in one rename each, so no half-removed version is ever listed
                 io.rename(registry / VERSIONS / name, registry / TRASH / name)
@@ -614,7 +698,112 @@ def collect_garbage(registry: Path, keep: int, wait_s: float = DEFAULT_WAIT_S) -
                 + "\n",
             )
             io.remove_tree(registry / TRASH)
+            io.remove_file(registry / PENDING)
         return removed
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _free_name(registry: Path, make: Callable[[str], str]) -> str:
+    """`make(suffix)` with the first suffix ("", "-2", ...) naming no existing entry."""
+    number, name = 1, make("")
+    while os.path.lexists(registry / name):
+        number += 1
+        name = make(f"-{number}")
+    return name
+
+
+def repair(registry: Path, by: str | None = None, wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
+    """`promote --repair`: rebuild a lost or cut-short history from what survives (the history's intact
+    lines, each version's own version.json, CURRENT), adopt a registry without its REGISTRY marker, and
+    delete nothing: the old history, if any, is kept beside the new one. Returns what was done."""
+    registry = Path(registry)
+    with locked(registry, wait_s, repairing=True) as io:
+        try:
+            kept = history(registry)
+        except RegistryError:
+            kept = []  # unreadable lines: the versions tell again what they can
+        found = pointer(registry)
+        named = {e.get("to") for e in kept}
+        rebuilt = []
+        seq = kept[-1]["seq"] if kept else 0
+        previous = next((e["to"] for e in reversed(kept) if e.get("to")), None)
+        for v in versions(registry):
+            if v.name in named or "damaged" in v.facts:
+                continue
+            seq += 1
+            mtime = (v.path / VERSION_FILE).stat().st_mtime
+            rebuilt.append(
+                {
+                    "seq": seq,
+                    "kind": "promote",
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
+                    "by": _by(by),
+                    "to": v.name,
+                    "from": previous,
+                    **{k: v.facts.get(k) for k in ("arch", "weights_sha256", "test_accuracy", "blessed", "provenance")},
+                    "data_source_kind": v.facts.get("data_source_kind"),
+                    "repaired": "rebuilt from the version's own record by `promote --repair`",
+                }
+            )
+            previous = v.name
+        champion = found["version"] if found else previous
+        if os.path.lexists(registry / HISTORY):
+            io.rename(registry / HISTORY, registry / _free_name(registry, lambda n: f"{HISTORY}.{_stamp()}{n}.bak"))
+        temp = registry / f"{HISTORY}.{os.getpid()}.tmp"
+        io.remove_file(temp)
+        io.write(temp, "".join(_dumps(e) + "\n" for e in [*kept, *rebuilt]).encode())
+        io.rename(temp, registry / HISTORY)
+        event = None
+        if champion is not None:
+            event = {"seq": seq + 1, "kind": "repair", "time": _now(), "by": _by(by), "to": champion, "from": None}
+            event |= {k: version(registry, champion).facts.get(k) for k in ("arch", "weights_sha256", "test_accuracy")}
+            _switch(registry, io, event)
+        return {"kept_events": len(kept), "rebuilt": [e["to"] for e in rebuilt], "champion": champion}
+
+
+def archive_history(registry: Path, by: str | None = None, wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
+    """`promote --archive-history`: move history.jsonl aside (kept, as history-<time>.jsonl) and start a
+    new one whose first event carries what the old one decides: the weights rolled back from, the
+    versions that served (for --rollback and --gc) and the highest version number."""
+    registry = Path(registry)
+    with locked(registry, wait_s) as io:
+        events = _events(registry)
+        if not events:
+            raise InputError(f"{registry / HISTORY}: nothing to archive")
+        champion = current(registry)
+        served: list[str] = []
+        revoked: set[str] = set()
+        for e in events:
+            if e["kind"] == "archive":
+                served += list(e.get("served") or [])
+                revoked |= set(e.get("revoked_versions") or [])
+            elif e["kind"] == "rollback":
+                revoked.discard(e["to"])
+                revoked.add(e["from"])
+            elif e["kind"] in ("promote", "repair"):
+                revoked.discard(e["to"])
+            if e["kind"] in ("promote", "rollback", "repair") and e.get("to"):
+                served.append(e["to"])
+        numbers = [int(e["to"].split("-")[0]) for e in events if e.get("to")] + [e.get("max_version", 0) for e in events]
+        archived = _free_name(registry, lambda n: f"history-{_stamp()}{n}.jsonl")
+        event = {
+            "seq": events[-1]["seq"] + 1,
+            "kind": "archive",
+            "time": _now(),
+            "by": _by(by),
+            "archived_to": archived,
+            "champion": champion.name if champion else None,
+            "rolled_back": rolled_back(registry),
+            "revoked_versions": sorted(revoked),
+            "served": served[-1000:],  # --rollback and --gc look back at most this far
+            "max_version": max(numbers, default=0),
+        }
+        io.rename(registry / HISTORY, registry / archived)
+        io.append(registry / HISTORY, _dumps(event) + "\n")
+        return event
 
 
 def cached_score(
@@ -648,10 +837,16 @@ def render(registry: Path) -> str:
     """`promote --list`: the versions with the champion marked, then the history."""
     registry = Path(registry)
     champion = current(registry)
+    folder = registry / VERSIONS
+    if not history(registry) and not (folder.is_dir() and any(folder.iterdir())):
+        return (
+            f"registry {registry}: no version yet. A version is made by `cifarflow promote` from a blessed "
+            "export (data/export/, written by `dvc repro` or `cifarflow flow run`, which promotes it itself).\n"
+        )
     lines = [
         f"registry {registry}: champion {champion.name if champion else '(none)'}",
         "",
-        "| | version | arch | test accuracy | blessed | data | git commit |",
+        "| | version | arch | test accuracy | blessed | data | provenance |",
         "|---|---|---|---:|---|---|---|",
     ]
     for v in versions(registry):
@@ -659,12 +854,24 @@ def render(registry: Path) -> str:
         lines.append(
             f"| {'*' if champion and v.name == champion.name else ''} | {v.name} | {f.get('arch')} | "
             f"{f.get('test_accuracy')} | {f.get('blessed')} | {f.get('data_source_kind')} | "
-            f"{(f.get('git_commit') or '')[:10]} |"
+            f"{describe(f.get('provenance') or {}) if f.get('provenance') else ''} |"
         )
+    strays = unrecorded(registry)
+    foreign = (
+        sorted(p.name for p in (registry / VERSIONS).iterdir() if not VERSION_NAME.match(p.name))
+        if (registry / VERSIONS).is_dir()
+        else []
+    )
+    if strays:
+        lines += ["", f"unrecorded (no history line names them; kept, never removed): {', '.join(strays)}"]
+    if foreign:
+        lines += ["", f"foreign entries in {VERSIONS}/ (not the registry's; kept): {', '.join(foreign)}"]
     lines += ["", "history (oldest first):"]
     for e in history(registry):
         if e["kind"] == "gc":
             lines.append(f"  {e['seq']:>4} {e['time']} gc: removed {', '.join(e['removed'])} (keep {e['keep']})")
+        elif e["kind"] == "archive":
+            lines.append(f"  {e['seq']:>4} {e['time']} archive: the history before this line is in {e['archived_to']}")
         else:
             forced = " FORCED" if (e.get("verdict") or {}).get("forced") else ""
             lines.append(

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,11 @@ EXCLUDED = (
     ("data/runinfo/*", "run info: wall times, img/s, hardware, versions, TensorBoard event files"),
     ("data/downloads/*", "the download cache (the extracted data/raw it feeds is compared)"),
     (
+        "data/export/served.json",
+        "the sha256 of the SavedModel's files, which differ each time for the reason below; the model card "
+        "holds what is reproducible of them (the variables' values and the labels), which is compared",
+    ),
+    (
         "data/export/saved_model/*",
         "TensorFlow writes a SavedModel differently each time (graph, variables "
         "layout, fingerprint); the served weights are compared through the model "
@@ -43,6 +50,8 @@ EXCLUDED = (
     ),
 )
 DVC_OUTPUT_LINE = re.compile(r"^Running stage '([^']+)'")
+RESOLVED = "data/resolved"  # the resolve stage's folder (dvc.yaml): each stage's settings file is a dep in it
+FAILURE_LINES = 25  # a failed command's last output lines in the error: where DVC and tracebacks say why
 
 
 @dataclass
@@ -154,14 +163,34 @@ def compare(a: Path, b: Path, report: Report, left: dict[str, str] | None = None
                 report.fail(describe_difference(name, a / name, b / name))
 
 
+RUNNING: set[subprocess.Popen] = set()  # the commands under way, each in its own process group
+
+
+def stop_everything() -> None:
+    """Kill every command still running, with all its children (dvc's stages), and wait for them."""
+    for process in list(RUNNING):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.wait()
+        RUNNING.discard(process)
+
+
 def run(cmd: list[str], cwd: Path, log: Path | None = None) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    RUNNING.add(process)
+    try:
+        stdout, stderr = process.communicate()
+    finally:
+        RUNNING.discard(process)
+    done = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     output = done.stdout + done.stderr
     if log is not None:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{output}\n")
     if done.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-25:])
+        tail = "\n".join(output.strip().splitlines()[-FAILURE_LINES:])
         # Exit 2 (bad config or input, e.g. the archive) is ours to report as such; anything else
         # (`dvc repro` exits 255 for any stage failure, git's errors) is a runtime failure, exit 1.
         error = InputError if failure_class(done.returncode) in NOT_RETRYABLE else CifarflowError
@@ -179,13 +208,36 @@ def stale_entries(workspace: Path, allowed: set[str]) -> dict[str, Any]:
     return {stage: entries for stage, entries in status.items() if not (stage in allowed and entries == ["always changed"])}
 
 
+def stale_resolved_files(workspace: Path) -> list[str]:
+    """The stages whose resolved-settings file (what they read of params.yaml, and their code's digest:
+    cifarflow.resolved) differs from the one the committed dvc.lock records: what the committed code
+    and params give now, written in a scratch folder of the clone, against the lock's md5."""
+    stages = yaml.safe_load((workspace / "dvc.lock").read_text()).get("stages") or {}
+    scratch = workspace / ".cifarflow" / "resolved-check"
+    run([beside_python("cifarflow"), "resolve", "--out", str(scratch)], workspace)
+    try:
+        problems = []
+        for name, stage in sorted(stages.items()):
+            for dep in stage.get("deps") or []:
+                path = str(dep.get("path", ""))
+                if not path.startswith(f"{RESOLVED}/"):
+                    continue
+                now = scratch / path.removeprefix(f"{RESOLVED}/")
+                if not now.is_file() or hash_file(now, "md5") != dep.get("md5"):
+                    problems.append(f"dvc.lock is stale for {name}: {path} (its settings or code) changed")
+        return problems
+    finally:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
 def committed_lock_problems(workspace: Path) -> list[str]:
     """In a pristine clone no data exists, so outputs show as deleted; a committed lock is stale
-    when a tracked code dep, a param or a command differs from what it records."""
+    when a tracked code dep, a param, a command or a stage's resolved settings (stale_resolved_files)
+    differ from what it records."""
     if not (workspace / "dvc.lock").is_file():
         return []
     tracked = set(run(["git", "ls-files"], workspace).splitlines())
-    problems = []
+    problems = stale_resolved_files(workspace)
     for stage, entries in stale_entries(workspace, always_changed(workspace)).items():
         for entry in entries:
             if not isinstance(entry, dict):
@@ -256,8 +308,12 @@ def verify(
     for number, clone in enumerate(clones, 1):
         echo(f"clone {number}: dvc repro (smoke profile) in {clone}; log {workdir / f'clone-{number}.log'}")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for future in [pool.submit(reproduce, n, c) for n, c in enumerate(clones, 1)]:
-            future.result()
+        try:
+            for future in [pool.submit(reproduce, n, c) for n, c in enumerate(clones, 1)]:
+                future.result()
+        except BaseException:  # stopped, or one clone failed: the other's dvc must not run on (the pool waits for it)
+            stop_everything()
+            raise
     first, allowed = clones[0], always_changed(clones[0])
     before = snapshot(first)
     echo("clone 1: second dvc repro")
@@ -273,12 +329,19 @@ def verify(
     return report
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through main's cleanup, as Ctrl-C would
+
+
 def main(repo: Path, archs: list[str] | None, real_data: Path | None, keep: Path | None, real_counts: tuple[int, int]) -> int:
     workdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cifarflow-verify-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a stopped check leaves no clones behind (~100 MB each)
     try:
         report = verify(repo, workdir, archs, real_data, real_counts)
     finally:
+        stop_everything()
+        signal.signal(signal.SIGTERM, previous)
         if keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(report.render())

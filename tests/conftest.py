@@ -20,10 +20,10 @@ import pytest
 import requests
 import yaml
 
-from cifarflow.config import Params, resolve
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data.synth import synth_archive_bytes, synth_files
 from cifarflow.executables import beside_python
+from cifarflow.settings import Params, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
@@ -53,6 +53,68 @@ RECIPE = {
     "optimizer": {"name": "adam", "learning_rate": 0.001},
     "normalization": "center",
 }
+
+
+def recorded_gate(tolerance: float = 0.01, min_accuracy: float = 0.0, manifest: str = "m" * 64) -> Any:
+    """The promotion policy as `cifarflow promote` applies it under the registry's lock, with the
+    champion "re-scored" as the accuracy its version recorded: the registry's mechanics without TensorFlow."""
+    from cifarflow import policy
+    from cifarflow.settings import ExportParams
+
+    rules = ExportParams(min_accuracy=min_accuracy, tolerance=tolerance)
+
+    def decide(card: dict, champion: Any, rolled_back: dict | None) -> policy.Verdict:
+        scored = policy.Champion(champion.name, champion.digest, champion.facts["test_accuracy"]) if champion else None
+        return policy.decide(policy.Candidate.from_card(card), scored, rules, rolled_back, manifest)
+
+    return decide
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMELESS_PNG_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"pHYs", b"PLTE", b"tRNS"}  # pixels and geometry only
+
+
+def png_chunk_types(data: bytes) -> list[bytes]:
+    """The chunk types of a PNG, in order (its structure, read without any image library)."""
+    assert data.startswith(PNG_SIGNATURE), data[:8]
+    types, offset = [], len(PNG_SIGNATURE)
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        types.append(data[offset + 4 : offset + 8])
+        offset += 12 + length  # length, type, data, crc
+    return types
+
+
+def assert_same_png_later(render: Any) -> None:
+    """`render()` gives a PNG with nothing in it but pixels and geometry (no time, text or software
+    stamp), and the same bytes again more than a second later (a clock's second has changed)."""
+    first = render()
+    assert set(png_chunk_types(first)) <= TIMELESS_PNG_CHUNKS, png_chunk_types(first)
+    time.sleep(1.1)
+    assert render() == first
+
+
+def learnable_image_folder(root: Path, train: int = 2000, test: int = 500, seed: int = 0, mislabel: int = 15) -> Path:
+    """The smoke profile's generated images written as an image folder (train/<class>/*.png,
+    test/<class>/*.png): the same learnable task, but a source that counts as real data, for tests of
+    what only real data may do (be blessed, be promoted without --force)."""
+    from PIL import Image
+
+    files = synth_files(train, test, seed, mislabel)
+    classes = cb.parse_meta(files[cb.META_FILE])
+    batches = {"train": b"".join(files[name] for name in cb.TRAIN_FILES), "test": files[cb.TEST_FILE]}
+    for split, data in batches.items():
+        images, labels = cb.decode_records(data, split)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return root
+
+
+def verdict_reasons(card: dict[str, Any], failed_only: bool = False) -> list[str]:
+    """A model card's verdict, as its checks' reasons (only the failed ones with `failed_only`)."""
+    return [c["reason"] for c in card["verdict"]["checks"] if not (failed_only and c["passed"])]
 
 
 def make_params(**data: Any) -> Params:
@@ -163,15 +225,11 @@ def cli_env() -> dict[str, str]:
 
 
 def project_files() -> list[str]:
-    """The files a clone of the project would have, including uncommitted edits being tested."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    return [f for f in listed if f and (REPO / f).is_file()]
+    """The files a clone of the project would have (those git tracks), with the uncommitted edits to
+    them being tested: never a stray file of a used checkout (a dvc.lock left by the README's steps)."""
+    from cifarflow.workspace import project_files as tracked
+
+    return tracked(REPO)
 
 
 def run_in(workspace: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -318,6 +376,7 @@ def prefect_env(api_url: str, home: Path) -> dict[str, str]:
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # SQLite's lock wait: the flows' bursts of writes (as run_flow sets)
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import RECIPE, REPO, cli_env, write_params
 
 from cifarflow.cli import main
-from cifarflow.config import load_params, resolve
 from cifarflow.errors import ConfigError
+from cifarflow.settings import load_params, resolve
 
 
 def check(tmp_path: Path, raw: dict, capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -136,15 +136,3 @@ def test_model_names_come_from_the_catalog(tmp_path: Path, capsys, recipe: dict,
     """A bad family, variant, normalization or stem names the key and lists the catalog's valid values."""
     code, err = check(tmp_path, {"train": {"a": {**MINMAX_RECIPE, **recipe}}}, capsys)
     assert code == 2 and fragment in err, err
-
-
-def test_config_valid_values_are_the_catalogs() -> None:
-    import typing
-
-    from cifarflow.config import Recipe
-    from cifarflow.models import catalog
-
-    annotations = {name: typing.get_args(field.annotation) for name, field in Recipe.model_fields.items()}
-    assert annotations["model"] == catalog.FAMILIES and annotations["variant"] == catalog.VARIANTS
-    assert annotations["normalization"] == catalog.NORMALIZATIONS
-    assert typing.get_args(annotations["stem"][0]) == tuple(s for stems in catalog.STEMS.values() for s in stems)

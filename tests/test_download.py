@@ -255,6 +255,6 @@ def test_image_folder_wrong_size_names_file(tmp_path: Path) -> None:
 def test_image_folder_unreadable_file_names_file(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "folder")
     (root / "train" / "frog" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(InputError, match=r"train/frog/broken.jpg: unreadable image"):
+    with pytest.raises(InputError, match=r"train/frog/broken.jpg: not a readable image"):
         run(tmp_path, source=str(root), md5=None, allow_unverified=True)
     assert_no_output(tmp_path)

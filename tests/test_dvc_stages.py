@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_in, set_params, sha256
 
-from cifarflow.config import load_params
+from cifarflow.contract import read_metrics
 from cifarflow.data.synth import write_synth_archive
+from cifarflow.settings import load_params
 
 pytestmark = pytest.mark.slow
-ALWAYS = {"download": ["always changed"]}  # the download stage rehashes its source every run
+# download rehashes its source every run; resolve rewrites what each stage reads (about a second)
+ALWAYS = {"download": ["always changed"], "resolve": ["always changed"]}
 ARCHS = tuple(load_params(REPO / "params.yaml").archs)  # what the DAG trains: train@, evaluate@ each
 TRAIN = [f"train@{arch}" for arch in ARCHS]
 
@@ -37,7 +39,7 @@ def test_smoke_models_learn_without_saturating(smoke_workspace: Path) -> None:
     """The smoke profile is a real comparison: every model learns the generated task (val ≥ 30%,
     chance is 10%) without saturating (≤ 90%), and the best and the worst differ by more than their
     95% intervals, so selection and McNemar see a real difference."""
-    val = {arch: json.loads((smoke_workspace / f"data/eval/{arch}/metrics.json").read_text())["val"] for arch in ARCHS}
+    val = {arch: read_metrics(smoke_workspace / "data/eval", arch)["val"] for arch in ARCHS}
     assert all(0.30 <= v["accuracy"] <= 0.90 for v in val.values()), {a: v["accuracy"] for a, v in val.items()}
     best, worst = max(val.values(), key=lambda v: v["accuracy"]), min(val.values(), key=lambda v: v["accuracy"])
     assert worst["ci95_high"] < best["ci95_low"], val
@@ -45,15 +47,47 @@ def test_smoke_models_learn_without_saturating(smoke_workspace: Path) -> None:
 
 def test_second_repro_does_nothing(workspace: Path) -> None:
     done = run_in(workspace, "dvc", "repro")
-    assert ran(done.stdout) == ["download"]
+    assert sorted(ran(done.stdout)) == ["download", "resolve"]
     assert "Stage 'preprocess' didn't change, skipping" in done.stdout
     assert status(workspace) == ALWAYS
     assert run_in(workspace, "git", "status", "--porcelain", "data").stdout == ""
 
 
 def changed(ws: Path) -> set[str]:
-    """Stages `dvc status` reports as changed, apart from the always-changed download."""
-    return set(status(ws)) - {"download"}
+    """Stages `dvc status` reports as changed, apart from the always-run download and resolve, once the
+    cheap `resolve` stage has written what each stage reads."""
+    run_in(ws, "dvc", "repro", "resolve")
+    return set(status(ws)) - set(ALWAYS)
+
+
+def edit_source(ws: Path, rel: str, old: str, new: str) -> None:
+    path = ws / rel
+    text = path.read_text()
+    assert text.count(old) == 1, (rel, old)
+    path.write_text(text.replace(old, new))
+
+
+def test_a_changed_default_reruns_exactly_the_stages_that_read_it(workspace: Path) -> None:
+    """Defaults in cifarflow/settings.py decide outputs as params.yaml does: a changed default reruns
+    exactly the stages that read it (lookahead's ramp: whitened_vgg's training only; the inference
+    batch: every evaluation, once params.yaml leaves it to the default), and a reworded message in the
+    same file reruns nothing after `resolve`."""
+    raw = (workspace / "params.yaml").read_text()
+    (workspace / "params.yaml").write_text(raw.replace("  batch_size: 500\n", "", 1))  # evaluate's, now its default
+    assert changed(workspace) == set(), "the default is the value it had: nothing changed"
+    edit_source(workspace, "cifarflow/settings.py", "ramp: float = Field(3.0, ge=0", "ramp: float = Field(2.5, ge=0")
+    edit_source(
+        workspace,
+        "cifarflow/settings.py",
+        'batch_size: int = Field(500, ge=1, le=MAX_BATCH, description="inference batch")',
+        'batch_size: int = Field(250, ge=1, le=MAX_BATCH, description="inference batch")',
+    )
+    assert changed(workspace) == {"train@whitened_vgg", *(f"evaluate@{a}" for a in ARCHS)}
+    done = run_in(workspace, "dvc", "repro").stdout
+    assert set(ran(done)) == {*ALWAYS, "train@whitened_vgg", *(f"evaluate@{a}" for a in ARCHS), "export", "report"}, done
+    edit_source(workspace, "cifarflow/settings.py", '"give at least one source"', '"data.source lists no source"')
+    assert set(ran(run_in(workspace, "dvc", "repro").stdout)) == set(ALWAYS)
+    assert status(workspace) == ALWAYS
 
 
 def test_local_archive_source_and_editing_it(workspace: Path) -> None:
@@ -68,14 +102,15 @@ def test_local_archive_source_and_editing_it(workspace: Path) -> None:
             "profiles.smoke.data.val_size": 50,
         },
     )
-    assert ran(run_in(workspace, "dvc", "repro", "validate").stdout) == ["download", "preprocess", "validate"]
-    assert ran(run_in(workspace, "dvc", "repro", "validate").stdout) == ["download"]
+    # the new params rerun `resolve`, whose preprocess file changed (val_size): preprocess reruns for it too
+    assert set(ran(run_in(workspace, "dvc", "repro", "validate").stdout)) == {"resolve", "download", "preprocess", "validate"}
+    assert set(ran(run_in(workspace, "dvc", "repro", "validate").stdout)) == set(ALWAYS)
     before = json.loads((workspace / "data/shards/manifest.json").read_text())
     write_synth_archive(archive, 300, 100, seed=2)  # same path, new content
-    assert ran(run_in(workspace, "dvc", "repro", "validate").stdout) == ["download", "preprocess", "validate"]
+    assert set(ran(run_in(workspace, "dvc", "repro", "validate").stdout)) == {*ALWAYS, "preprocess", "validate"}
     after = json.loads((workspace / "data/shards/manifest.json").read_text())
     assert after["source"]["content"]["sha256"] == sha256(archive.read_bytes()) and after != before
-    assert set(json.loads(run_in(workspace, "dvc", "status", "validate", "--json").stdout)) <= {"download"}
+    assert set(json.loads(run_in(workspace, "dvc", "status", "validate", "--json").stdout)) <= set(ALWAYS)
 
 
 def test_param_change_reruns_only_what_reads_it(workspace: Path) -> None:
@@ -85,7 +120,7 @@ def test_param_change_reruns_only_what_reads_it(workspace: Path) -> None:
     assert changed(workspace) == {"train@simple_cnn"}
     set_params(workspace, **{"profiles.smoke.train.lenet.optimizer.learning_rate": 0.002})  # (the base's is overlaid)
     assert changed(workspace) == {"train@simple_cnn", "train@lenet"}
-    assert ran(run_in(workspace, "dvc", "repro", "train@lenet").stdout) == ["download", "train@lenet"]
+    assert set(ran(run_in(workspace, "dvc", "repro", "train@lenet").stdout)) == {*ALWAYS, "train@lenet"}
     set_params(workspace, **{"evaluate.tta": True})
     # (export and report read data/models, which the retrained lenet changed)
     assert changed(workspace) == {"train@simple_cnn", "export", "report", *(f"evaluate@{a}" for a in ARCHS)}
@@ -104,7 +139,7 @@ def test_editing_code_reruns_only_the_stages_that_import_it(workspace: Path) -> 
     assert changed(workspace) == {"validate", "export", *(f"evaluate@{a}" for a in ARCHS)}
     edit("cifarflow/models/lenet.py")
     assert {s for s in changed(workspace) if s.startswith("train@")} == set(TRAIN)
-    assert ran(run_in(workspace, "dvc", "repro", "validate").stdout) == ["download", "validate"]
+    assert set(ran(run_in(workspace, "dvc", "repro", "validate").stdout)) == {*ALWAYS, "validate"}
 
 
 def test_smoke_trains_every_architecture(smoke_workspace: Path) -> None:

@@ -230,7 +230,7 @@ def test_validated_shards_train_and_evaluate(data: Path, capsys: pytest.CaptureF
     assert verdict == {"valid": True, "manifest_sha256": sha256_file(data / "manifest.json")}
     assert train(capsys, data)[0] == 0
     assert evaluate(capsys, data)[0] == 0
-    assert json.loads((data.parent / "eval/metrics.json").read_text())["test"]["n"] == 50
+    assert json.loads((data.parent / "eval/details.json").read_text())["test"]["n"] == 50
 
 
 # --- (d) the DAG: validate before training, without retraining on report rewording ----------------
@@ -249,14 +249,15 @@ def test_rewording_the_report_reruns_validate_only(workspace: Path) -> None:
     text = module.read_text()
     assert text.count('"# Data validation report"') == 1
     module.write_text(text.replace('"# Data validation report"', '"# Data validation report (reworded)"'))
+    run_in(workspace, "dvc", "repro", "resolve")  # the cheap stage: validate's code digest changed
     status = json.loads(run_in(workspace, "dvc", "status", "--json").stdout)
-    assert set(status) - {"download"} == {"validate"}, status
+    assert set(status) - {"download", "resolve"} == {"validate"}, status
     done = run_in(workspace, "dvc", "repro")
     ran = [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["download", "validate"], done.stdout
+    assert sorted(ran) == ["download", "resolve", "validate"], done.stdout
     assert "# Data validation report (reworded)" in (workspace / "data/validation/report.md").read_text()
     assert (workspace / "data/validation/verdict.json").read_bytes() == verdict
-    assert set(json.loads(run_in(workspace, "dvc", "status", "--json").stdout)) == {"download"}
+    assert set(json.loads(run_in(workspace, "dvc", "status", "--json").stdout)) == {"download", "resolve"}
 
 
 # --- (e) leftovers of killed stages -----------------------------------------------------------------
@@ -362,3 +363,86 @@ def test_model_save_removes_a_killed_saves_temps(tmp_path: Path) -> None:
     first = checkpoint.read_bytes()
     save_model_atomic(model, checkpoint)
     assert checkpoint.read_bytes() == first, "the normalised archive is byte-stable"
+
+
+# --- labels cannot shift: class names, hidden and empty folders, and the official order ----------
+
+
+def class_folders(root: Path, names: list[str], per_class: int = 2, empty: tuple[str, str] | None = None) -> Path:
+    """An image folder with these class folder names (PNG images), `empty` = (split, name) left empty."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            if (split, name) == empty:
+                continue
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("names", "hidden", "empty", "refused"),
+    [
+        (["auto\nmobile", "bird", "cat"], None, None, r"class name 'auto\\nmobile' holds a control or line-separator"),
+        (["auto\u2028mobile", "bird"], None, None, r"class name 'auto\\u2028mobile' holds a control or line-separator"),
+        (["bird", "cat"], ".ipynb_checkpoints", None, r"\.ipynb_checkpoints: a hidden folder among the class folders"),
+        (["bird", "cat"], None, ("test", "cat"), r"test/cat: no \.png/\.jpg images in this class folder"),
+        (["bird", "cat"], None, ("train", "bird"), r"train/bird: no \.png/\.jpg images in this class folder"),
+        (["caf\u00e9", "cafe\u0301"], None, None, r"are the same name \(Unicode NFC\)"),
+    ],
+)
+def test_class_folders_that_would_shift_labels_are_refused_naming_them(
+    tmp_path: Path, names: list[str], hidden: str | None, empty: tuple[str, str] | None, refused: str
+) -> None:
+    """Before: a name with a newline became two names (bird images labelled "mobile"), a hidden
+    folder became class 0 with no images, an empty class passed, NFC/NFD twins became two classes."""
+    from cifarflow.data import download
+    from cifarflow.errors import InputError
+
+    root = class_folders(tmp_path / "folder", names, empty=empty)
+    if hidden:
+        for split in ("train", "test"):
+            (root / split / hidden).mkdir()
+    with pytest.raises(InputError, match=refused) as raised:
+        download.run(make_params(source=str(root), md5=None), tmp_path / "raw", tmp_path / "cache")
+    assert str(root) in str(raised.value)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_cifar10_names_in_another_order_are_refused() -> None:
+    from cifarflow.data import cifar_binary as cb
+    from cifarflow.errors import InputError
+
+    shuffled = [*cb.CIFAR10_CLASSES[1:], cb.CIFAR10_CLASSES[0]]
+    with pytest.raises(InputError, match=r"CIFAR-10's class names in another order .*every label would name the wrong class"):
+        cb.parse_meta(cb.format_meta(shuffled))
+    assert cb.parse_meta(cb.format_meta(cb.CIFAR10_CLASSES)) == list(cb.CIFAR10_CLASSES)
+    assert cb.parse_meta(b"sea lion\ncat\n\n") == ["sea lion", "cat"]  # a name may hold a space
+    with pytest.raises(InputError, match="line-separator"):
+        cb.parse_meta("bird\nauto\u2028mobile\n".encode())  # one line, never split into two names
+
+
+def test_a_class_with_no_examples_fails_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Shards where one class has no test example: validate refuses them (exit 2) and writes no verdict."""
+    from cifarflow.data import cifar_binary as cb
+    from cifarflow.data import download, preprocess
+
+    rng = np.random.default_rng(1)
+    labels = np.arange(300) % 10
+    test_labels = np.arange(100) % 9  # class 9, truck, never in test
+    files = cb.batch_files(
+        rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8), labels.astype(np.uint8),
+        rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8), test_labels.astype(np.uint8), cb.CIFAR10_CLASSES,
+    )  # fmt: skip
+    archive = tmp_path / "archive.tar.gz"
+    cb.write_archive(archive, files)
+    params = make_params(source=str(archive), md5=None, allow_unverified=True, val_size=50, shards=2)
+    download.run(params, tmp_path / "raw", tmp_path / "cache")
+    preprocess.run(params, tmp_path / "raw", tmp_path / "shards")
+    write_params(tmp_path, {})
+    code, err = validate(capsys, tmp_path / "shards")
+    assert code == 2 and "1 class(es) with no examples: truck in test" in err, err
+    assert not (tmp_path / "validation/verdict.json").exists()

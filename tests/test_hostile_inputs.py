@@ -37,9 +37,11 @@ from PIL import Image
 from cifarflow import predict
 from cifarflow.cli import main
 from cifarflow.data import cifar_binary as cb
-from cifarflow.data import download, fetch
+from cifarflow.data import download, fetch, image_file
 from cifarflow.data.extract import read_batches
+from cifarflow.data.image_file import decode
 from cifarflow.errors import InputError, SourceUnavailableError
+from cifarflow.settings import DataParams
 
 MB = 1 << 20
 
@@ -719,11 +721,7 @@ def test_predict_one_bad_image_does_not_abort_the_batch(tmp_path: Path, monkeypa
     Image.new("RGB", (32, 32)).save(tmp_path / "notpng.png", format="BMP")  # a decoder outside PNG/JPEG
     os.mkfifo(tmp_path / "pipe.png")
     classes = list(cb.CIFAR10_CLASSES)
-    monkeypatch.setattr(
-        predict,
-        "load_model",
-        lambda model_dir: (classes, lambda batch: np.tile(np.linspace(1, 0, 10, dtype=np.float32), (len(batch), 1))),
-    )
+    monkeypatch.setattr(predict, "load_model", lambda model_dir: (classes, FakeServed(len(classes))))
     code = predict.run([tmp_path], tmp_path / "model", "json", 4096 * 4096)
     out, err = capsys.readouterr()
     assert code == 1
@@ -741,12 +739,42 @@ def test_predict_huge_png_is_refused_before_decoding(tmp_path: Path) -> None:
     result = isolated(
         tmp_path,
         """
-        images, names, errors = predict.load_images([Path("huge.png"), Path("ok.png")], 4096 * 4096)
+        errors = []
+        names = [n for batch, _ in predict.batches([Path("huge.png"), Path("ok.png")], 4096 * 4096, errors) for n in batch]
         print(json.dumps({"names": names, "errors": errors, "grown_mb": grown_mb()}))
     """,
     )
     assert result["names"] == ["ok.png"] and "huge.png: image over data.max_image_pixels" in result["errors"][0]
     assert result["grown_mb"] < 100, f"{result['grown_mb']:.0f} MB: the image was decoded"
+
+
+def png_with_empty_chunks(path: Path, chunks: int) -> None:
+    """A valid 32x32 PNG with `chunks` empty private ancillary chunks (12 bytes each) before its pixels."""
+    import struct
+    import zlib
+
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(good, format="PNG")
+    data = good.getvalue()
+    ihdr_end = 8 + 12 + 13  # the signature, then IHDR: always first, 13 bytes of data
+    empty = struct.pack(">I", 0) + b"zzZz" + struct.pack(">I", zlib.crc32(b"zzZz"))
+    path.write_bytes(data[:ihdr_end] + empty * chunks + data[ihdr_end:])
+
+
+def test_a_png_of_millions_of_empty_chunks_is_refused_before_any_decoder_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000,000 empty chunks (24 MB, within the size cap of a 4096x4096 image) took Pillow ~38 s to
+    parse; they are counted from their headers, up to data.max_image_chunks, and refused unparsed."""
+    png_with_empty_chunks(tmp_path / "few.png", 200)
+    assert image_file.decode(tmp_path / "few.png", 4096, resize=False, max_chunks=1000)[0, 0].tolist() == [200, 10, 10]
+    with pytest.raises(InputError, match=r"few.png: a PNG of more than 100 chunks, over data.max_image_chunks=100; refused"):
+        image_file.decode(tmp_path / "few.png", 4096, resize=False, max_chunks=100)
+    png_with_empty_chunks(tmp_path / "slow.png", 2_000_000)
+    monkeypatch.setattr(image_file.Image, "open", lambda *a, **k: pytest.fail("a decoder ran on the chunk bomb"))
+    limit = DataParams.model_fields["max_image_chunks"].default
+    with pytest.raises(InputError, match=rf"slow.png: a PNG of more than {limit:,} chunks"):
+        image_file.decode(tmp_path / "slow.png", 4096 * 4096, resize=True, max_chunks=limit)
 
 
 # --- 7. secrets in URLs ---------------------------------------------------------------------------
@@ -854,7 +882,7 @@ def test_random_bytes_as_image_are_that_files_error(tmp_path: Path, data: bytes,
     path = tmp_path / "fuzz.png"
     path.write_bytes(prefix + data)
     try:
-        image = predict.load_image(path, 4096)
+        image = decode(path, 4096, resize=True, max_chunks=100)
     except InputError as exc:
         assert str(exc).startswith(f"{path}: ")
         return
@@ -892,8 +920,9 @@ def test_huge_sparse_files_are_refused_by_their_size(tmp_path: Path) -> None:
                 out[name] = {"code": 0}
             except CifarflowError as exc:
                 out[name] = {"code": exc.exit_code, "message": str(exc), "seconds": time.monotonic() - started}
-        images, names, errors = predict.load_images([Path("folder/train/cat/x.png"), Path("folder/train/cat/0.png")],
-                                                    4096 * 4096)
+        errors = []
+        files = [Path("folder/train/cat/x.png"), Path("folder/train/cat/0.png")]
+        names = [n for batch, _ in predict.batches(files, 4096 * 4096, errors) for n in batch]
         out["predict"] = {"names": names, "errors": errors}
         print(json.dumps(out))
     """,
@@ -954,6 +983,16 @@ class FakeTensor:
         return self.array
 
 
+class FakeServed:
+    """A served model without TensorFlow: every image gets the same scores, falling from the first class."""
+
+    def __init__(self, classes: int) -> None:
+        self.scores = np.linspace(1, 0, classes, dtype=np.float32)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return np.tile(self.scores, (len(images), 1))
+
+
 def fake_tensorflow(monkeypatch: pytest.MonkeyPatch, scores: list[float], calls: list[str] | None = None) -> None:
     """predict.load_model's tensorflow, without TensorFlow: every image gets `scores`."""
     import types
@@ -963,17 +1002,21 @@ def fake_tensorflow(monkeypatch: pytest.MonkeyPatch, scores: list[float], calls:
             calls.append(f"serve {len(images)}")
         return {"probs": FakeTensor(np.tile(np.array(scores, np.float32), (len(images), 1)))}
 
+    serving.structured_input_signature = ((), {"images": types.SimpleNamespace(dtype=np.uint8)})  # what export declares
     loaded = types.SimpleNamespace(signatures={"serving_default": serving})
-    fake = types.SimpleNamespace(constant=np.asarray, saved_model=types.SimpleNamespace(load=lambda path: loaded))
+    fake = types.SimpleNamespace(constant=np.asarray, uint8=np.uint8, saved_model=types.SimpleNamespace(load=lambda path: loaded))
     monkeypatch.setitem(sys.modules, "tensorflow", fake)
+    # an export of no real SavedModel: its served files are not checked, its card is not read
+    monkeypatch.setattr(predict, "open_export", lambda export: predict.ServedModel(Path(export) / "saved_model"))
+    monkeypatch.setattr(predict, "read_card", lambda export: {})
 
 
-def test_predict_reads_one_class_per_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """A class named `sea lion` (parse_meta allows it): labels.txt is one class per line, so the labels
-    after it keep their place (.split() made "dog" into "lion")."""
+def test_predict_reads_a_class_name_with_a_space_in_its_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A class named `sea lion` (parse_meta allows it): labels.json is a JSON list, so the labels after
+    it keep their place (labels.txt's .split() once made "dog" into "lion")."""
     model = tmp_path / "model"
     (model / "saved_model").mkdir(parents=True)
-    (model / "labels.txt").write_text("cat\nsea lion\ndog\n\n")
+    (model / "labels.json").write_text(json.dumps(["cat", "sea lion", "dog"]))
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     fake_tensorflow(monkeypatch, [0.1, 0.2, 0.7])
     assert predict.run([tmp_path / "a.png"], model, "json", 4096 * 4096) == 0
@@ -990,11 +1033,7 @@ def test_predict_walk_stops_at_max_members(tmp_path: Path, monkeypatch: pytest.M
         for i in range(4):
             Image.new("RGB", (32, 32)).save(photos / sub / f"{i}.png")
     classes = list(cb.CIFAR10_CLASSES)
-    monkeypatch.setattr(
-        predict,
-        "load_model",
-        lambda model_dir: (classes, lambda batch: np.tile(np.linspace(1, 0, 10, dtype=np.float32), (len(batch), 1))),
-    )
+    monkeypatch.setattr(predict, "load_model", lambda model_dir: (classes, FakeServed(len(classes))))
     code = predict.run([photos], tmp_path / "model", "json", 4096 * 4096, max_files=5)
     out, err = capsys.readouterr()
     assert code == 1
@@ -1012,12 +1051,16 @@ def test_predict_streams_images_through_the_model(tmp_path: Path, monkeypatch: p
         Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / f"{i}.png")
     model = tmp_path / "model"
     (model / "saved_model").mkdir(parents=True)
-    (model / "labels.txt").write_text("\n".join(cb.CIFAR10_CLASSES) + "\n")
+    (model / "labels.json").write_text(json.dumps(list(cb.CIFAR10_CLASSES)))
     calls: list[str] = []
     fake_tensorflow(monkeypatch, list(np.linspace(1, 0, 10)), calls)
-    load_image = predict.load_image
-    monkeypatch.setattr(predict, "load_image", lambda path, max_pixels: calls.append("load") or load_image(path, max_pixels))
-    monkeypatch.setattr(predict, "BATCH", 2)
+    real_decode = predict.decode
+    monkeypatch.setattr(
+        predict,
+        "decode",
+        lambda path, max_pixels, **kw: calls.append("load") or real_decode(path, max_pixels, **kw),
+    )
+    monkeypatch.setattr(predict, "SERVING_BATCH", 2)
     results, errors = predict.classify(model, sorted(tmp_path.glob("*.png")), 4096 * 4096)
     assert errors == [] and len(results) == 5
     assert calls == ["load", "load", "serve 2", "load", "load", "serve 2", "load", "serve 1"]
@@ -1037,8 +1080,77 @@ def test_secrets_in_local_sources_never_reach_messages(tmp_path: Path, archive: 
     with caplog.at_level(logging.DEBUG), pytest.raises(InputError) as failed:
         run(tmp_path, source=[str(root), str(tmp_path / "a?sig=SECRET4")], md5=None)
     message = str(failed.value)
-    assert "REDACTED@host/test/dog/broken.png: unreadable image" in message, message
+    assert "REDACTED@host/test/dog/broken.png: not a readable image" in message, message
     assert "a?REDACTED: no such file or folder" in message, message
     run(tmp_path, source=[str(tmp_path / "gone@x?sig=SECRET5"), str(archive)], md5=None, allow_unverified=True)
     seen = "\n".join([str(raised.value), message, caplog.text, (tmp_path / "run.json").read_text()])
     assert "SECRET" not in seen, [line for line in seen.splitlines() if "SECRET" in line]
+
+
+# --- 9. images read as they are: every Pillow mode, against an independent conversion ------------
+
+
+def jfif_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    """JPEG's YCbCr -> RGB (JFIF, full range), in floating point: the reference for Pillow's fixed point."""
+    y, cb, cr = (ycbcr[..., i].astype(np.float64) for i in range(3))
+    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)], -1)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def mode_cases() -> dict[str, tuple[Any, np.ndarray]]:
+    """mode -> (an image of that mode, the RGB it holds, computed here without Pillow's conversions)."""
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    bits = grey > 127
+    wide = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    wide[0, :4] = [0, 128, 129, 65535]  # the rounding edges: 0, 0, 1, 255
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    indexed = Image.fromarray(grey, "L").convert("P")  # a palette image whose entries we set
+    indexed.putpalette(palette.flatten().tolist())
+    with_alpha = indexed.convert("PA")
+    with_alpha.putalpha(Image.fromarray(alpha))
+    ycbcr = rng.integers(16, 240, (32, 32, 3), dtype=np.uint8)
+    three = lambda a: np.repeat(a[..., None], 3, axis=-1)  # noqa: E731
+    return {
+        "1": (Image.fromarray(bits), three(np.where(bits, 255, 0).astype(np.uint8))),
+        "L": (Image.fromarray(grey, "L"), three(grey)),
+        "LA": (Image.fromarray(np.stack([grey, alpha], -1), "LA"), three(grey)),  # alpha dropped: the grey as stored
+        "P": (indexed, palette[grey]),
+        "PA": (with_alpha, palette[grey]),
+        "RGB": (Image.fromarray(rgb, "RGB"), rgb),
+        "RGBA": (Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb),
+        "YCbCr": (Image.fromarray(ycbcr, "YCbCr"), jfif_rgb(ycbcr)),
+        "I;16": (Image.fromarray(wide), three(np.round(wide / 257).astype(np.uint8))),
+    }
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "YCbCr", "I;16"])
+def test_every_accepted_mode_keeps_its_pixel_values(mode: str) -> None:
+    image, expected = mode_cases()[mode]
+    assert image.mode == mode
+    got = np.asarray(image_file.to_rgb(image, f"x.{mode}"))
+    assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+    tolerance = 1 if mode == "YCbCr" else 0  # Pillow's fixed-point JFIF rounds a few values the other way
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= tolerance, mode
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [("CMYK", "colour profile"), ("I", "32-bit integer pixels"), ("F", "floating-point pixels"), ("HSV", "pixel mode 'HSV'")],
+)
+def test_modes_that_cannot_be_converted_faithfully_are_that_files_error(mode: str, why: str) -> None:
+    with pytest.raises(InputError, match=rf"^x.img: .*{re.escape(why)}"):
+        image_file.to_rgb(Image.new(mode, (32, 32)), "x.img")
+
+
+def test_a_16_bit_png_is_read_as_its_values_not_as_white(tmp_path: Path) -> None:
+    """A 16-bit grey PNG (Pillow's I;16) was converted as if its values were 8-bit: all 255."""
+    wide = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    got = image_file.decode(tmp_path / "grey16.png", 4096, resize=False, max_chunks=100)
+    assert np.array_equal(got[..., 0], np.round(wide / 257).astype(np.uint8)) and (got == 255).mean() < 0.01
+    Image.new("CMYK", (32, 32)).save(tmp_path / "cmyk.jpg")
+    with pytest.raises(InputError, match="cmyk.jpg: CMYK pixels need the image's colour profile"):
+        image_file.decode(tmp_path / "cmyk.jpg", 4096, resize=True, max_chunks=100)

@@ -17,9 +17,11 @@ from conftest import RECIPE, REPO, cli_env, make_params, train_params, write_par
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cifarflow import bounded_yaml
+from cifarflow.bounded_yaml import MAX_YAML_NODES, read_yaml
 from cifarflow.cli import main
-from cifarflow.config import MAX_YAML_NODES, read_yaml, resolve
 from cifarflow.errors import ConfigError, InputError
+from cifarflow.settings import resolve
 
 
 def check(tmp_path: Path, raw: dict, capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -139,12 +141,32 @@ def bomb(levels: int = 9) -> str:
     return "\n".join(lines) + f"\narchs: [{', '.join([f'*a{levels - 1}'] * 10)}]\n"
 
 
-def test_yaml_alias_bomb_is_rejected_fast(tmp_path: Path) -> None:
+def written_nodes(text: str) -> int:
+    """How many nodes the text writes: scalars, collections and aliases, each once as written."""
+    return sum(isinstance(e, bounded_yaml.NODE_EVENTS) for e in yaml.parse(text, Loader=yaml.SafeLoader))
+
+
+def test_yaml_alias_bomb_is_rejected_in_work_linear_in_its_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 KB "billion laughs" document: measured by visiting each composed node a bounded number of
+    times (twice: on the way down and up, once per place the text names it), never by expanding it.
+    An unmemoised measure visits ~10^9 nodes."""
     path = tmp_path / "params.yaml"
     path.write_text(bomb())
     assert len(path.read_bytes()) < 5000
+    budget, visits = 2 * written_nodes(bomb()), []
+    real = bounded_yaml._children
+
+    def counted(node: yaml.Node) -> list[yaml.Node]:
+        visits.append(1)
+        if len(visits) > budget:
+            raise AssertionError(f"over {budget} node visits for a text of {budget // 2} nodes: not linear")
+        return real(node)
+
+    monkeypatch.setattr(bounded_yaml, "_children", counted)
     with pytest.raises(ConfigError, match=f"more than {MAX_YAML_NODES:,} YAML nodes"):
         read_yaml(path)
+    assert 0 < len(visits) <= budget
+    monkeypatch.setattr(bounded_yaml, "_children", real)
     path.write_text("a: &a [1, *a]\n")
     with pytest.raises(ConfigError, match="recursive"):
         read_yaml(path)
@@ -173,14 +195,16 @@ def test_make_pipeline_checks_params_before_dvc_parses_them(tmp_path: Path) -> N
     assert "YAML nodes" in done.stderr and "dvc repro" not in done.stdout.split("params --check")[-1], done.stdout
 
 
-def test_flow_select_refuses_the_bomb_before_touching_it(tmp_path: Path) -> None:
-    from flows.pipeline import select
+def test_flow_selection_refuses_the_bomb_before_touching_it(tmp_path: Path) -> None:
+    from cifarflow.flows.pipeline import archs_for_this_run, workspace_for
 
     path = tmp_path / "params.yaml"
     path.write_text(bomb())
     before = path.read_bytes()
     with pytest.raises(ConfigError, match="YAML nodes"):
-        select(tmp_path, ["lenet"], "smoke")
+        workspace_for(tmp_path, "smoke")
+    with pytest.raises(ConfigError, match="YAML nodes"), archs_for_this_run(tmp_path, ["lenet"]):
+        pass
     assert path.read_bytes() == before
 
 
@@ -307,22 +331,26 @@ def test_credentials_in_any_url_shape_are_refused_unechoed(tmp_path: Path, capsy
 
 def test_missing_keys_that_dvc_reads_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    del raw["profiles"]["smoke"]["train"]["lenet"]
+    del raw["archs"]  # the one key the project's dvc.yaml reads itself: its foreach
     shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     code, err = check(tmp_path, raw, capsys)
-    assert code == 2 and "profiles.smoke.train.lenet" in err and "train@lenet" in err, err
+    assert code == 2 and "archs: dvc.yaml's stage train reads this key" in err, err
 
 
 def test_flow_selection_is_validated_before_it_is_written(tmp_path: Path) -> None:
-    from flows.pipeline import select
+    from cifarflow.flows.pipeline import archs_for_this_run, workspace_for
 
     path = tmp_path / "params.yaml"
     shutil.copy2(REPO / "params.yaml", path)
     path.chmod(0o644)
     before = path.read_bytes()
-    for archs, profile in ((["nosucharch"], None), (None, "smok"), (["../x"], None)):
-        with pytest.raises(ConfigError):
-            select(tmp_path, archs, profile)
+    for archs in (["nosucharch"], ["../x"]):
+        with pytest.raises(ConfigError), archs_for_this_run(tmp_path, archs):
+            pass
         assert path.read_bytes() == before
-    select(tmp_path, ["lenet"], "smoke")
-    assert path.stat().st_mode & 0o777 == 0o644  # an atomic rewrite keeps the file's mode
+    with pytest.raises(ConfigError, match="unknown profile 'smok'; valid: full, smoke"):
+        workspace_for(tmp_path, "smok")
+    assert workspace_for(tmp_path, "smoke") == tmp_path / "runs" / "smoke" and workspace_for(tmp_path, "full") == tmp_path
+    with archs_for_this_run(tmp_path, ["lenet"]):
+        assert path.stat().st_mode & 0o777 == 0o644  # an atomic rewrite keeps the file's mode
+    assert path.read_bytes() == before

@@ -10,14 +10,17 @@ import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import REPO, cli_env, write_params
+from conftest import REPO, cli_env, recorded_gate, write_params
 
 from cifarflow import registry
 from cifarflow.cli import main
@@ -26,7 +29,7 @@ from cifarflow.errors import InputError
 MANIFEST = "m" * 64
 
 
-def fake_export(root: Path, name: str, accuracy: float, blessed: bool = True, kind: str = "archive") -> Path:
+def fake_export(root: Path, name: str, accuracy: float, kind: str = "archive") -> Path:
     """An export folder as `cifarflow export` writes it, with a few files and a card."""
     export = root / name
     (export / "saved_model" / "variables").mkdir(parents=True)
@@ -35,11 +38,9 @@ def fake_export(root: Path, name: str, accuracy: float, blessed: bool = True, ki
     (export / "labels.txt").write_text("a\nb\n")
     card = {
         "arch": name,
-        "blessed": blessed,
-        "blessing_reasons": ["ok"],
         "test": {"accuracy": accuracy},
         "weights_sha256": hashlib.sha256(name.encode()).hexdigest(),
-        "git_commit": "c0ffee",
+        "provenance": {"project": {"commit": "c0ffee", "dirty": False}, "snapshot": None},
         "profile": "full",
         "data_source_kind": kind,
         "data_manifest_sha256": MANIFEST,
@@ -48,8 +49,8 @@ def fake_export(root: Path, name: str, accuracy: float, blessed: bool = True, ki
     return export
 
 
-def gate(tolerance: float = 0.01, min_accuracy: float = 0.0) -> registry.Gate:
-    return registry.Gate(min_accuracy, tolerance, MANIFEST, lambda v: v.facts["test_accuracy"])
+def gate(tolerance: float = 0.01, min_accuracy: float = 0.0) -> Any:
+    return recorded_gate(tolerance, min_accuracy, MANIFEST)
 
 
 def assert_one_complete_champion(reg: Path, allowed: set[str] | None = None) -> str | None:
@@ -73,14 +74,13 @@ def test_promote_list_rollback_and_refusals(tmp_path: Path) -> None:
         "version": first["to"],
         "weights_sha256": first["weights_sha256"],
         "test_accuracy": 0.80,
+        "mca": None,
     }
     with pytest.raises(registry.PromotionRefused, match="more than export.tolerance"):
         registry.promote(fake_export(tmp_path, "worse", 0.70), reg, gate())
-    with pytest.raises(registry.PromotionRefused, match="not blessed"):
-        registry.promote(fake_export(tmp_path, "unblessed", 0.99, blessed=False), reg, gate())
     with pytest.raises(registry.PromotionRefused, match="synthetic"):
         registry.promote(fake_export(tmp_path, "synth", 0.99, kind="synth"), reg, gate())
-    stale = registry.Gate(0.0, 0.01, "x" * 64, lambda v: v.facts["test_accuracy"])
+    stale = recorded_gate(0.01, 0.0, "x" * 64)
     with pytest.raises(registry.PromotionRefused, match="other data"):
         registry.promote(fake_export(tmp_path, "stale", 0.99), reg, stale)
     assert assert_one_complete_champion(reg) == "b"
@@ -93,7 +93,7 @@ def test_promote_list_rollback_and_refusals(tmp_path: Path) -> None:
     assert forced["verdict"]["forced"] and assert_one_complete_champion(reg) == "b"
     kinds = [(e["kind"], e["to"]) for e in registry.history(reg)]
     assert [k for k, _ in kinds] == ["promote", "promote", "rollback", "promote"]
-    assert {"seq", "time", "by", "arch", "weights_sha256", "test_accuracy", "blessed", "git_commit"} <= set(
+    assert {"seq", "time", "by", "arch", "weights_sha256", "test_accuracy", "blessed", "provenance"} <= set(
         registry.history(reg)[0]
     )
     listing = registry.render(reg)
@@ -131,10 +131,12 @@ def test_legacy_folder_symlink_and_file_are_refused(tmp_path: Path) -> None:
 
 # --- SIGKILL at every point, and at random times ----------------------------------------------------
 
-PROMOTE = """
+PROMOTE = f"""
 import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from conftest import recorded_gate
 from cifarflow import registry
-registry.promote(sys.argv[1], sys.argv[2], registry.Gate(0.0, 1.0, "m" * 64, lambda v: v.facts["test_accuracy"]))
+registry.promote(sys.argv[1], sys.argv[2], recorded_gate(1.0, 0.0, "m" * 64))
 """
 
 
@@ -219,17 +221,38 @@ def test_sigkill_before_and_after_every_durability_point(tmp_path: Path) -> None
     assert outcomes["old"] and outcomes["new"], outcomes  # kills fell on both sides of the switch
 
 
+def points_passed(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def test_sigkill_at_random_times(tmp_path: Path) -> None:
+    """Kills at random instants inside promotions, not only at the durability points themselves: each
+    waits until its promotion has passed a random number of points, then SIGKILLs it while it goes on
+    (the points file says where it stopped, and that it had not finished). A reader sees one complete
+    champion after each, and the next writer repairs what was left."""
     rng = random.Random(7)
     reg = tmp_path / "reg"
     registry.promote(fake_export(tmp_path, "start", 0.5), reg, gate())
+    reference = tmp_path / "reference.points"  # one whole promotion, to know its points
+    process = promote_process(fake_export(tmp_path, "whole", 0.5), reg, **{registry.POINTS_ENV: str(reference)})
+    assert process.wait() == 0, process.stderr.read()
+    last = points_passed(reference)[-1].split(" ", 1)[1]  # the history line of the switch, appended
     exports = [fake_export(tmp_path, f"r{i}", 0.5) for i in range(8)]
+    stopped = []
     for export in exports:
-        process = promote_process(export, reg)
-        time.sleep(rng.uniform(0.05, 0.6))  # the interpreter start and the promotion itself
+        points = tmp_path / f"{export.name}.points"
+        process = promote_process(export, reg, **{registry.POINTS_ENV: str(points)})
+        # a kill lands a few points after it is asked for: ask no later than six points before the end
+        wanted, deadline = rng.randint(1, len(points_passed(reference)) - 6), time.monotonic() + 60
+        while len(points_passed(points)) < wanted and process.poll() is None and time.monotonic() < deadline:
+            pass  # busy: the kill should follow the point closely, not a scheduler tick later
         process.send_signal(signal.SIGKILL)
         process.wait()
-        assert_one_complete_champion(reg, {"start", *(e.name for e in exports)})
+        passed = points_passed(points)
+        assert passed and passed[-1].split(" ", 1)[1] != last, f"{export.name} finished before the kill: {passed[-3:]}"
+        stopped.append(passed[-1])
+        assert_one_complete_champion(reg, {"start", "whole", *(e.name for e in exports)})
+    assert len({line.split(" ", 1)[1] for line in stopped}) >= 4, stopped  # in several different places
     registry.promote(fake_export(tmp_path, "final", 0.5), reg, gate(tolerance=1.0))
     assert assert_one_complete_champion(reg) == "final"
 
@@ -445,3 +468,129 @@ def test_who_promoted_is_one_printable_line(tmp_path: Path) -> None:
     reg = tmp_path / "reg"
     registry.promote(fake_export(tmp_path, "a", 0.8), reg, gate(), by="evil\n  9999 forged line" + "x" * 500)
     assert "\n  9999" not in registry.render(reg) and len(registry.history(reg)[0]["by"]) == 200
+
+
+# --- the registry deletes only what it made, and only when it is sure ------------------------------
+
+
+def promoted(tmp_path: Path, count: int) -> Path:
+    reg = tmp_path / "reg"
+    for i in range(count):
+        registry.promote(fake_export(tmp_path, f"v{i}", 0.8), reg, gate())
+    return reg
+
+
+@pytest.mark.parametrize("damage", ["moved", "emptied", "archived by hand", "truncated"])
+def test_a_lost_history_is_an_error_naming_it_and_nothing_is_deleted(tmp_path: Path, damage: str) -> None:
+    """Before, the next writer took every version its history did not name for an orphan of a killed
+    writer and deleted it (a routine --gc printed "removed 0" and the old versions were gone)."""
+    reg = promoted(tmp_path, 3)
+    before = sorted(p.name for p in (reg / registry.VERSIONS).iterdir())
+    path = reg / registry.HISTORY
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "moved":
+        path.rename(tmp_path / "elsewhere.jsonl")
+    elif damage == "emptied":
+        path.write_text("")
+    elif damage == "archived by hand":
+        path.rename(reg / "history-old.jsonl.gz")
+    else:
+        path.write_text(lines[0])
+    for attempt in (
+        lambda: registry.collect_garbage(reg, 1),
+        lambda: registry.rollback(reg, "0001"),
+        lambda: registry.promote(fake_export(tmp_path, "new", 0.9), reg, gate()),
+    ):
+        with pytest.raises(registry.RegistryError, match=rf"{re.escape(str(path))}: .*--repair"):
+            attempt()
+        assert sorted(p.name for p in (reg / registry.VERSIONS).iterdir()) == before
+    if damage == "archived by hand":
+        (reg / "history-old.jsonl.gz").rename(tmp_path / "history-old.jsonl.gz")  # a file the registry did not make
+    done = registry.repair(reg, by="operator")
+    assert sorted(p.name for p in (reg / registry.VERSIONS).iterdir()) == before  # deleted nothing
+    assert registry.current(reg).name == before[-1] and done["champion"] == before[-1]
+    assert {e["to"] for e in registry.history(reg) if e.get("to")} == set(before)
+    registry.collect_garbage(reg, 1)  # a working registry again
+    assert registry.current(reg).name == before[-1]
+
+
+def test_only_the_version_a_killed_promoter_staged_is_removed(tmp_path: Path) -> None:
+    """A version nothing records is kept and listed as unrecorded; the one PENDING names (written before
+    it was staged) is removed once the history shows it never served."""
+    reg = promoted(tmp_path, 1)
+    stray = reg / registry.VERSIONS / "0007-0123456789ab"  # copied in by hand, say from a backup
+    shutil.copytree(next((reg / registry.VERSIONS).iterdir()), stray)
+    (reg / registry.VERSIONS / "README.txt").write_text("someone's notes")
+    staged = reg / registry.VERSIONS / "0002-aaaaaaaaaaaa"
+    shutil.copytree(next((reg / registry.VERSIONS).iterdir()), staged)
+    (reg / registry.PENDING).write_text(json.dumps({"version": staged.name, "pid": 1, "host": "h"}))
+    registry.collect_garbage(reg, 1)
+    assert not staged.exists() and stray.is_dir() and (reg / registry.VERSIONS / "README.txt").is_file()
+    listing = registry.render(reg)
+    assert f"unrecorded (no history line names them; kept, never removed): {stray.name}" in listing
+    assert "foreign entries in versions/ (not the registry's; kept): README.txt" in listing
+    registry.collect_garbage(reg, 1)
+    assert stray.is_dir()  # --gc never removes what the history does not record
+
+
+def test_a_folder_that_is_not_a_registry_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    (folder / "versions" / "holiday").mkdir(parents=True)
+    (folder / "versions" / "holiday" / "beach.jpg").write_bytes(b"jpeg")
+    (folder / "notes.txt").write_text("x")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    for attempt in (
+        lambda: registry.promote(fake_export(tmp_path, "a", 0.8), folder, gate()),
+        lambda: registry.collect_garbage(folder, 1),
+        lambda: registry.repair(folder),
+    ):
+        with pytest.raises(registry.RegistryError, match=r"holds files the registry did not make \(notes.txt\)"):
+            attempt()
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    empty = tmp_path / "new"
+    empty.mkdir()
+    registry.promote(fake_export(tmp_path, "b", 0.8), empty, gate())
+    assert (empty / registry.MARKER).is_file()
+
+
+def test_a_registry_from_before_the_marker_is_adopted_by_repair(tmp_path: Path) -> None:
+    reg = promoted(tmp_path, 2)
+    (reg / registry.MARKER).unlink()
+    with pytest.raises(registry.RegistryError, match=r"without its REGISTRY file .*--repair"):
+        registry.promote(fake_export(tmp_path, "c", 0.8), reg, gate())
+    registry.repair(reg)
+    assert (reg / registry.MARKER).is_file() and len(registry.versions(reg)) == 2
+    registry.promote(tmp_path / "c", reg, gate())
+
+
+def test_the_size_caps_advice_is_a_command_that_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the cap, the history names `promote --archive-history`, which moves it aside and starts a new
+    one carrying what it decided: a rollback still protects, --rollback still knows what served before."""
+    reg = promoted(tmp_path, 3)
+    names = [v.name for v in registry.versions(reg)]
+    registry.rollback(reg)  # from v2 back to v1: v2's weights are revoked
+    monkeypatch.setattr(registry, "MAX_HISTORY_BYTES", 100)
+    with pytest.raises(registry.RegistryError, match=r"`cifarflow promote --archive-history`"):
+        registry.history(reg)
+    monkeypatch.setattr(registry, "MAX_HISTORY_BYTES", 64 << 20)
+    event = registry.archive_history(reg)
+    assert (reg / event["archived_to"]).is_file() and len(registry.history(reg)) == 1
+    with pytest.raises(registry.PromotionRefused, match="rolled back from"):
+        registry.promote(tmp_path / "v2", reg, gate())
+    assert registry.served_before(reg, names[1]) == names[0]
+    fourth = registry.promote(fake_export(tmp_path, "v3", 0.8), reg, gate())
+    assert fourth["to"].startswith("0004-")  # numbers go on past the archived ones
+    registry.collect_garbage(reg, 1)
+    assert registry.current(reg).name == fourth["to"]
+
+
+def test_a_lock_that_is_a_folder_or_a_symlink_is_an_error_naming_it(tmp_path: Path) -> None:
+    reg = promoted(tmp_path, 1)
+    (reg / registry.LOCK).unlink()
+    (reg / registry.LOCK).mkdir()
+    with pytest.raises(registry.RegistryError, match=r"\.lock: not a regular file \(a folder or a symlink\)"):
+        registry.collect_garbage(reg, 1)
+    (reg / registry.LOCK).rmdir()
+    (reg / registry.LOCK).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(registry.RegistryError, match=r"\.lock: not a regular file"):
+        registry.collect_garbage(reg, 1)

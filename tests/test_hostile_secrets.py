@@ -27,7 +27,7 @@ import pytest
 from conftest import REPO, cli_env, free_port, set_params
 from test_prefect import api, run_flow
 
-from flows import pipeline
+from cifarflow.flows import pipeline
 
 SECRET_BLOCK = "cifarflow-webhook-hostile"
 
@@ -302,14 +302,14 @@ def test_a_missing_secret_block_fails_the_run_by_name(
 def test_a_webhook_url_given_as_the_block_name_is_refused_unechoed() -> None:
     """An operator who pastes the URL instead of the block's name: refused before it becomes a stored
     flow parameter, and not shown."""
-    from flows.pipeline import WebhookSecretError, secret_name
+    from cifarflow.flows.pipeline import WebhookSecretError, secret_name
 
     url = "https://hooks.example.com/services/T0/B0/XOXSECRET"
     with pytest.raises(WebhookSecretError) as refused:
         secret_name(url)
     assert "XOXSECRET" not in str(refused.value) and "not the webhook URL" in str(refused.value)
     done = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline", "--webhook-secret", url],
+        [sys.executable, "-m", "cifarflow.flows.pipeline", "--webhook-secret", url],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

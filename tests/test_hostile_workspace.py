@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make, project_files, run_in, set_params
+import yaml
+from conftest import REPO, learnable_image_folder, make, new_workspace, project_files, run_in, set_params
 from test_prefect import ARCH, api, run_flow
 
 from cifarflow import registry
+from cifarflow.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,10 @@ def test_smoke_quickstart_leaves_params_yaml_byte_identical(smoke_workspace: Pat
     assert (project / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
     assert not (project / "data" / "models").exists()  # the project's data/ untouched too
     log = (project / "make-pipeline-smoke.log").read_text()
-    assert "ok (profile full)" in log and "ok (profile smoke)" in log and "outputs in runs/smoke/data/" in log
+    checks = [line for line in log.splitlines() if ": ok; profile" in line]
+    archs = ", ".join(yaml.safe_load((project / "params.yaml").read_text())["archs"])
+    assert checks == [f"params.yaml: ok; profile smoke trains {archs} in {smoke_workspace}"], checks  # once: what runs, where
+    assert "outputs in runs/smoke/data/" in log
     assert (smoke_workspace / "data" / "reports" / "leaderboard.md").is_file()  # the user can look at them
     status = json.loads(run_in(project, "git", "status", "--porcelain", "--untracked-files=no").stdout or "{}")
     assert status == {}  # nothing tracked changed
@@ -37,22 +42,62 @@ def test_plain_make_pipeline_runs_what_params_yaml_says(tmp_path: Path) -> None:
     set_params(project, **{"data.source": str(project / "absent.tgz")})  # fails fast at download, after the check
     with pytest.raises(AssertionError) as failed:
         make(project, "pipeline")
-    assert "ok (profile full)" in str(failed.value) and "absent.tgz" in str(failed.value)
+    assert f"ok; profile full trains simple_cnn, lenet, lenet_mixup, resnet56, densenet121, whitened_vgg in {project}" in str(
+        failed.value
+    )
+    assert "absent.tgz" in str(failed.value)
 
 
-def test_flow_selection_keeps_comments_and_layout(tmp_path: Path) -> None:
-    from flows.pipeline import select
+def test_a_runs_selection_keeps_comments_and_layout_and_does_not_outlive_the_run(tmp_path: Path) -> None:
+    from cifarflow.flows.pipeline import archs_for_this_run
 
     path = tmp_path / "params.yaml"
     shutil.copy2(REPO / "params.yaml", path)
-    assert select(tmp_path, ["lenet", "simple_cnn"], "smoke") == ["lenet", "simple_cnn"]
-    before, after = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
-    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert changed == [
-        ("profile: full", "profile: smoke"),
-        ("archs: [simple_cnn, lenet, lenet_mixup, resnet56, densenet121, whitened_vgg]", "archs: [lenet, simple_cnn]"),
-    ]
-    assert select(tmp_path, None, None) == ["lenet", "simple_cnn"]
+    with archs_for_this_run(tmp_path, ["lenet", "simple_cnn"]) as changed:
+        before, during = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
+        assert changed and [(a, b) for a, b in zip(before, during, strict=True) if a != b] == [
+            ("archs: [simple_cnn, lenet, lenet_mixup, resnet56, densenet121, whitened_vgg]", "archs: [lenet, simple_cnn]")
+        ]
+    assert path.read_bytes() == (REPO / "params.yaml").read_bytes()
+    with pytest.raises(RuntimeError), archs_for_this_run(tmp_path, ["lenet"]):
+        raise RuntimeError("the run failed")
+    assert path.read_bytes() == (REPO / "params.yaml").read_bytes()  # written back on failure too
+    with pytest.raises(ConfigError), archs_for_this_run(tmp_path, ["nosucharch"]):
+        pass
+    assert path.read_bytes() == (REPO / "params.yaml").read_bytes()  # validated before it is written
+
+
+def test_a_second_flow_on_the_same_workspace_is_refused_before_it_changes_anything(
+    prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cifarflow.workspace import flow_lock
+
+    before = (workspace / "params.yaml").read_bytes()
+    with flow_lock(workspace, "prefect flow run 1234 (the-first-run)"):
+        state = run_flow(prefect_server, monkeypatch, workspace)
+    assert state.is_failed(), state
+    assert "a flow is already running in this workspace: prefect flow run 1234 (the-first-run)" in state.message
+    assert (workspace / "params.yaml").read_bytes() == before
+
+
+def test_a_flow_of_another_profile_runs_in_its_private_workspace(
+    prefect_server: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cifarflow flow run --profile smoke --archs lenet` in a project whose params.yaml selects full
+    (as the README shows): the run works in runs/smoke/, as `make pipeline PROFILE=smoke` does; the
+    project's params.yaml and data/ stay as they were, and so does the private copy's archs."""
+    project = new_workspace(tmp_path / "project")
+    before = (project / "params.yaml").read_bytes()
+    state = run_flow(prefect_server, monkeypatch, project, profile="smoke", archs=[ARCH])
+    assert state.is_completed(), state.message
+    private = project / "runs" / "smoke"
+    assert state.result()["workspace"] == str(private) and state.result()["archs"] == [ARCH]
+    assert (project / "params.yaml").read_bytes() == before and not (project / "data" / "models").exists()
+    assert (private / "data" / "export" / "model_card.json").is_file()
+    assert yaml.safe_load((private / "params.yaml").read_text())["archs"] == yaml.safe_load(before)["archs"]
+    card = json.loads((private / "data" / "export" / "model_card.json").read_text())
+    assert card["provenance"]["project"]["commit"] == run_in(project, "git", "rev-parse", "HEAD").stdout.strip()
+    assert card["provenance"]["snapshot"]["commit"] == run_in(private, "git", "rev-parse", "HEAD").stdout.strip()
 
 
 def test_outputs_state_profile_and_synthetic_data_and_refuse_promotion(workspace: Path) -> None:
@@ -72,17 +117,20 @@ def test_rollback_then_nightly_flow_does_not_repromote(
     prefect_server: dict[str, str], workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two promoted models, an operator's rollback: the next flow run finds its export up to date and
-    blessed, and the registry refuses to undo the rollback (the smoke data is synthetic, so the two
-    promotions are forced; the refusal must name the rollback, not only the data)."""
-    set_params(workspace, archs=[ARCH], **{"profiles.smoke.export.tolerance": 1.0})
+    blessed, and the registry refuses to undo the rollback. Generated data is never blessed, so the
+    workspace trains on the same images written as an image folder, a source of real data."""
+    folder = learnable_image_folder(tmp_path / "images")
+    changes = {"profiles.smoke.export.tolerance": 1.0, "profiles.smoke.data.source": str(folder), "profiles.smoke.data.md5": None}
+    set_params(workspace, archs=[ARCH], **changes)
     reg = workspace / "champion"
     for epochs in (1, 2):  # two different models, each exported, blessed and promoted
         set_params(workspace, **{f"profiles.smoke.train.{ARCH}.epochs": epochs})
         run_in(workspace, "dvc", "repro", "export")
-        run_in(workspace, "cifarflow", "promote", "--force")
+        run_in(workspace, "cifarflow", "promote")
     first = registry.history(reg)[0]["to"]
     card = json.loads((workspace / "data/export/model_card.json").read_text())
-    assert card["champion"]["version"] == first  # the verdict names the champion it was computed against
+    assert card["verdict"]["blessed"] and card["data_source_kind"] == "image-folder"
+    assert card["verdict"]["champion"]["version"] == first  # the verdict names the champion it was computed against
     run_in(workspace, "cifarflow", "promote", "--rollback")
     assert registry.current(reg).name == first
 
@@ -100,7 +148,7 @@ def test_rollback_then_nightly_flow_does_not_repromote(
         prefect_server, "POST", "/artifacts/filter", artifacts={"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}
     )
     blessing = next(a for a in artifacts if a["key"] == "blessing")["data"]
-    assert "Profile `smoke`, data source: synth" in blessing and f"against champion {first}" in blessing
+    assert "Profile `smoke`, data source: image-folder" in blessing and f"against champion {first}" in blessing
 
 
 def test_the_flow_checks_params_before_anything_parses_them(

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, cli_env
 
-PACKAGES = ("cifarflow", "tasks", "flows")
+PACKAGES = ("cifarflow",)
+ORCHESTRATION_LAYER = ("cifarflow.flows", "cifarflow.tasks")  # the Prefect layer: above the library
 HEAVY = ("tensorflow", "keras")
 DOWNLOAD_STACK = (
     "cifarflow.data.download",
@@ -43,7 +44,12 @@ def roots(modules: set[str], names: tuple[str, ...]) -> set[str]:
     "module",
     [
         "cifarflow.cli",
-        "cifarflow.config",
+        "cifarflow.settings",
+        "cifarflow.resolved",
+        "cifarflow.contract",
+        "cifarflow.policy",
+        "cifarflow.leaderboard",
+        "cifarflow.flow_options",
         "cifarflow.errors",
         "cifarflow.executables",
         "cifarflow.registry",
@@ -52,9 +58,9 @@ def roots(modules: set[str], names: tuple[str, ...]) -> set[str]:
         "cifarflow.models.registry",
         "cifarflow.data.download",
         "cifarflow.verify",
-        "tasks.stages",
-        "flows.pipeline",
-        "flows.serve",
+        "cifarflow.tasks.stages",
+        "cifarflow.flows.pipeline",
+        "cifarflow.flows.serve",
     ],
 )
 def test_light_modules_import_no_tensorflow(module: str) -> None:
@@ -75,11 +81,17 @@ def test_training_and_export_load_no_download_stack(module: str, tensorflow_base
     assert extra == set(), f"{module} imports {sorted(extra)} beyond what tensorflow and keras load"
 
 
+def in_layer(module: str, layer: tuple[str, ...]) -> bool:
+    return any(module == top or module.startswith(f"{top}.") for top in layer)
+
+
 def library_modules() -> list[str]:
+    """The library: every cifarflow module but the Prefect layer (cifarflow.flows, cifarflow.tasks)."""
     return sorted(
-        module_name(path)
+        name
         for path in (REPO / "cifarflow").rglob("*.py")
         if path.name != "__main__.py" and "__pycache__" not in path.parts
+        if not in_layer(name := module_name(path), ORCHESTRATION_LAYER)
     )
 
 
@@ -186,21 +198,57 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 def test_the_graph_sees_the_known_edges() -> None:
     graph = import_graph()
-    assert "cifarflow.models.catalog" in graph["cifarflow.config"]
-    assert "tasks.stages" in graph["flows.pipeline"]
-    assert {"cifarflow.errors", "cifarflow.executables"} <= graph["tasks.stages"]
-    assert "cifarflow.models" in graph["cifarflow.config"]  # importing cifarflow.models.catalog runs the package first
+    assert "cifarflow.models.catalog" in graph["cifarflow.settings"]
+    assert "cifarflow.tasks.stages" in graph["cifarflow.flows.pipeline"]
+    assert {"cifarflow.errors", "cifarflow.executables"} <= graph["cifarflow.tasks.stages"]
+    assert "cifarflow.models" in graph["cifarflow.settings"]  # importing cifarflow.models.catalog runs the package first
 
 
 def test_library_modules_import_no_orchestration_at_module_level() -> None:
-    """The static side of the layering: cifarflow/ never imports prefect, dvc, tasks or flows at module level."""
+    """The static side of the layering: the library never imports prefect, dvc or the Prefect layer
+    (cifarflow.flows, cifarflow.tasks) at module level."""
     bad = {}
     for path in (REPO / "cifarflow").rglob("*.py"):
+        if in_layer(module_name(path), ORCHESTRATION_LAYER):
+            continue
         for node in top_level_imports(ast.parse(path.read_text(), str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            hits = [n for n in names if n.split(".")[0] in (*ORCHESTRATION, "tasks", "flows")]
+            hits = [n for n in names if n.split(".")[0] in ORCHESTRATION or in_layer(n, ORCHESTRATION_LAYER)]
             if hits:
                 bad[module_name(path)] = hits
+    assert bad == {}
+
+
+def every_import(path: Path) -> set[str]:
+    """Every module a file names in an import statement, at any depth (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return found
+
+
+@pytest.mark.parametrize(("lower", "other"), [("cifarflow.data", "cifarflow.models"), ("cifarflow.models", "cifarflow.data")])
+def test_data_and_models_do_not_import_each_other(lower: str, other: str) -> None:
+    """Both sit on the shared leaves (cifarflow.pixels for shapes and normalization names,
+    cifarflow.normalization for the ops); neither reaches into the other, lazily or not."""
+    folder = REPO / lower.replace(".", "/")
+    bad = {module_name(p): sorted(i for i in every_import(p) if in_layer(i, (other,))) for p in folder.rglob("*.py")}
+    assert {m: i for m, i in bad.items() if i} == {}
+
+
+def test_no_import_climbs_back_up_into_the_prefect_layer() -> None:
+    """Anywhere in the library, at any depth, only the CLI's `flow run` reaches up into cifarflow.flows."""
+    bad = {}
+    for path in (REPO / "cifarflow").rglob("*.py"):
+        name = module_name(path)
+        if in_layer(name, ORCHESTRATION_LAYER):
+            continue
+        hits = sorted(i for i in every_import(path) if in_layer(i, ORCHESTRATION_LAYER))
+        if hits and not (name == "cifarflow.cli" and hits == ["cifarflow.flows.pipeline", "cifarflow.flows.pipeline.run_flow"]):
+            bad[name] = hits
     assert bad == {}
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from cifarflow.config import Recipe
 from cifarflow.data.cifar_binary import Split
 from cifarflow.data.inputs import InputPipeline, alternating_flips, crop_flip, load_split, mixup, mixup_on
-from cifarflow.models.normalization import normalize
+from cifarflow.normalization import normalize
+from cifarflow.settings import Recipe
 
 RNG = np.random.default_rng(0)
 

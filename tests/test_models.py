@@ -4,12 +4,10 @@ every tiny variant."""
 
 from __future__ import annotations
 
-import typing
-
 import numpy as np
 import pytest
 
-from cifarflow.models import FAMILIES, NORMALIZATIONS, STEMS, VARIANTS, build_model
+from cifarflow.models import FAMILIES, STEMS, VARIANTS, build_model
 from cifarflow.models.catalog import BUILDERS
 
 
@@ -112,22 +110,13 @@ def test_every_family_and_variant_has_an_expected_count() -> None:
     assert set(EXPECTED) == wanted
 
 
-def test_catalog_is_the_one_list() -> None:
-    """Builders, their variant tables, the densenet stems and the normalizations all come from the catalog."""
+def test_every_family_has_a_builder_for_every_variant() -> None:
+    """The catalog names the families and variants; each family's module must build every variant."""
     import importlib
-
-    from cifarflow.config import Recipe
-    from cifarflow.models import densenet, normalization
 
     assert set(BUILDERS) == set(FAMILIES)
     for family in FAMILIES:
         assert set(importlib.import_module(BUILDERS[family]).CONFIGS) == set(VARIANTS), family
-    assert densenet.STEMS == STEMS["densenet121"]
-    assert normalization.NORMALIZATIONS == NORMALIZATIONS
-    fields = Recipe.model_fields
-    assert typing.get_args(fields["model"].annotation) == FAMILIES
-    assert typing.get_args(fields["variant"].annotation) == VARIANTS
-    assert typing.get_args(fields["normalization"].annotation) == NORMALIZATIONS
 
 
 def test_densenet_matches_keras_applications() -> None:

@@ -46,7 +46,35 @@ PEER_GRACE_S = 60  # after the chief dies, its peer fails on its next collective
 OUTPUTS = ("out/model.keras", "out/weights.sha256", "out/history.csv", "out/summary.json", "run/run.json")
 
 
-def params_file(root: Path, distribution: str, seed: int = 42, **recipe) -> Path:
+# resnet56 tiny: BatchNorm and L2 weight decay, with label smoothing: parts of a recipe multi_worker's
+# own step must treat as fit does. BatchNorm normalises each replica's rows with their own statistics,
+# so the reference is fit under MirroredStrategy with the same two replicas in one process
+# (runtime.logical_cpus: 2), not one device.
+REPLICA_RECIPE = {
+    "model": "resnet56",
+    "variant": "tiny",
+    "epochs": 1,
+    "batch_size": 48,
+    "optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+    "normalization": "standardize",
+    "augmentation": "crop_flip",
+    "label_smoothing": 0.1,
+    "monitor": "val_loss",
+}
+# lookahead (an EMA of the weights, copied into them every `every` steps) with label smoothing on lenet
+# (no BatchNorm): the reference is one device, which takes the global batch's mean-loss step. Keras
+# 3.15's EMA does not run under MirroredStrategy, so that combination is refused by the params check.
+LOOKAHEAD_RECIPE = {
+    **RECIPE,
+    "optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+    "label_smoothing": 0.1,
+    "ema": {"momentum": 0.9, "every": 2},
+}
+
+
+def params_file(
+    root: Path, distribution: str, seed: int = 42, base: dict | None = None, runtime: dict | None = None, **recipe
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     return write_params(
         root,
@@ -54,8 +82,8 @@ def params_file(root: Path, distribution: str, seed: int = 42, **recipe) -> Path
             "seed": seed,
             "data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2},
             "archs": [ARCH],
-            "train": {ARCH: {**RECIPE, **recipe}},
-            "runtime": {"distribution": distribution},
+            "train": {ARCH: {**(base or RECIPE), **recipe}},
+            "runtime": {"distribution": distribution, **(runtime or {})},
         },
     )
 
@@ -83,8 +111,8 @@ def train_cmd(params: Path, shards: Path, node: Path) -> list[str]:
     ]
 
 
-def single(root: Path, shards: Path, seed: int = 42) -> subprocess.Popen:
-    params = params_file(root, "none", seed)
+def single(root: Path, shards: Path, seed: int = 42, params: Path | None = None) -> subprocess.Popen:
+    params = params or params_file(root, "none", seed)
     log = (root / "train.log").open("w")
     return subprocess.Popen(
         train_cmd(params, shards, root), env={**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=log, stderr=subprocess.STDOUT
@@ -208,26 +236,66 @@ def test_two_workers_end_where_one_process_ends(tiny_shards: Path, tmp_path: Pat
     assert np.allclose([float(v) for v in rows[0]], [float(v) for v in rows[1]], rtol=0, atol=1e-5), rows
 
 
+def reference_runs(root: Path, shards: Path, distribution: str, recipe: dict, runtime: dict | None = None) -> dict[int, list]:
+    """The weights of one process per seed (42, and 43 as the control): what the cluster must match."""
+    found = {}
+    for seed in (42, 43):
+        folder = root / f"{distribution}-{seed}"
+        process = single(folder, shards, params=params_file(folder, distribution, seed, recipe, runtime))
+        try:
+            assert process.wait(timeout=CLUSTER_TIMEOUT_S) == 0, logs(folder)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        found[seed] = weights(folder)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("recipe", "distribution", "runtime"),
+    [
+        (REPLICA_RECIPE, "mirrored", {"logical_cpus": 2}),  # BatchNorm, L2, label smoothing
+        (LOOKAHEAD_RECIPE, "none", None),  # lookahead (EMA), label smoothing
+    ],
+    ids=["batchnorm-l2-smoothing", "lookahead-smoothing"],
+)
+def test_two_workers_take_fits_steps(
+    recipe: dict, distribution: str, runtime: dict | None, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """multi_worker's step is its own code: with BatchNorm, L2 penalties, label smoothing and lookahead
+    it must still take the update Keras fit takes for the same replicas, weights and BatchNorm
+    statistics alike, within the summation-order tolerance; another seed must not."""
+    references = reference_runs(tmp_path, tiny_shards, distribution, recipe, runtime)
+    multi = tmp_path / "multi"
+    codes = cluster(multi, params_file(multi, "multi_worker", 42, recipe), tiny_shards)
+    assert codes == [0, 0], logs(multi)
+    difference = max_difference(weights(multi / "node0"), references[42])
+    other_seed = max_difference(references[43], references[42])
+    print(f"max |w_multi - w_{distribution}| = {difference:.3g}; another seed: {other_seed:.3g}")
+    assert difference <= TOLERANCE and other_seed > 100 * TOLERANCE
+
+
 def test_killed_cluster_resumes_bit_identically(tiny_shards: Path, tmp_path: Path) -> None:
-    """validate_every 2: epoch 0 is not validated (the cluster's path without val), epoch 1 is."""
+    """validate_every 2: epoch 1 is not validated (the cluster's path without val), epoch 2 is."""
     plain, killed = tmp_path / "plain", tmp_path / "killed"
     assert cluster(plain, params_file(plain, "multi_worker", epochs=2, validate_every=2), tiny_shards) == [0, 0], logs(plain)
     rows = (plain / "node0/out/history.csv").read_text().splitlines()
     assert rows[1].endswith(",,") and not rows[2].endswith(","), rows
-    assert json.loads((plain / "node0/run/run.json").read_text())["resumed_from_epoch"] is None
+    assert json.loads((plain / "node0/run/run.json").read_text())["resumed_after_epoch"] is None
 
     # Set on both workers, as a deployment would; it fires on the chief, whose marker makes it fire once.
     params = params_file(killed, "multi_worker", epochs=2, validate_every=2)
     codes = cluster(killed, params, tiny_shards, CIFARFLOW_FAULT_KILL_AT="1:2")
     assert codes[0] == -9 and codes[1] != 0, (codes, logs(killed))
-    assert (killed / "node0/ckpt/kill.fired").is_file() and (killed / "node0/ckpt/epoch-0.keras").is_file()
+    assert (killed / "node0/ckpt/kill.fired").is_file() and (killed / "node0/ckpt/epoch-1.keras").is_file()
     assert not (killed / "node0/out").exists() and not (killed / "node1").exists()
 
     codes = cluster(killed, params, tiny_shards, CIFARFLOW_FAULT_KILL_AT="1:2")
     assert codes == [0, 0], logs(killed)
-    assert json.loads((killed / "node0/run/run.json").read_text())["resumed_from_epoch"] == 1
+    assert json.loads((killed / "node0/run/run.json").read_text())["resumed_after_epoch"] == 1
     assert not (killed / "node1").exists()
     summary = json.loads((plain / "node0/out/summary.json").read_text())
-    assert summary["best_epoch"] == 1, "the final model must be the resumed epoch's, or this compares nothing"
+    assert summary["best_epoch"] == 2, "the final model must be the resumed epoch's, or this compares nothing"
     for name in ("weights.sha256", "history.csv", "summary.json"):
         assert (killed / "node0/out" / name).read_bytes() == (plain / "node0/out" / name).read_bytes(), name

@@ -109,10 +109,10 @@ def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], w
     assert final["state"]["type"] == "COMPLETED", final["state"]
 
     card = json.loads((workspace / "data/export/model_card.json").read_text())
-    assert card["arch"] == ARCH and card["blessed"] is False
+    assert card["arch"] == ARCH and card["verdict"]["blessed"] is False
     assert (workspace / "data/reports/leaderboard.md").is_file()
     status = json.loads(run_in(workspace, "dvc", "status", "--json").stdout)
-    assert set(status) <= {"download"}, status
+    assert set(status) <= {"download", "resolve"}, status
     artifacts = api(env, "POST", "/artifacts/filter", artifacts={"flow_run_id": {"any_": [run["id"]]}})
     assert {a["key"] for a in artifacts} >= {"leaderboard", "report", "blessing"}
     table = next(a for a in artifacts if a["key"] == "leaderboard")
@@ -127,7 +127,7 @@ def test_deployment_worker_artifacts_and_alert(prefect_server: dict[str, str], w
 def run_flow(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, workspace: Path, **kwargs: Any) -> Any:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.pipeline import cifar10_pipeline
+    from cifarflow.flows.pipeline import cifar10_pipeline
 
     for key in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED"):
         monkeypatch.setenv(key, env[key])
@@ -174,7 +174,7 @@ def test_killed_training_is_retried_and_resumes_bit_identically(
     assert state.is_completed(), state.message
     assert task_runs(prefect_server, state, f"train@{ARCH}")[f"train@{ARCH}"]["run_count"] == 2
     info = json.loads((workspace / f"data/runinfo/train/{ARCH}/run.json").read_text())
-    assert info["resumed_from_epoch"] >= 1
+    assert info["resumed_after_epoch"] >= 1
     digest = (workspace / f"data/models/{ARCH}/weights.sha256").read_text()
     assert digest == (reference / f"data/models/{ARCH}/weights.sha256").read_text()
 
@@ -192,8 +192,8 @@ def test_transient_failure_is_retried_once(
 
     monkeypatch.delenv("CIFARFLOW_FAULT_FAIL_AT")
     stages = run_flow(prefect_server, monkeypatch, workspace).result()["stages"]  # now up to date
-    assert [name for name, s in stages.items() if not s["skipped"]] == ["download"]  # always changed
-    assert all(s["seconds"] == 0.0 for name, s in stages.items() if name != "download")  # DVC not started
+    assert [name for name, s in stages.items() if not s["skipped"]] == ["resolve", "download"]  # always run
+    assert all(s["seconds"] == 0.0 for name, s in stages.items() if name not in ("resolve", "download"))  # DVC not started
 
 
 def test_config_error_is_not_retried(prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,8 +249,8 @@ def test_timeout_kills_the_stage_with_its_children(
 ) -> None:
     """A stage past its timeout: its process group (DVC, the stage command, the command's children)
     is killed and reaped, the DVC lock is free, and the task run fails with the timeout as its reason."""
-    import flows.pipeline
-    import tasks.stages
+    import cifarflow.flows.pipeline
+    import cifarflow.tasks.stages
     from cifarflow.executables import beside_python
 
     retrain(workspace)
@@ -271,15 +271,16 @@ def test_timeout_kills_the_stage_with_its_children(
     (fake / "cifarflow").chmod(0o755)
 
     killed: dict[str, set[int]] = {}
-    real_kill_group = tasks.stages.kill_group
+    real_kill_group = cifarflow.tasks.stages.kill_group
 
     def recording_kill_group(process: subprocess.Popen) -> None:
         killed["group"] = process_group(process.pid)  # DVC (the group leader) and everything it started
         killed["leader"] = {process.pid}
         real_kill_group(process)
 
-    monkeypatch.setattr(tasks.stages, "kill_group", recording_kill_group)
-    monkeypatch.setattr(flows.pipeline, "train_stage", tasks.stages.train_stage.with_options(retries=0))  # one attempt
+    monkeypatch.setattr(cifarflow.tasks.stages, "kill_group", recording_kill_group)
+    one_attempt = cifarflow.tasks.stages.train_stage.with_options(retries=0)
+    monkeypatch.setitem(cifarflow.tasks.stages.KIND_TASKS, "train", one_attempt)
     env = prefect_server | {"PATH": f"{fake}{os.pathsep}{prefect_server['PATH']}"}
     # Long enough for the download stage (always run); train@lenet would never end without it.
     state = run_flow(env, monkeypatch, workspace, stage_timeout_s=30)
@@ -301,7 +302,7 @@ def test_timeout_kills_the_stage_with_its_children(
 
 def test_each_stage_kind_is_one_task_with_options() -> None:
     """One task body; the kinds differ only in name, tags and retries; runs are named after the stage."""
-    from tasks import stages
+    from cifarflow.tasks import stages
 
     kinds = {
         stages.data_stage: ("data-stage", set(), 2),
@@ -318,7 +319,7 @@ def test_each_stage_kind_is_one_task_with_options() -> None:
 
 
 def test_the_flow_reads_its_paths_from_dvc_yaml(tmp_path: Path) -> None:
-    from flows.pipeline import declared, stage_outputs
+    from cifarflow.flows.pipeline import declared, stage_outputs
 
     outputs = stage_outputs(REPO)
     assert declared(outputs, "export") == "data/export"
@@ -328,5 +329,5 @@ def test_the_flow_reads_its_paths_from_dvc_yaml(tmp_path: Path) -> None:
         declared(outputs, "report", "missing.json")
     with pytest.raises(FileNotFoundError, match="dvc.yaml"):
         stage_outputs(tmp_path)
-    source = (REPO / "flows/pipeline.py").read_text()
-    assert "data/" not in source, "a stage path is written in flows/pipeline.py instead of dvc.yaml"
+    source = (REPO / "cifarflow/flows/pipeline.py").read_text()
+    assert "data/" not in source, "a stage path is written in cifarflow/flows/pipeline.py instead of dvc.yaml"

@@ -97,7 +97,7 @@ def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     for arch in RECIPES:
         done = train(root, arch, tiny_shards, params)
         assert done.returncode == 0, done.stderr
-        assert run_info(root, arch)["resumed_from_epoch"] is None
+        assert run_info(root, arch)["resumed_after_epoch"] is None
     return root
 
 
@@ -115,7 +115,7 @@ def test_sigkill_then_resume_is_bit_identical(arch: str, at: str, uninterrupted:
     assert (tmp_path / "ckpt" / arch / "kill.fired").exists()
     resumed = train(tmp_path, arch, tiny_shards, params, CIFARFLOW_FAULT_KILL_AT=at)  # the marker: fires once
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert run_info(tmp_path, arch)["resumed_from_epoch"] == int(at.split(":")[0])
+    assert run_info(tmp_path, arch)["resumed_after_epoch"] == int(at.split(":")[0])
     assert digest(tmp_path, arch) == digest(uninterrupted, arch)
     for name in ("history.csv", "summary.json"):
         assert (tmp_path / "out" / arch / name).read_bytes() == (uninterrupted / "out" / arch / name).read_bytes()
@@ -132,7 +132,7 @@ def test_state_with_another_fingerprint_is_discarded(uninterrupted: Path, tiny_s
     rerun = train(tmp_path, "mix", tiny_shards, params)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"fingerprint {state['fingerprint']}" in rerun.stderr and "discarding resume state" in rerun.stderr
-    assert run_info(tmp_path, "mix")["resumed_from_epoch"] is None
+    assert run_info(tmp_path, "mix")["resumed_after_epoch"] is None
     assert digest(tmp_path, "mix") != digest(uninterrupted, "mix")
 
 
@@ -147,10 +147,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_optimizer_state(tiny_sha
     # The optimizer state in the checkpoint survives into a model compiled with accumulation.
     import keras
 
-    from cifarflow.config import load_params
+    from cifarflow.settings import load_params
     from cifarflow.training.trainer import build_compiled, restore
 
-    checkpoint = tmp_path / "ckpt/drop/epoch-0.keras"
+    checkpoint = tmp_path / "ckpt/drop/epoch-1.keras"
     saved = keras.models.load_model(checkpoint, compile=True)
     model = build_compiled(load_params(params).train["drop"], 10, 0.002, accumulation=2)
     copied = restore(model, checkpoint)
@@ -166,10 +166,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_optimizer_state(tiny_sha
     second = train(tmp_path, "drop", tiny_shards, params, CIFARFLOW_FAULT_OOM_AT="1:2")
     assert second.returncode == 0, second.stderr[-2000:]
     info = run_info(tmp_path, "drop")
-    assert info["resumed_from_epoch"] == 1
+    assert info["resumed_after_epoch"] == 1
     assert info["runtime"]["micro_batch"] == 16 and info["runtime"]["accumulation"] == 2
     summary = json.loads((tmp_path / "out/drop/summary.json").read_text())
-    assert summary["adaptations"] == [{"epoch": 1, "micro_batch": 16, "accumulation": 2}]
+    assert summary["adaptations"] == [{"epoch": 2, "micro_batch": 16, "accumulation": 2}]
 
 
 def test_mirrored_over_two_logical_cpus_matches_one_device(tiny_shards: Path, tmp_path: Path) -> None:
@@ -206,3 +206,43 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tiny_shards: Path, tm
     fresh = build_model("lenet", variant="tiny").get_weights()
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(other.get_weights(), fresh, strict=True)) > 1e-2
     assert os.environ.get("CIFARFLOW_FAULT_KILL_AT") is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "resumes_from", "set_aside"),
+    [
+        ("flipped byte in the last checkpoint", 1, "epoch-2.keras"),  # falls back to the state before: epoch 1 done
+        ("truncated last checkpoint", 1, "epoch-2.keras"),
+        ("torn state.json", 1, "state.json"),
+        ("both states torn", None, "state.prev.json"),  # nothing intact: from scratch
+    ],
+)
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_last_good_one(
+    damage: str, resumes_from: int | None, set_aside: str, uninterrupted: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """Before: a flipped byte (BadZipFile), a truncated checkpoint ("File not found") or a torn
+    state.json (JSONDecodeError) failed every retry the same way. Now the damaged file is kept in
+    damaged/, the run resumes from the newest intact state (or starts over) and ends bit-identical."""
+    params = params_file(tmp_path)
+    killed = train(tmp_path, "drop", tiny_shards, params, CIFARFLOW_FAULT_KILL_AT="2:3")  # epochs 1 and 2 committed
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = tmp_path / "ckpt" / "drop"
+    last = ckpt / "epoch-2.keras"
+    if damage.startswith("flipped"):
+        data = bytearray(last.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        last.write_bytes(bytes(data))
+    elif damage.startswith("truncated"):
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    else:
+        (ckpt / "state.json").write_text('{"fingerprint": "x", "state": {"epo')
+        if damage == "both states torn":
+            (ckpt / "state.prev.json").write_text("{")
+    resumed = train(tmp_path, "drop", tiny_shards, params, CIFARFLOW_FAULT_KILL_AT="2:3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = run_info(tmp_path, "drop")
+    assert info["resumed_after_epoch"] == resumes_from, info
+    assert any(set_aside in note for note in info["resume_notes"]), info["resume_notes"]
+    assert (ckpt / "damaged" / set_aside).is_file()  # kept for a person to look at, not deleted
+    assert "set aside" in resumed.stderr
+    assert digest(tmp_path, "drop") == digest(uninterrupted, "drop")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest import cli_env, train_params, write_params
 
-from cifarflow.config import resolve
+from cifarflow import resolved
 from cifarflow.errors import ConfigError
+from cifarflow.settings import resolve
 from cifarflow.training import resume
 from cifarflow.training.schedule import LearningRate
-from cifarflow.training.trainer import record_epoch, train
+from cifarflow.training.trainer import Epoch, record_epoch, train
 
 
 def test_outputs_and_determinism(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_outputs_and_determinism(tiny_shards: Path, verdict: Path, tmp_path: Pat
     assert first["weights_sha256"] == second["weights_sha256"], "same params, same weights"
     assert (tmp_path / "a/weights.sha256").read_text().strip() == first["weights_sha256"]
     rows = list(csv.DictReader((tmp_path / "a/history.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2], "counted from 1, as the log counts"
     assert [float(r["lr"]) for r in rows] == [0.002, 0.001]
     assert (tmp_path / "a/history.csv").read_bytes() == (tmp_path / "b/history.csv").read_bytes()
     assert (tmp_path / "a/summary.json").read_bytes() == (tmp_path / "b/summary.json").read_bytes()
@@ -62,20 +62,20 @@ def test_mixup_and_plateau_recipes_train(tiny_shards: Path, verdict: Path, tmp_p
         schedule={"kind": "plateau", "monitor": "val_accuracy", "patience": 0, "factor": 0.5, "min_lr": 0},
     )
     summary = train(params, "lenet", tiny_shards, tmp_path / "m", tmp_path / "run", tmp_path / "ck", verdict)
-    assert summary["monitor"] == "val_loss" and summary["best_epoch"] in (0, 1, 2)
+    assert summary["monitor"] == "val_loss" and summary["best_epoch"] in (1, 2, 3)
     rows = list(csv.DictReader((tmp_path / "m/history.csv").open()))
     accuracies, rates = [float(r["val_accuracy"]) for r in rows], [float(r["lr"]) for r in rows]
-    assert accuracies[1] <= accuracies[0], "the premise: no improvement after epoch 0"
+    assert accuracies[1] <= accuracies[0], "the premise: no improvement after epoch 1"
     assert rates == [1e-9, 1e-9, 5e-10], rates
     # and the recorded rates are exactly what the rule gives for the recorded metrics
     replay = LearningRate(params.train["lenet"])
     for row, rate in zip(rows, rates, strict=True):
-        assert replay.rate(int(row["epoch"])) == rate
+        assert replay.rate(int(row["epoch"]) - 1) == rate  # the schedule takes the loop index
         replay.update({"val_accuracy": float(row["val_accuracy"])})
 
 
 def test_validate_every_skips_val_but_always_validates_the_last_epoch(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
-    """validate_every 2 over 3 epochs: val after epochs 1 and 2 (0-based) only. The epoch not
+    """validate_every 2 over 3 epochs: val after epochs 2 and 3 only. The epoch not
     validated has empty val cells and no TensorBoard val point, and cannot be the best checkpoint."""
     import tensorflow as tf
 
@@ -84,11 +84,11 @@ def test_validate_every_skips_val_but_always_validates_the_last_epoch(tiny_shard
     rows = list(csv.DictReader((tmp_path / "m/history.csv").open()))
     assert (rows[0]["val_loss"], rows[0]["val_accuracy"]) == ("", "")
     assert all(r["val_loss"] and r["val_accuracy"] and r["loss"] for r in rows[1:])
-    assert summary["best_epoch"] in (1, 2)
+    assert summary["best_epoch"] in (2, 3)
     assert summary["val_loss"] == min(float(r["val_loss"]) for r in rows[1:])
     events = (tmp_path / "run/tensorboard/validation").glob("*tfevents*")
     steps = sorted(e.step for path in events for e in tf.compat.v1.train.summary_iterator(str(path)) if e.summary.value)
-    assert steps == [1, 1, 2, 2], "loss and accuracy for the validated epochs only"
+    assert steps == [2, 2, 3, 3], "loss and accuracy for the validated epochs only"
 
 
 def test_validate_every_needs_val_every_epoch_for_plateau_and_is_positive() -> None:
@@ -113,7 +113,7 @@ def test_validation_does_not_touch_training(tiny_shards: Path, verdict: Path, tm
         )
         for every in (1, 2)
     }
-    assert runs[1]["best_epoch"] == runs[2]["best_epoch"] == 1
+    assert runs[1]["best_epoch"] == runs[2]["best_epoch"] == 2
     assert runs[1]["weights_sha256"] == runs[2]["weights_sha256"]
 
 
@@ -122,8 +122,8 @@ def test_the_best_checkpoint_is_the_best_validated_epoch_not_the_last() -> None:
     state, schedule = resume.RunState(), LearningRate(recipe)
     for epoch, val_loss in enumerate([None, 0.5, None, 0.9]):
         logs = {"loss": 1.0, "accuracy": 0.5} | ({} if val_loss is None else {"val_loss": val_loss, "val_accuracy": 0.5})
-        record_epoch(state, schedule, recipe, epoch, 0.1, logs, 1.0, 10)
-    assert (state.best_epoch, state.best, state.best_checkpoint) == (1, 0.5, "epoch-1.keras")
+        record_epoch(state, schedule, recipe, Epoch(epoch, 0.1, logs, 1.0, 10))
+    assert (state.best_epoch, state.best, state.best_checkpoint) == (2, 0.5, "epoch-2.keras")
     assert state.history[0]["val_loss"] is None and state.epoch == 4
 
 
@@ -133,9 +133,9 @@ def test_an_epoch_without_val_still_stops_on_non_finite_weights(
     """The training loss is measured before each update: NaN weights from the epoch's last step
     (250 examples / 32 = 8 steps) show in no loss of that epoch, only in the weights."""
     monkeypatch.setenv("CIFARFLOW_FAULT_NAN_AT", "0:7")
-    with pytest.raises(ConfigError, match="weights not finite in epoch 0"):
+    with pytest.raises(ConfigError, match="weights not finite in epoch 1:"):
         train(train_params(validate_every=2), "lenet", tiny_shards, tmp_path / "o", tmp_path / "r", tmp_path / "c", verdict)
-    assert not (tmp_path / "c/epoch-0.keras").exists() and not (tmp_path / "o/model.keras").exists()
+    assert not (tmp_path / "c/epoch-1.keras").exists() and not (tmp_path / "o/model.keras").exists()
 
 
 def test_mixup_batches_are_blends(tiny_shards: Path) -> None:
@@ -232,15 +232,13 @@ def test_settings_that_would_not_run_as_written_are_config_errors(runtime: dict,
         resolve(raw)
 
 
-def test_train_deps_are_the_code_that_decides_the_weights() -> None:
-    """dvc.yaml's train deps and the resume fingerprint's resume.CODE are one list, and every module
-    training loads (the trainer and every model family) is in it or in resume.NOT_DECIDING."""
-    repo = Path(__file__).resolve().parents[1]
-    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["train"]["do"]
-    code_deps = {d for d in stage["deps"] if d.startswith("cifarflow/")}
-    assert code_deps == {f"cifarflow/{rel}" for rel in resume.CODE}
-    for rel in (*resume.CODE, *resume.NOT_DECIDING):
-        assert (resume.CODE_ROOT / rel).exists(), rel
+def test_the_train_code_list_holds_everything_training_loads() -> None:
+    """resolved.STAGE_CODE["train"] is the one list of the code that decides the weights (the resume
+    fingerprint and the train stage's resolved file both hash it): every module training loads (the
+    trainer and every model family) is in it, or in resolved.NOT_DECIDING_TRAIN."""
+    listed = (*resolved.STAGE_CODE["train"], *resolved.NOT_DECIDING_TRAIN)
+    for rel in listed:
+        assert (resolved.CODE_ROOT / rel).exists(), rel
     probe = (
         "import sys; from cifarflow.training import trainer; from cifarflow.models import FAMILIES, build_model\n"
         "[build_model(f, 10, 'tiny') for f in FAMILIES]\n"
@@ -248,9 +246,7 @@ def test_train_deps_are_the_code_that_decides_the_weights() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    loaded = {Path(f).relative_to(resume.CODE_ROOT).as_posix() for f in done.stdout.split()}
-    covered = {
-        rel for rel in loaded for entry in (*resume.CODE, *resume.NOT_DECIDING) if rel == entry or rel.startswith(f"{entry}/")
-    }
-    assert loaded - covered == set(), "training loads code listed neither in resume.CODE nor resume.NOT_DECIDING"
-    assert resume.CODE_ROOT == repo / "cifarflow"
+    loaded = {Path(f).relative_to(resolved.CODE_ROOT).as_posix() for f in done.stdout.split()}
+    covered = {rel for rel in loaded for entry in listed if rel == entry or rel.startswith(f"{entry}/")}
+    assert loaded - covered == set(), "training loads code listed neither in STAGE_CODE['train'] nor NOT_DECIDING_TRAIN"
+    assert resolved.CODE_ROOT == Path(__file__).resolve().parents[1] / "cifarflow"

@@ -7,7 +7,6 @@ numeric bound from the models themselves and check both sides of it.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +14,29 @@ import pytest
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from conftest import RECIPE
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from cifarflow import config as c
-from cifarflow.config import (
+from cifarflow import settings as c
+from cifarflow.bounded_yaml import MAX_PARAMS_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, expanded_size, read_yaml
+from cifarflow.champion import check_champion_dir
+from cifarflow.dvcfile import dvc_outputs, missing_dvc_params
+from cifarflow.errors import ConfigError
+from cifarflow.settings import (
     MAX_LINE,
-    MAX_PARAMS_BYTES,
-    MAX_YAML_DEPTH,
-    MAX_YAML_NODES,
     DataParams,
     ExportParams,
     OptimizerParams,
     Params,
     ScheduleParams,
-    SynthSpec,
-    check_champion_dir,
-    check_checksum_keys,
     check_split_sizes,
     deep_merge,
-    dvc_outputs,
-    expanded_size,
     load_params,
-    missing_dvc_params,
-    read_yaml,
     resolve,
     short_line,
-    source_kind,
 )
-from cifarflow.errors import ConfigError
+from cifarflow.sources import MAX_EXAMPLES, SynthSpec, check_checksum_keys, checksum_keys_set, source_kind
 
 SYNTH = {"source": "synth:train=100,test=50", "md5": None, "val_size": 10, "shards": 2}
 
@@ -53,86 +45,157 @@ def node(text: str) -> yaml.Node:
     return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
-# --- property-based: every numeric bound of every model, both sides ------------------------------
+# --- every numeric bound, as documented, both sides ----------------------------------------------
 
-
-def numeric_bounds() -> list[tuple[type[BaseModel], str, str, float]]:
-    """(model, field, op, limit) for every ge/gt/le/lt on a scalar int/float field."""
-    found = []
-    for model in (
+# (model, field, op, limit): the documented range of every numeric setting, written out here, not
+# read from the models, so that a loosened or tightened bound in cifarflow.settings fails below.
+SPEC: list[tuple[str, str, str, float]] = [
+    ("DataParams", "retries", "ge", 0),
+    ("DataParams", "retries", "le", 100),
+    ("DataParams", "timeout_s", "gt", 0),
+    ("DataParams", "timeout_s", "le", 3600),
+    ("DataParams", "deadline_s", "gt", 0),
+    ("DataParams", "deadline_s", "le", 86400),
+    ("DataParams", "max_download_mb", "ge", 1),
+    ("DataParams", "max_download_mb", "le", 1 << 20),
+    ("DataParams", "max_member_mb", "ge", 1),
+    ("DataParams", "max_member_mb", "le", 1 << 20),
+    ("DataParams", "max_extract_mb", "ge", 1),
+    ("DataParams", "max_extract_mb", "le", 1 << 20),
+    ("DataParams", "max_members", "ge", 1),
+    ("DataParams", "max_members", "le", 10_000_000),
+    ("DataParams", "max_image_pixels", "ge", 32 * 32),
+    ("DataParams", "max_image_pixels", "le", 1 << 31),
+    ("DataParams", "val_size", "ge", 1),
+    ("DataParams", "val_size", "le", 10_000_000),
+    ("DataParams", "shards", "ge", 1),
+    ("DataParams", "shards", "le", 4096),
+    ("OptimizerParams", "learning_rate", "gt", 0),
+    ("OptimizerParams", "learning_rate", "le", 10),
+    ("OptimizerParams", "lr_reference_batch", "ge", 1),
+    ("OptimizerParams", "lr_reference_batch", "le", 65536),
+    ("OptimizerParams", "momentum", "ge", 0),
+    ("OptimizerParams", "momentum", "lt", 1),
+    ("OptimizerParams", "norm_bias_rate", "gt", 0),
+    ("OptimizerParams", "norm_bias_rate", "le", 1000),
+    ("ScheduleParams", "decay", "gt", 0),
+    ("ScheduleParams", "decay", "le", 1),
+    ("ScheduleParams", "factor", "gt", 0),
+    ("ScheduleParams", "factor", "lt", 1),
+    ("ScheduleParams", "patience", "ge", 0),
+    ("ScheduleParams", "patience", "le", 10_000),
+    ("ScheduleParams", "min_lr", "ge", 0),
+    ("ScheduleParams", "min_lr", "le", 10),
+    ("ScheduleParams", "warmup", "ge", 0),
+    ("ScheduleParams", "warmup", "lt", 1),
+    ("ScheduleParams", "start", "ge", 0),
+    ("ScheduleParams", "start", "le", 1),
+    ("ScheduleParams", "end", "ge", 0),
+    ("ScheduleParams", "end", "le", 1),
+    ("MixupParams", "alpha", "gt", 0),
+    ("MixupParams", "alpha", "le", 1000),
+    ("MixupParams", "warmup", "ge", 0),
+    ("MixupParams", "warmup", "le", 10_000),
+    ("EmaParams", "momentum", "ge", 0),
+    ("EmaParams", "momentum", "lt", 1),
+    ("EmaParams", "every", "ge", 1),
+    ("EmaParams", "every", "le", 100_000),
+    ("EmaParams", "ramp", "ge", 0),
+    ("EmaParams", "ramp", "le", 100),
+    ("Recipe", "epochs", "ge", 1),
+    ("Recipe", "epochs", "le", 10_000),
+    ("Recipe", "batch_size", "ge", 1),
+    ("Recipe", "batch_size", "le", 65536),
+    ("Recipe", "width", "ge", 1),
+    ("Recipe", "width", "le", 1024),
+    ("Recipe", "label_smoothing", "ge", 0),
+    ("Recipe", "label_smoothing", "lt", 1),
+    ("Recipe", "validate_every", "ge", 1),
+    ("Recipe", "validate_every", "le", 10_000),
+    ("RuntimeParams", "logical_cpus", "ge", 0),
+    ("RuntimeParams", "logical_cpus", "le", 64),
+    ("RuntimeParams", "oom_min_micro_batch", "ge", 1),
+    ("RuntimeParams", "oom_min_micro_batch", "le", 65536),
+    ("EvaluateParams", "batch_size", "ge", 1),
+    ("EvaluateParams", "batch_size", "le", 65536),
+    ("RobustnessParams", "images", "ge", 10),
+    ("RobustnessParams", "images", "le", 200_000),
+    ("ExportParams", "min_accuracy", "ge", 0),
+    ("ExportParams", "min_accuracy", "le", 1),
+    ("ExportParams", "tolerance", "ge", 0),
+    ("ExportParams", "tolerance", "le", 1),
+    ("ExportParams", "significance", "gt", 0),
+    ("ExportParams", "significance", "lt", 1),
+    ("ExportParams", "min_corruption_accuracy", "ge", 0),
+    ("ExportParams", "min_corruption_accuracy", "le", 1),
+    ("Params", "seed", "ge", 0),
+    ("Params", "seed", "le", 2**31 - 1),
+    ("SynthSpec", "train", "ge", 10),
+    ("SynthSpec", "train", "le", 200_000),
+    ("SynthSpec", "test", "ge", 10),
+    ("SynthSpec", "test", "le", 200_000),
+    ("SynthSpec", "seed", "ge", 0),
+    ("SynthSpec", "seed", "le", 2**32 - 1),
+    ("SynthSpec", "mislabel", "ge", 0),
+    ("SynthSpec", "mislabel", "le", 90),
+]
+MODELS: dict[str, type[BaseModel]] = {
+    m.__name__: m
+    for m in (
         DataParams,
         OptimizerParams,
         ScheduleParams,
         c.MixupParams,
+        c.EmaParams,
+        c.Recipe,
         c.RuntimeParams,
         c.EvaluateParams,
+        c.RobustnessParams,
         ExportParams,
         Params,
         SynthSpec,
-    ):
-        for name, field in model.model_fields.items():
-            if field.annotation not in (int, float, int | None):
-                continue
-            for meta in field.metadata:
-                for kind, attr in ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (Lt, "lt")):
-                    if isinstance(meta, kind):
-                        found.append((model, name, attr, getattr(meta, attr)))
-    return found
-
-
-BOUNDS = numeric_bounds()
-REQUIRED: dict[type[BaseModel], dict[str, Any]] = {
-    OptimizerParams: {"name": "adam", "learning_rate": 0.01},
-    SynthSpec: {"train": 100, "test": 100},
-    DataParams: {"source": "https://example.org/a.tgz", "allow_unverified": True, "md5": None},
+    )
+}
+REQUIRED: dict[str, dict[str, Any]] = {
+    "OptimizerParams": {"name": "adam", "learning_rate": 0.01},
+    "SynthSpec": {"train": 100, "test": 100},
+    "DataParams": {"source": "https://example.org/a.tgz", "allow_unverified": True, "md5": None},
+    "Recipe": {**RECIPE, "model": "whitened_vgg", "optimizer": {"name": "sgd", "learning_rate": 0.1}},
 }
 
 
-def test_the_bound_catalogue_covers_the_known_limits() -> None:
-    listed = {(m.__name__, f, op) for m, f, op, _ in BOUNDS}
-    for expected in [
-        ("DataParams", "retries", "le"),
-        ("DataParams", "timeout_s", "gt"),
-        ("ExportParams", "significance", "lt"),
-        ("SynthSpec", "train", "ge"),
-    ]:
-        assert expected in listed
+def declared_bounds() -> set[tuple[str, str, str]]:
+    """(model, field, op) of every ge/gt/le/lt the models declare on a scalar field: what SPEC must cover."""
+    found = set()
+    for name, model in MODELS.items():
+        for field_name, field in model.model_fields.items():
+            for meta in field.metadata:
+                for kind, attr in ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (Lt, "lt")):
+                    if isinstance(meta, kind):
+                        found.add((name, field_name, attr))
+    return found
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.sampled_from(BOUNDS), st.integers(-3, 3), st.sampled_from([0.0, 0.25, 0.5]))
-def test_numeric_fields_accept_exactly_their_declared_range(bound: tuple, step: int, frac: float) -> None:
-    model, name, op, limit = bound
-    field = model.model_fields[name]
-    is_int = field.annotation in (int, int | None)
-    value: Any = limit + step if is_int else limit + step * 1e-3 * max(1.0, abs(limit)) + frac * 0
-    if is_int and frac:
-        return  # ints: the integer steps around the limit are the cases
-    inside = {"ge": value >= limit, "gt": value > limit, "le": value <= limit, "lt": value < limit}[op]
-    others = [m for m in field.metadata if m is not None]
-    data = {**REQUIRED.get(model, {}), name: value}
+def test_the_spec_names_every_bound_the_models_declare() -> None:
+    assert {(m, f, op) for m, f, op, _ in SPEC} == declared_bounds()
+
+
+def accepted(model: str, field: str, value: float) -> bool:
     try:
-        model(**data)
-        accepted = True
+        MODELS[model](**{**REQUIRED.get(model, {}), field: value})
     except ValidationError:
-        accepted = False
-    if not inside:
-        assert not accepted, (model.__name__, name, op, limit, value)
-    else:
-        # inside this bound: refused only when another bound of the same field refuses it
-        other_ok = all(
-            {
-                "ge": value >= getattr(m, "ge", -math.inf),
-                "gt": value > getattr(m, "gt", -math.inf),
-                "le": value <= getattr(m, "le", math.inf),
-                "lt": value < getattr(m, "lt", math.inf),
-            }[k]
-            for m in others
-            for k in ("ge", "gt", "le", "lt")
-            if hasattr(m, k)
-        )
-        if other_ok and model is not DataParams:
-            assert accepted, (model.__name__, name, op, limit, value)
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("model", "field", "op", "limit"), SPEC, ids=[f"{m}.{f}.{op}" for m, f, op, _ in SPEC])
+def test_every_numeric_setting_accepts_exactly_its_documented_range(model: str, field: str, op: str, limit: float) -> None:
+    annotation = MODELS[model].model_fields[field].annotation
+    step = 1 if annotation in (int, int | None) else 1e-6 * max(1.0, abs(limit))
+    edge = limit if op in ("ge", "le") else (limit + step if op == "gt" else limit - step)
+    beyond = limit - step if op in ("ge", "gt") else limit + step
+    assert accepted(model, field, edge), f"{model}.{field} = {edge} refused; documented {op} {limit}"
+    assert not accepted(model, field, beyond), f"{model}.{field} = {beyond} accepted; documented {op} {limit}"
 
 
 @given(st.lists(st.integers(0, 50), max_size=6), st.lists(st.floats(0.01, 10), max_size=6))
@@ -149,7 +212,7 @@ def test_schedule_steps_need_increasing_boundaries_one_multiplier_each(boundarie
 @given(st.integers(0, 300), st.integers(0, 300), st.integers(0, 2**33))
 def test_synth_spec_parses_what_it_prints_within_its_bounds(train: int, test: int, seed: int) -> None:
     text = f"synth:train={train},test={test},seed={seed}"
-    valid = 10 <= train <= c.MAX_EXAMPLES and 10 <= test <= c.MAX_EXAMPLES and seed <= 2**32 - 1
+    valid = 10 <= train <= MAX_EXAMPLES and 10 <= test <= MAX_EXAMPLES and seed <= 2**32 - 1
     try:
         spec = SynthSpec.parse(text)
     except ValueError as exc:
@@ -256,8 +319,8 @@ def test_source_kind_by_syntax(source: str, kind: str) -> None:
 
 def test_checksums_must_fit_the_kind_of_source() -> None:
     both = DataParams(source="https://h/a.tgz", md5="0" * 32, sha256="1" * 64)
-    assert both.checksum_keys_set() == ["data.md5", "data.sha256"]
-    assert DataParams(source="https://h/a.tgz", md5=None, sha256="1" * 64).checksum_keys_set() == ["data.sha256"]
+    assert checksum_keys_set(both) == ["data.md5", "data.sha256"]
+    assert checksum_keys_set(DataParams(source="https://h/a.tgz", md5=None, sha256="1" * 64)) == ["data.sha256"]
     with pytest.raises(
         ValueError, match=r"checksums do not apply to a generated source \(synth:x\); set data.md5 and data.sha256 to null"
     ):
@@ -360,9 +423,15 @@ def test_resolve_checks_shape_profiles_and_selection() -> None:
         resolve({"profiles": {"ok": {}, "Bad": {}}})
     with pytest.raises(ConfigError, match=r"profile: unknown profile 'nope'; valid: 'full, smoke'$"):
         resolve({"profile": "nope", "profiles": {"smoke": {}}})
-    for key in ("profile", "profiles"):
-        with pytest.raises(ConfigError, match=r"profiles.smoke: an overlay cannot set profile or profiles"):
+    for key, why in (
+        ("profile", "an overlay cannot select a profile"),
+        ("profiles", "overlays do not nest"),
+        ("archs", "DVC's foreach reads the top-level archs whatever the profile"),
+    ):
+        with pytest.raises(ConfigError, match=rf"profiles.smoke.{key}: {why}"):
             resolve({"profiles": {"smoke": {key: "x"}}})
+    with pytest.raises(ConfigError, match=r"profiles: 17 overlays; at most 16"):
+        resolve({"profiles": {f"p{i}": {} for i in range(17)}})
     raw = {"profile": "smoke", "seed": 1, "profiles": {"smoke": {"seed": 2}, "other": {"seed": 3}}}
     assert resolve(raw).seed == 2 and resolve(raw).profile == "smoke"
     assert resolve({**raw, "profile": "full"}).seed == 1 and resolve({**raw, "profile": "full"}).profile == "full"
@@ -398,7 +467,7 @@ def test_expanded_size_counts_every_node_after_aliases() -> None:
     )
     assert expanded_size(node(bomb), "p") == MAX_YAML_NODES + 1  # capped, not computed to a million
     with pytest.raises(
-        ConfigError, match=r"^p: line 1: key 'a' appears twice in one mapping \(DVC refuses such a file\); keep one$"
+        ConfigError, match=r"^p: line 2: key 'a' appears twice in one mapping \(DVC refuses such a file\); keep one$"
     ):
         expanded_size(node("a: 1\na: 2"), "p")
     deep_ok = "[" * MAX_YAML_DEPTH + "]" * MAX_YAML_DEPTH
@@ -416,7 +485,7 @@ def test_read_yaml_bounds_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     with pytest.raises(ConfigError, match=r"p.yaml: not found; run from the project root or pass --params"):
         read_yaml(path)
-    with pytest.raises(ConfigError, match=r"is a folder; --params takes a YAML file"):
+    with pytest.raises(ConfigError, match=r"is a folder, not a regular file; expected a YAML file"):
         read_yaml(tmp_path)
     path.write_text("")
     assert read_yaml(path) == {}
@@ -425,7 +494,7 @@ def test_read_yaml_bounds_and_errors(tmp_path: Path) -> None:
     path.write_text("#" * MAX_PARAMS_BYTES)
     assert read_yaml(path) == {}
     path.write_text("#" * (MAX_PARAMS_BYTES + 1))
-    with pytest.raises(ConfigError, match=r"larger than 1,048,576 bytes; not a params file"):
+    with pytest.raises(ConfigError, match=r"larger than 1,048,576 bytes; not a YAML file"):
         read_yaml(path)
     huge = tmp_path / "huge.yaml"
     with huge.open("wb") as f:
@@ -442,7 +511,7 @@ def test_read_yaml_bounds_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"not valid YAML"):
         read_yaml(path)
     path.write_text("a: &a [" + ",".join(["1"] * 400) + "]\nb: [" + ",".join(["*a"] * 300) + "]\n")
-    with pytest.raises(ConfigError, match=r"expands to more than 100,000 YAML nodes"):
+    with pytest.raises(ConfigError, match=rf"expands to more than {MAX_YAML_NODES:,} YAML nodes"):
         read_yaml(path)
 
 
@@ -485,6 +554,11 @@ def test_load_params_names_keys_dvc_reads_and_params_lack(tmp_path: Path) -> Non
     assert missing_dvc_params(tmp_path, raw) == []
     project(tmp_path, raw, dvc)
     assert missing_dvc_params(tmp_path, raw) == []
+    assert missing_dvc_params(tmp_path, {"data": {}}) == [
+        ("download", "data.source"),
+        ("download", "seed"),
+        ("train", "archs"),  # DVC cannot parse dvc.yaml without what its foreach names
+    ]
     assert missing_dvc_params(tmp_path, {"archs": ["a"], "data": {}}) == [
         ("download", "data.source"),
         ("download", "seed"),
@@ -494,7 +568,7 @@ def test_load_params_names_keys_dvc_reads_and_params_lack(tmp_path: Path) -> Non
     with pytest.raises(
         ConfigError,
         match=r"params.yaml: data.source: dvc.yaml's stage download reads this "
-        r"key and params.yaml lacks it .*`\{\}` \(1 more missing\)$",
+        r"key and params.yaml lacks it .*`\{\}` \(2 more missing\)$",
     ):
         load_params(project(tmp_path, {"data": {}}, dvc))
     with pytest.raises(ConfigError, match=r"lacks it \(DVC would stop there\); add it, e.g. as an empty mapping `\{\}`$"):

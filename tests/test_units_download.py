@@ -12,12 +12,12 @@ import pytest
 from conftest import make_params, tar_gz, valid_members
 from test_units_fetch import Scripted, server  # noqa: F401  (the scripted 127.0.0.1 server fixture)
 
-from cifarflow.config import DataParams
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import download as dl
 from cifarflow.data.extract import Archive
 from cifarflow.data.synth import synth_files
 from cifarflow.errors import ConfigError, InputError, SourceUnavailableError
+from cifarflow.settings import DataParams
 
 FILES = synth_files(20, 10, seed=5)
 BLOB = tar_gz(valid_members(FILES))
@@ -146,7 +146,8 @@ def test_obtained_kind_follows_the_synth_marker() -> None:
 
 def test_checked_turns_checksum_rules_into_config_errors() -> None:
     dl._checked(data(sha256=SHA), "archive", "a.tgz")
-    with pytest.raises(ConfigError, match=r"^params.yaml: data: no checksum for the archive source a.tgz"):
+    # "data:", not "params.yaml: data:": --params may name another file
+    with pytest.raises(ConfigError, match=r"^data: no checksum for the archive source a.tgz"):
         dl._checked(data(), "archive", "a.tgz")
 
 

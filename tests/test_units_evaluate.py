@@ -12,6 +12,8 @@ import pytest
 
 from cifarflow import calibration
 from cifarflow import evaluate as ev
+from cifarflow.contract import DETAILS, METRICS, read_metrics, split_headline
+from cifarflow.errors import InputError
 
 
 def interval(split: dict) -> list[float]:
@@ -33,6 +35,15 @@ def test_wilson_is_the_95_percent_score_interval(k: int, n: int) -> None:
     assert low == pytest.approx(max(0.0, want[0]), abs=1e-9) and high == pytest.approx(min(1.0, want[1]), abs=1e-9)
     assert 0.0 <= low <= k / n <= high <= 1.0
     assert isinstance(low, float) and isinstance(high, float)
+
+
+@pytest.mark.parametrize(
+    ("correct", "n", "low", "high"),
+    [(0, 10, 0.0, 0.2775), (1, 10, 0.0179, 0.4042), (10, 10, 0.7225, 1.0), (50, 100, 0.4038, 0.5962)],
+)
+def test_wilson_known_cases(correct: int, n: int, low: float, high: float) -> None:
+    """Published values (Wilson 1927 / Newcombe 1998), independent of any formula written here."""
+    assert ev.wilson(correct, n) == pytest.approx((low, high), abs=1e-4)
 
 
 def test_wilson_of_nothing_is_the_whole_range() -> None:
@@ -86,17 +97,24 @@ def test_predictions_csv_round_trips(tmp_path: Path) -> None:
 
 def test_metrics_split_into_headline_and_details_and_merge_back(tmp_path: Path) -> None:
     scored = ev.scores(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 0]), ["a", "b"])
-    metrics = {"val": scored, "test": dict(scored), "tta": True}
-    headline, details = ev.split_metrics(metrics)
-    assert set(headline["val"]) == set(ev.HEADLINE) and {"accuracy", "loss", "n"} <= set(ev.HEADLINE)
-    assert set(details["val"]) == set(scored) - set(ev.HEADLINE) and "per_class_accuracy" in details["val"]
-    assert headline["tta"] is True and details["tta"] is True
-    assert all(headline["val"][k] == scored[k] for k in ev.HEADLINE)
-    (tmp_path / ev.METRICS).write_text(json.dumps(headline))
-    assert ev.read_metrics(tmp_path) == {"val": headline["val"], "test": headline["test"], "tta": True}
-    (tmp_path / ev.DETAILS).write_text(json.dumps(details))
-    assert ev.read_metrics(tmp_path) == json.loads(json.dumps(metrics))
-    assert ev.read_metrics(str(tmp_path)) == ev.read_metrics(tmp_path)
+    metrics = {"val": scored, "test": dict(scored), "tta": True, "temperature": 1.5}
+    headline, details = split_headline(metrics, ev.HEADLINE)
+    assert headline == {
+        "val": {"accuracy": scored["accuracy"]},
+        "test": {k: scored[k] for k in ("accuracy", "ci95_low", "ci95_high", "loss")},
+    }  # a few numbers: `dvc metrics show` makes a column of each
+    assert set(details["val"]) == set(scored) - {"accuracy"} and "per_class_accuracy" in details["val"]
+    assert set(details["test"]) == set(scored) - {"accuracy", "ci95_low", "ci95_high", "loss"}
+    assert (details["tta"], details["temperature"]) == (True, 1.5)
+    assert split_headline({"epochs": 3, "arch": "x"}, {"epochs": ()}) == ({"epochs": 3}, {"arch": "x"})
+    assert split_headline({"b": {"mca": 0.5}}, {"b": ("mca",)}) == ({"b": {"mca": 0.5}}, {})  # no empty block left
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / METRICS).write_text(json.dumps(headline))
+    with pytest.raises(InputError, match=r"a/details.json: not found; run the evaluate@a stage first$"):
+        read_metrics(tmp_path, "a")
+    (tmp_path / "a" / DETAILS).write_text(json.dumps(details))
+    assert read_metrics(tmp_path, "a") == json.loads(json.dumps(metrics))
+    assert read_metrics(str(tmp_path), "a") == read_metrics(tmp_path, "a")
 
 
 def test_predictions_csv_refuses_mismatched_columns() -> None:

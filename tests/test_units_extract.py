@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import tar_gz, valid_members
 
+from cifarflow import openfile
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import extract
 from cifarflow.data.synth import synth_files
@@ -44,27 +45,27 @@ def read(data: bytes, **kw: object) -> extract.Archive:
 
 
 def test_file_kind_names_every_type() -> None:
-    assert extract.file_kind(stat.S_IFREG | 0o644) == "regular file"
-    assert extract.file_kind(stat.S_IFDIR) == "folder"
-    assert extract.file_kind(stat.S_IFIFO) == "FIFO (named pipe)"
-    assert extract.file_kind(stat.S_IFCHR) == "character device"
-    assert extract.file_kind(stat.S_IFBLK) == "block device"
-    assert extract.file_kind(stat.S_IFSOCK) == "socket"
-    assert extract.file_kind(stat.S_IFLNK) == "symlink"
-    assert extract.file_kind(0) == "special file"
+    assert openfile.file_kind(stat.S_IFREG | 0o644) == "regular file"
+    assert openfile.file_kind(stat.S_IFDIR) == "folder"
+    assert openfile.file_kind(stat.S_IFIFO) == "FIFO (named pipe)"
+    assert openfile.file_kind(stat.S_IFCHR) == "character device"
+    assert openfile.file_kind(stat.S_IFBLK) == "block device"
+    assert openfile.file_kind(stat.S_IFSOCK) == "socket"
+    assert openfile.file_kind(stat.S_IFLNK) == "symlink"
+    assert openfile.file_kind(0) == "special file"
 
 
 def test_open_regular_opens_files_and_refuses_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"abc")
-    with extract.open_regular(path) as f:
+    with openfile.open_regular(path) as f:
         assert f.read() == b"abc"
         assert os.get_blocking(f.fileno())
-    with pytest.raises(extract.NotRegularFile, match=rf"^{tmp_path}: is a folder, not a regular file$"):
-        extract.open_regular(tmp_path)
+    with pytest.raises(openfile.NotRegularFile, match=rf"^{tmp_path}: is a folder, not a regular file$"):
+        openfile.open_regular(tmp_path)
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(InputError, match=r"fifo: is a FIFO \(named pipe\), not a regular file"):
-        extract.open_regular(tmp_path / "fifo")
+        openfile.open_regular(tmp_path / "fifo")
 
 
 def test_a_valid_archive_yields_its_expected_files_in_any_compression() -> None:

@@ -272,12 +272,12 @@ def test_a_redirect_without_location_is_the_response(server: Scripted, tmp_path:
 def test_connection_errors_are_retried_with_a_backoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
     monkeypatch.setattr(fetch.time, "sleep", waits.append)
-    monkeypatch.setattr(fetch.random, "random", lambda: 0.5)
+    monkeypatch.setattr(fetch.random, "uniform", lambda low, high: (low + high) / 2)  # the jitter's middle: 1.0
     with pytest.raises(TransientError, match=r"^ConnectionError: .* \(gave up after 4 attempts\)$"):
         fetch.download(
             "http://127.0.0.1:9/a", tmp_path / "a.part", retries=3, timeout_s=2, deadline_s=1000, max_bytes=10, backoff_s=10.0
         )
-    assert waits == [10.0, 20.0, 30.0]  # 10·2^n, at most MAX_BACKOFF_S, times 0.5 + random()
+    assert waits == [10.0, 20.0, 30.0]  # 10·2^n, at most MAX_BACKOFF_S, times the jitter factor
 
 
 def test_a_retry_that_could_not_finish_in_time_is_a_deadline_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -424,7 +424,7 @@ def test_resume_and_encoding_are_logged_with_the_url_redacted(
 def test_a_retry_is_logged_with_its_reason_and_count(
     server: Scripted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(fetch.random, "random", lambda: 0.5)
+    monkeypatch.setattr(fetch.random, "uniform", lambda low, high: (low + high) / 2)  # the jitter's middle: 1.0
     server.replies["/a"] = [(503, {}, b""), (200, {}, b"ok")]
     with caplog.at_level("WARNING", logger="cifarflow.data.fetch"):
         get(server, "/a", tmp_path / "a.part", retries=2, backoff_s=0.001)

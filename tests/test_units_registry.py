@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import recorded_gate
 
 from cifarflow import registry as r
 from cifarflow.errors import InputError
@@ -22,11 +24,9 @@ def export(root: Path, name: str, accuracy: float = 0.8, **card: object) -> Path
     (folder / "labels.txt").write_text("a\nb\n")
     base = {
         "arch": name,
-        "blessed": True,
-        "blessing_reasons": ["ok"],
         "test": {"accuracy": accuracy},
         "weights_sha256": hashlib.sha256(name.encode()).hexdigest(),
-        "git_commit": "c0ffee1234567",
+        "provenance": {"project": {"commit": "c0ffee1234567", "dirty": False}, "snapshot": None},
         "profile": "full",
         "data_source_kind": "archive",
         "data_manifest_sha256": MANIFEST,
@@ -35,8 +35,8 @@ def export(root: Path, name: str, accuracy: float = 0.8, **card: object) -> Path
     return folder
 
 
-def gate(tolerance: float = 0.01, min_accuracy: float = 0.0, manifest: str = MANIFEST) -> r.Gate:
-    return r.Gate(min_accuracy, tolerance, manifest, lambda v: v.facts["test_accuracy"])
+def gate(tolerance: float = 0.01, min_accuracy: float = 0.0, manifest: str = MANIFEST) -> Any:
+    return recorded_gate(tolerance, min_accuracy, manifest)
 
 
 @pytest.fixture
@@ -49,8 +49,16 @@ def test_promotion_records_the_version_event_and_pointer(tmp_path: Path, reg: Pa
     digest = hashlib.sha256(b"a").hexdigest()
     assert event["to"] == f"0001-{digest[:12]}" and event["seq"] == 1 and event["kind"] == "promote" and event["from"] is None
     assert event["by"] == "alice" and event["arch"] == "a" and event["test_accuracy"] == 0.8 and event["blessed"] is True
-    assert event["verdict"] == {"reasons": [], "candidate_test_accuracy": 0.8, "champion": None, "forced": False}
-    assert event["git_commit"] == "c0ffee1234567" and event["data_source_kind"] == "archive" and event["weights_sha256"] == digest
+    assert event["verdict"]["blessed"] is True and event["verdict"]["champion"] is None and event["verdict"]["forced"] is False
+    assert [c["rule"] for c in event["verdict"]["checks"]] == [
+        "a_number",
+        "min_accuracy",
+        "vs_champion",
+        "real_data",
+        "same_data",
+    ][:4]
+    assert event["provenance"]["project"]["commit"] == "c0ffee1234567" and event["data_source_kind"] == "archive"
+    assert event["weights_sha256"] == digest
     champion = r.current(reg)
     assert champion.name == event["to"] and champion.number == 1 and champion.digest == digest
     assert champion.facts["files"].keys() == {"labels.txt", "model_card.json", "saved_model/saved_model.pb"}
@@ -63,7 +71,7 @@ def test_promotion_records_the_version_event_and_pointer(tmp_path: Path, reg: Pa
     assert not (reg / r.INCOMING).exists()
     second = r.promote(export(tmp_path, "b", 0.795), reg, gate())
     assert second["to"].startswith("0002-") and second["seq"] == 2 and second["from"] == event["to"]
-    assert second["verdict"]["champion"] == {"version": event["to"], "weights_sha256": digest, "test_accuracy": 0.8}
+    assert second["verdict"]["champion"] == {"version": event["to"], "weights_sha256": digest, "test_accuracy": 0.8, "mca": None}
     assert [v.name for v in r.versions(reg)] == [event["to"], second["to"]]
 
 
@@ -77,17 +85,16 @@ def test_promoting_the_champion_again_changes_nothing(tmp_path: Path, reg: Path)
 @pytest.mark.parametrize(
     ("card", "reason"),
     [
-        ({"blessed": False, "blessing_reasons": ["x", "y"]}, "the export is not blessed (x; y)"),
-        ({"data_source_kind": "synth", "profile": "smoke"}, "it was trained on synthetic data (profile smoke)"),
+        (
+            {"data_source_kind": "synth", "profile": "smoke"},
+            "trained and tested on synthetic data (data.source synth:...): never promotable without --force",
+        ),
         (
             {"data_manifest_sha256": "z" * 64},
-            "its test accuracy was measured on other data than data/shards now (rerun the pipeline)",
+            "its test accuracy was measured on other data than the shards there are now (rerun the pipeline)",
         ),
-        ({"test": {"accuracy": 1.5}}, "its test accuracy 1.5 is not a number in [0, 1]"),
-        (
-            {"test": {"accuracy": -0.1}},
-            "its test accuracy -0.1 is not a number in [0, 1]; test accuracy -0.1000 < export.min_accuracy 0.0",
-        ),
+        ({"test": {"accuracy": 1.5}}, "test accuracy 1.5 is not a number in [0, 1]"),
+        ({"test": {"accuracy": -0.1}}, "test accuracy -0.1 is not a number in [0, 1]"),
     ],
 )
 def test_every_refusal_reason_is_named(tmp_path: Path, reg: Path, card: dict, reason: str) -> None:
@@ -106,14 +113,15 @@ def test_the_gate_thresholds_are_inclusive(tmp_path: Path, reg: Path) -> None:
     with pytest.raises(
         r.PromotionRefused,
         match=rf"test accuracy 0.1000 is more than export.tolerance 0.1 below the "
-        rf"champion {name}'s 0.2500 \(re-scored now on this test split\)",
+        rf"champion {name}'s 0.2500 \(re-scored on this test split\)",
     ):
         r.promote(export(tmp_path, "c", 0.1), reg, gate(tolerance=0.1))
 
 
 def test_forcing_records_the_overridden_reasons(tmp_path: Path, reg: Path) -> None:
-    event = r.promote(export(tmp_path, "a", blessed=False, blessing_reasons=["below"]), reg, gate(), force=True)
-    assert event["verdict"]["forced"] is True and event["verdict"]["reasons"] == ["the export is not blessed (below)"]
+    event = r.promote(export(tmp_path, "a", data_source_kind="synth"), reg, gate(), force=True)
+    failed = [c["reason"] for c in event["verdict"]["checks"] if not c["passed"]]
+    assert event["verdict"]["forced"] is True and event["blessed"] is False and len(failed) == 1 and "synthetic" in failed[0]
     clean = r.promote(export(tmp_path, "b"), reg, gate(), force=True)
     assert clean["verdict"]["forced"] is False
 
@@ -122,17 +130,18 @@ def test_bad_cards_are_input_errors(tmp_path: Path, reg: Path) -> None:
     with pytest.raises(InputError, match=r"model_card.json: not found; run the export stage first$"):
         r.promote(tmp_path, reg, gate())
     (tmp_path / "model_card.json").write_text("[1]")
-    with pytest.raises(InputError, match=r"model_card.json: not a readable model card \(JSON object\); export again$"):
+    with pytest.raises(InputError, match=r"model_card.json: holds a list, not a JSON object; rerun the export stage$"):
         r.promote(tmp_path, reg, gate())
-    for card in (
-        {"weights_sha256": "A" * 64},
-        {"test": {"accuracy": True}},
-        {"test": {"accuracy": "0.9"}},
-        {"test": 0.9},
-        {"weights_sha256": "a" * 63},
-    ):
+    for card in ({"weights_sha256": "A" * 64}, {"weights_sha256": "a" * 63}):
         folder = export(tmp_path / str(len(list(tmp_path.iterdir()))), "x", **card)
-        with pytest.raises(InputError, match=r"no weights_sha256 or test.accuracy; export again with this version of cifarflow$"):
+        with pytest.raises(InputError, match=r"no weights_sha256; export again with this version of cifarflow$"):
+            r.promote(folder, reg, gate())
+    folder = export(tmp_path / str(len(list(tmp_path.iterdir()))), "x", test=0.9)
+    with pytest.raises(InputError, match=r"the model card lacks arch, test.accuracy, data_source_kind"):
+        r.promote(folder, reg, gate())
+    for accuracy in (True, "0.9"):
+        folder = export(tmp_path / str(len(list(tmp_path.iterdir()))), "x", test={"accuracy": accuracy})
+        with pytest.raises(r.PromotionRefused, match=rf"test accuracy {accuracy} is not a number in \[0, 1\]"):
             r.promote(folder, reg, gate())
     assert r.promote(export(tmp_path, "int", 1), reg, gate())["test_accuracy"] == 1
 
@@ -167,7 +176,8 @@ def test_rollback_returns_to_the_previous_version_and_revokes_the_weights(tmp_pa
 def test_rollback_records_the_targets_facts_and_waits_only_wait_s(tmp_path: Path, reg: Path) -> None:
     from filelock import FileLock
 
-    a = r.promote(export(tmp_path, "a", git_commit="a1b2c3d4e5f6a", data_source_kind="image-folder"), reg, gate())
+    provenance = {"project": {"commit": "a1b2c3d4e5f6a", "dirty": True}, "snapshot": {"commit": "5nap", "dirty": False}}
+    a = r.promote(export(tmp_path, "a", provenance=provenance, data_source_kind="image-folder"), reg, gate())
     r.promote(export(tmp_path, "b"), reg, gate())
     holder = FileLock(reg / r.LOCK)
     holder.acquire()
@@ -178,7 +188,7 @@ def test_rollback_records_the_targets_facts_and_waits_only_wait_s(tmp_path: Path
         holder.release()
     back = r.rollback(reg)
     assert back["to"] == a["to"] and r.history(reg)[-1] == back
-    assert (back["blessed"], back["git_commit"], back["data_source_kind"]) == (True, "a1b2c3d4e5f6a", "image-folder")
+    assert (back["blessed"], back["provenance"], back["data_source_kind"]) == (True, provenance, "image-folder")
 
 
 def test_served_before_skips_versions_rolled_back_from(tmp_path: Path, reg: Path) -> None:
@@ -357,14 +367,18 @@ def test_recover_finishes_a_killed_writers_work(tmp_path: Path, reg: Path) -> No
     (reg / r.INCOMING / "x").mkdir(parents=True)
     (reg / r.TRASH).mkdir()
     (reg / f"{r.CURRENT}.123.tmp").write_text("half")
-    orphan = reg / r.VERSIONS / f"0009-{'b' * 12}"
+    orphan = reg / r.VERSIONS / f"0009-{'b' * 12}"  # staged by a promoter killed before it recorded it
     orphan.mkdir()
+    (reg / r.PENDING).write_text(json.dumps({"version": orphan.name, "pid": 1, "host": "h"}))
+    stray = reg / r.VERSIONS / f"0010-{'c' * 12}"  # nothing says who made it: kept
+    stray.mkdir()
     late = {**a, "seq": 2, "kind": "promote"}
     (reg / r.CURRENT).write_text(json.dumps({"version": a["to"], "event": late}))
     assert r._events(reg)[-1] == late
     with r.locked(reg):
         pass
     assert not (reg / r.INCOMING).exists() and not (reg / r.TRASH).exists() and not orphan.exists()
+    assert stray.is_dir() and not (reg / r.PENDING).exists()
     assert not list(reg.glob("*.tmp"))
     assert r.history(reg)[-1] == {**late, "recorded_late": True}
     assert "[recorded late]" in r.render(reg)
@@ -437,12 +451,12 @@ def test_by_is_one_printable_bounded_line(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_render_lists_versions_and_history(tmp_path: Path, reg: Path) -> None:
-    assert r.render(reg).startswith(f"registry {reg}: champion (none)\n\n| | version |")
+    assert r.render(reg).startswith(f"registry {reg}: no version yet.")
     a = r.promote(export(tmp_path, "a", 0.8), reg, gate(), by="al")
-    b = r.promote(export(tmp_path, "b", 0.9, blessed=False), reg, gate(), force=True, by="bo")
+    b = r.promote(export(tmp_path, "b", 0.9, data_source_kind="synth"), reg, gate(), force=True, by="bo")
     lines = r.render(reg).splitlines()
-    assert f"|  | {a['to']} | a | 0.8 | True | archive | c0ffee1234 |" in lines
-    assert f"| * | {b['to']} | b | 0.9 | False | archive | c0ffee1234 |" in lines
+    assert f"|  | {a['to']} | a | 0.8 | True | archive | project c0ffee123456 |" in lines
+    assert f"| * | {b['to']} | b | 0.9 | False | synth | project c0ffee123456 |" in lines
     r.promote(export(tmp_path, "c", 0.95), reg, gate())
     r.collect_garbage(reg, 1)
     text = r.render(reg)

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks import stages
+from cifarflow.errors import STATUS_ENV, ConfigError, InputError, OutOfMemoryError, SourceUnavailableError
+from cifarflow.tasks import stages
 
 
 @pytest.fixture
@@ -43,9 +44,33 @@ def test_only_config_and_input_failures_are_not_retried() -> None:
     assert stages.worth_retrying(None, None, state(None)) is True
 
 
-def test_the_failure_classes_map_the_cli_status() -> None:
-    assert stages.FAILURES == {"config": stages.ConfigFailure, "input": stages.ConfigFailure, "oom": stages.OutOfMemory}
-    assert issubclass(stages.StageTimeout, stages.RuntimeFailure) and issubclass(stages.ConfigFailure, stages.StageFailed)
+@pytest.mark.parametrize(
+    ("error", "exit_code", "expected", "retried"),
+    [
+        (ConfigError("bad key"), 2, "ConfigFailure", False),
+        (InputError("bad archive"), 2, "ConfigFailure", False),
+        (OutOfMemoryError("oom"), 3, "OutOfMemory", True),
+        (SourceUnavailableError("no mirror"), 1, "RuntimeFailure", True),
+        (RuntimeError("a bug"), 1, "RuntimeFailure", True),
+    ],
+)
+def test_what_the_cli_writes_decides_the_failure_and_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, exit_code: int, expected: str, retried: bool
+) -> None:
+    """The CLI's status file, as `main` writes it for each class of error, through the task's reading
+    of it (dvc exits 255 whatever failed): the right exception, and a retry only where one can help."""
+    from cifarflow.cli import write_status
+
+    path = tmp_path / "status.json"
+    monkeypatch.setenv(STATUS_ENV, str(path))
+    klass = getattr(error, "failure_class", "runtime")
+    write_status(error, getattr(error, "exit_code", 1), klass)
+    failure = stages.stage_failure(255, stages.read_status(path), "message")
+    assert type(failure).__name__ == expected
+    state = type("State", (), {"data": failure})()
+    assert stages.worth_retrying(None, None, state) is retried
+    without_status = "ConfigFailure" if exit_code == 2 else "RuntimeFailure"  # killed before it wrote: the exit code
+    assert type(stages.stage_failure(exit_code, {}, "m")).__name__ == without_status
 
 
 def test_an_up_to_date_stage_is_skipped_without_starting_dvc(fake_dvc, tmp_path: Path) -> None:
@@ -136,7 +161,7 @@ def test_a_stage_past_its_timeout_is_killed_and_raised(fake_dvc, tmp_path: Path,
     fake_dvc(code=0, sleep=30)
     killed = []
     monkeypatch.setattr(stages, "kill_group", lambda p: (killed.append(p.pid), p.kill(), p.wait()))
-    with pytest.raises(stages.StageTimeout, match=r"^train@x: exceeded its timeout of 0 s; killed with all its children$"):
+    with pytest.raises(stages.StageTimeout, match=r"^train@x: exceeded its timeout of 0.3 s; killed with all its children$"):
         stages.run_dvc_stage("train@x", tmp_path, timeout_s=0.3)
     assert len(killed) == 1
 

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import train_params
+import yaml
+from conftest import cli_env, train_params
 
-from cifarflow.config import resolve
 from cifarflow.errors import ConfigError
 from cifarflow.models import build_model
 from cifarflow.models.layers import ReshapeMaxPool
 from cifarflow.models.registry import load_model
 from cifarflow.models.whitened_vgg import WHITEN_EPSILON, whitening_kernel
+from cifarflow.settings import resolve
 from cifarflow.training.schedule import LearningRate
 from cifarflow.training.trainer import train
 
@@ -159,34 +161,51 @@ def test_multi_worker_refuses_xla() -> None:
 
 
 def test_tiny_recipe_trains_compiled_and_deterministic(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
-    params = resolve(
-        {
-            "data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2},
-            "archs": ["fast"],
-            "train": {"fast": FAST},
-        }
+    """One run in this process, one by the CLI in a fresh one with XLA's dump on: the same weights and
+    history, XLA really compiled the training step (its HLO modules are in the dump), the learning
+    rate is the recipe's warm-up/linear curve computed by hand, and lookahead is in the optimizer."""
+    raw = {
+        "data": {"source": "synth:train=300,test=50", "md5": None, "val_size": 50, "shards": 2},
+        "archs": ["fast"],
+        "train": {"fast": FAST},
+    }
+    params = resolve(raw)
+    run = train(params, "fast", tiny_shards, tmp_path / "out0", tmp_path / "run0", tmp_path / "ck0", verdict)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    dump = tmp_path / "xla-dump"
+    env = cli_env() | {"XLA_FLAGS": f"--xla_dump_to={dump}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    paths = {"shards": tiny_shards, "out": tmp_path / "out1", "runinfo": tmp_path / "run1", "checkpoints": tmp_path / "ck1"}
+    done = subprocess.run(
+        ["cifarflow", "--params", str(tmp_path / "params.yaml"), "train", "fast", "--verdict", str(verdict)]
+        + [arg for name, path in paths.items() for arg in (f"--{name}", str(path))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    runs = [
-        train(params, "fast", tiny_shards, tmp_path / f"out{i}", tmp_path / f"run{i}", tmp_path / f"ck{i}", verdict)
-        for i in range(2)
-    ]
-    assert runs[0]["weights_sha256"] == runs[1]["weights_sha256"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out1/weights.sha256").read_text().strip() == run["weights_sha256"]
     assert (tmp_path / "out0/history.csv").read_bytes() == (tmp_path / "out1/history.csv").read_bytes()
+    compiled = [p.name for p in dump.glob("*.txt") if "train" in p.name.lower() or "one_step" in p.name.lower()]
+    assert compiled, f"no XLA module of the training step in {sorted(p.name for p in dump.iterdir())[:20]}"
     info = json.loads((tmp_path / "run0/run.json").read_text())
-    assert info["runtime"]["jit_compile"] is True, "XLA kept under op determinism"
     first, second = info["epochs"]
     assert second["process_seconds"] > first["process_seconds"] > first["train_seconds"] > 0  # time to accuracy
 
+    # FAST: rate 0.2 (no batch scaling), 250 train examples / batch 50 = 5 steps an epoch, 10 in all;
+    # epoch 0 starts at t = 0 (x start 0.2), epoch 1 at t = 0.5, past the 0.3 warm-up: falling
+    # linearly from x1 at t = 0.3 to x end 0.1 at t = 1.
     rows = list(csv.DictReader((tmp_path / "out0/history.csv").open()))
-    steps = 250 // 50  # 250 train examples (300 - 50 val), batch 50
-    schedule = LearningRate(params.train["fast"], steps_per_epoch=steps).for_optimizer(0)
-    assert [float(r["lr"]) for r in rows] == pytest.approx([float(schedule(0)), float(schedule(steps))])
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.2 * 0.2, 0.2 * (1 + (0.1 - 1) * (0.5 - 0.3) / (1 - 0.3))])
+
+    optimizer = load_model(tmp_path / "out0/model.keras", compile=True).optimizer.get_config()
+    assert (optimizer["use_ema"], optimizer["ema_momentum"], optimizer["ema_overwrite_frequency"]) == (True, 0.9, 2)
 
     model = load_model(tmp_path / "out0/model.keras")
     whiten = model.get_layer("whiten")
     assert not whiten.trainable
     from cifarflow.data.inputs import load_split
-    from cifarflow.models.normalization import normalize
+    from cifarflow.normalization import normalize
 
     first = load_split(tiny_shards, "train", "parquet").images
     np.testing.assert_array_equal(whiten.get_weights()[0], whitening_kernel(normalize(first, "center").numpy()))

@@ -8,13 +8,15 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cifarflow.data.layout import CHANNELS, HEIGHT, WIDTH
 from cifarflow.errors import InputError
+from cifarflow.openfile import open_regular
+from cifarflow.pixels import CHANNELS, HEIGHT, WIDTH
 
 IMAGE_BYTES = HEIGHT * WIDTH * CHANNELS  # 3072
 RECORD_BYTES = 1 + IMAGE_BYTES  # 3073
@@ -79,23 +81,52 @@ def decode_records(data: bytes | memoryview, name: str) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(images), labels
 
 
+def check_class_names(names: list[str], where: str) -> None:
+    """The class names a label indexes: 1-10 of them, each printable (no newline, line separator or
+    control character could split or forge a list of them), none equal to another once Unicode-
+    normalised (NFC "café" and NFD "café" look the same), and CIFAR-10's names in CIFAR-10's order
+    (in another order every label would name the wrong class). InputError naming `where` otherwise."""
+    if not 1 <= len(names) <= NUM_LABELS or not all(names):
+        raise InputError(f"{where}: expected 1-{NUM_LABELS} non-empty class names; got {names!r}")
+    for name in names:
+        if not name.isprintable() or name != name.strip():
+            raise InputError(
+                f"{where}: class name {name!r} holds a control or line-separator character, or leading or "
+                "trailing space: rename it"
+            )
+    normalised: dict[str, str] = {}
+    for name in names:
+        twin = normalised.setdefault(unicodedata.normalize("NFC", name), name)
+        if twin != name or names.count(name) > 1:
+            raise InputError(f"{where}: class names {twin!r} and {name!r} are the same name (Unicode NFC); keep one")
+    if set(names) == set(CIFAR10_CLASSES) and tuple(names) != CIFAR10_CLASSES:
+        raise InputError(
+            f"{where}: CIFAR-10's class names in another order ({', '.join(names)}): every label would name the "
+            f"wrong class; the official order is {', '.join(CIFAR10_CLASSES)}"
+        )
+
+
 def parse_meta(data: bytes, name: str = META_FILE) -> list[str]:
-    """batches.meta.txt: one class name per line, in label order (trailing blank lines allowed)."""
+    """batches.meta.txt: one class name per line ("\n"), in label order (trailing blank lines allowed);
+    the names must pass check_class_names."""
     try:
-        names = [line.strip() for line in data.decode("utf-8").splitlines()]
+        names = data.decode("utf-8").split("\n")
     except UnicodeDecodeError:
         raise InputError(f"{name}: not UTF-8 text; expected one class name per line") from None
-    while names and not names[-1]:
+    names = [n.removesuffix("\r") for n in names]
+    while names and not names[-1].strip():
         names.pop()
-    if not 1 <= len(names) <= NUM_LABELS or not all(names):
-        raise InputError(f"{name}: expected 1-{NUM_LABELS} non-empty class names, one per line; got {names!r}")
-    if len(set(names)) != len(names):
-        raise InputError(f"{name}: duplicate class names in {names!r}")
+    check_class_names(names, name)
     return names
 
 
 def format_meta(classes: list[str] | tuple[str, ...]) -> bytes:
     return ("\n".join(classes) + "\n\n").encode()
+
+
+def _read(path: Path) -> bytes:
+    with open_regular(path) as f:  # never blocks on a FIFO swapped in for a batch
+        return f.read()
 
 
 def read_raw(folder: Path) -> tuple[Split, Split, list[str]]:
@@ -104,10 +135,10 @@ def read_raw(folder: Path) -> tuple[Split, Split, list[str]]:
     missing = [f for f in EXPECTED_FILES if not (folder / f).is_file()]
     if missing:
         raise InputError(f"{folder}: missing {', '.join(missing)}")
-    classes = parse_meta((folder / META_FILE).read_bytes(), str(folder / META_FILE))
+    classes = parse_meta(_read(folder / META_FILE), str(folder / META_FILE))
     splits = []
     for name, files in (("train", TRAIN_FILES), ("test", (TEST_FILE,))):
-        blobs = [(folder / f).read_bytes() for f in files]
+        blobs = [_read(folder / f) for f in files]
         for f, blob in zip(files, blobs, strict=True):  # validate each file, so an error names it
             check_records(blob, str(folder / f))
         # then decode the split in one piece: one HWC copy, no second copy to concatenate

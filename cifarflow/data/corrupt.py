@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow.config import Params
+from cifarflow.contract import MANIFEST
 from cifarflow.data import shards
 from cifarflow.data.cifar_binary import Split
 from cifarflow.data.corruptions import corrupt
-from cifarflow.data.layout import IMAGE_SHAPE, MANIFEST
 from cifarflow.data.preprocess import stratified_split
 from cifarflow.data.verdict import check_shards, read_manifest, verdict_of
 from cifarflow.errors import InputError
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file, write_json_atomic
+from cifarflow.pixels import IMAGE_SHAPE
+from cifarflow.settings import Params
 
 CLEAN = "clean"
 VERDICT = "verdict.json"

@@ -30,6 +30,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from cifarflow.settings import CORRUPTIONS
+
 SIZE = 32
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
@@ -315,26 +317,9 @@ def jpeg_compression(images: np.ndarray, severity: int, rng: np.random.Generator
     return np.stack([roundtrip(im) for im in images])
 
 
-# CIFAR-10-C's order and file names (frost left out: see the module docstring).
-FAMILIES: dict[str, Corruption] = {
-    f.__name__: f
-    for f in (
-        gaussian_noise,
-        shot_noise,
-        impulse_noise,
-        defocus_blur,
-        glass_blur,
-        motion_blur,
-        zoom_blur,
-        snow,
-        fog,
-        brightness,
-        contrast,
-        elastic_transform,
-        pixelate,
-        jpeg_compression,
-    )
-}
+# CIFAR-10-C's order and file names (frost left out: see the module docstring), as the settings
+# name them (their list, which needs no scipy): one function here per name there.
+FAMILIES: dict[str, Corruption] = {name: globals()[name] for name in CORRUPTIONS}
 
 
 def corrupt(images: np.ndarray, family: str, severity: int, seed: int) -> np.ndarray:

@@ -26,15 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cifarflow.config import DataParams, Params, SynthSpec, check_checksum_keys, source_kind
+from cifarflow.contract import MANIFEST
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import fetch
-from cifarflow.data.extract import Archive, file_kind, open_regular, read_archive, read_batches
+from cifarflow.data.extract import Archive, read_archive, read_batches
 from cifarflow.data.image_folder import is_image_folder, read_image_folder
-from cifarflow.data.layout import MANIFEST
 from cifarflow.errors import ConfigError, InputError, SourceUnavailableError
 from cifarflow.fileio import CHUNK, atomic_dir, dumps_json, write_json_atomic
+from cifarflow.openfile import file_kind, open_regular
 from cifarflow.redact import REDACTED, redact_text, redact_url
+from cifarflow.settings import DataParams, Params
+from cifarflow.sources import SynthSpec, check_checksum_keys, source_kind
 
 log = logging.getLogger(__name__)
 SOURCE_HINT = (
@@ -184,7 +186,7 @@ def _checked(data: DataParams, kind: str, source: str) -> None:
     try:
         check_checksum_keys(data, kind, source)
     except ValueError as exc:
-        raise ConfigError(f"params.yaml: data: {exc}") from None
+        raise ConfigError(f"data: {exc}") from None
 
 
 def fetch_http(url: str, data: DataParams, cache: Path, backoff_s: float) -> tuple[Path, dict[str, str]]:
@@ -262,7 +264,9 @@ def obtain(source: str, data: DataParams, cache: Path, backoff_s: float = 1.0) -
         if not is_image_folder(path):
             raise InputError(f"{label}: a folder source must hold train/<class>/*.png|jpg and test/<class>/*.png|jpg")
         _checked(data, "image-folder", source)
-        files, sha = read_image_folder(path, max_files=data.max_members, max_pixels=data.max_image_pixels)
+        files, sha = read_image_folder(
+            path, max_files=data.max_members, max_pixels=data.max_image_pixels, max_chunks=data.max_image_chunks
+        )
         return Obtained("image-folder", files, {"sha256": sha}, label)
     if not stat.S_ISREG(mode):
         raise MirrorFailed(
@@ -309,8 +313,9 @@ def run(params: Params, out: Path, cache: Path, runinfo: Path | None = None, bac
             failure = MirrorFailed(_prefixed(source, exc), bad_input=True)
         except OSError as exc:  # a local source that cannot be read (permissions, I/O error)
             failure = MirrorFailed(_prefixed(source, f"{exc.__class__.__name__}: {exc}"))
-        log.warning("source failed: %s", failure)
         failures.append(failure)
+        if len(failures) < len(params.data.sources):  # the last one's failure is in the error, said once
+            log.warning("source failed: %s; trying the next mirror", failure)
     else:
         reasons = "\n  ".join(str(f) for f in failures)
         error = InputError if any(f.bad_input for f in failures) else SourceUnavailableError

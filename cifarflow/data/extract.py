@@ -12,17 +12,16 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
-import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO
 
-from cifarflow.config import DataParams
 from cifarflow.data import cifar_binary as cb
 from cifarflow.errors import InputError
+from cifarflow.openfile import open_regular
+from cifarflow.settings import DataParams
 
 DEFAULT_MAX_EXTRACT = DataParams.model_fields["max_extract_mb"].default << 20
 DEFAULT_MAX_MEMBERS = DataParams.model_fields["max_members"].default
@@ -37,47 +36,6 @@ MAX_META_BYTES = 1 << 20  # one pax or GNU long-name header holds names and attr
 MAX_META_CHAIN = 32  # such headers in a row before a member
 META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 WANTED = frozenset((*cb.EXPECTED_FILES, cb.SYNTH_MARKER))  # read; every other member is skipped (but counted)
-KINDS = (
-    (stat.S_ISDIR, "folder"),
-    (stat.S_ISFIFO, "FIFO (named pipe)"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-    (stat.S_ISLNK, "symlink"),
-)
-
-
-class NotRegularFile(InputError):
-    """A path that is a FIFO, device, socket or folder where a regular file is needed."""
-
-    def __init__(self, path: Path | str, mode: int) -> None:
-        super().__init__(f"{path}: is a {file_kind(mode)}, not a regular file")
-
-
-def file_kind(mode: int) -> str:
-    """A person's name for the type in a stat mode ("FIFO (named pipe)", "character device", ...)."""
-    if stat.S_ISREG(mode):
-        return "regular file"
-    return next((name for test, name in KINDS if test(mode)), "special file")
-
-
-def open_regular(path: Path | str) -> BinaryIO:
-    """`path` opened for reading if it is a regular file; NotRegularFile at once for a FIFO, device or
-    socket. The type is checked before the open (stat) and again on the opened descriptor (fstat),
-    and the open is non-blocking, so a FIFO swapped in between cannot block it either."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise NotRegularFile(path, mode)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(path, mode)
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class _BadHeader(Exception):

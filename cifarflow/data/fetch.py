@@ -28,7 +28,9 @@ CHUNK = 1 << 16  # small reads: a dropped connection loses at most this much
 PERMANENT_STATUS = {400, 401, 403, 404, 405, 410, 451}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5  # a handful: mirrors and signed-URL services need one or two
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 30.0  # the longest wait between two attempts: retries go on, at most this far apart
+BACKOFF_GROWTH = 2  # each wait twice the one before (from data's backoff_s), up to MAX_BACKOFF_S
+JITTER = (0.5, 1.5)  # each wait is scaled by a random factor in this range: retries of many clients spread out
 # requests quotes the path and query of a URL without its scheme ("...with url: /a.tgz?X-Amz-Signature=...").
 QUERY_IN_TEXT = re.compile(r"(?<=[^\s?])\?[^\s'\"()<>\[\]{}]+")
 
@@ -113,6 +115,22 @@ def describe(exc: BaseException) -> str:
     return scrub(f"{exc.__class__.__name__}: {exc}")[:500]
 
 
+def unresolvable(exc: BaseException) -> bool:
+    """Whether a client error comes from a host name that does not resolve (socket.gaierror somewhere in
+    its chain: requests wraps urllib3's NameResolutionError, which wraps it)."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, socket.gaierror) or type(item).__name__ == "NameResolutionError":
+            return True
+        pending += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return False
+
+
 def shown_name(url: str) -> str:
     """The file name of a URL's path, for a progress bar: never its query, userinfo or host."""
     try:
@@ -145,12 +163,15 @@ def download(
             except Exception as exc:  # the HTTP client raises many types; each ends this mirror or is retried
                 if watchdog.fired or time.monotonic() >= limits.deadline:
                     raise limits.deadline_error(_size(part)) from None
+                if unresolvable(exc):  # offline, or a typo in the host: no retry helps, one short line says so
+                    host = urllib.parse.urlsplit(url).hostname or "?"
+                    raise PermanentError(f"cannot resolve the host {host} (no network, or no DNS name for it)") from None
                 reason = describe(exc)
                 if not isinstance(exc, TRANSIENT):
                     raise PermanentError(reason) from None
                 if attempt == retries:
                     raise TransientError(f"{reason} (gave up after {retries + 1} attempts)") from None
-                delay = min(MAX_BACKOFF_S, backoff_s * 2**attempt) * (0.5 + random.random())  # jitter
+                delay = min(MAX_BACKOFF_S, backoff_s * BACKOFF_GROWTH**attempt) * random.uniform(*JITTER)
                 if time.monotonic() + delay >= limits.deadline:  # the next attempt could not finish in time
                     raise limits.deadline_error(_size(part), reason) from None
                 log.warning("%s: %s; retry %d/%d in %.1fs", shown, reason, attempt + 1, retries, delay)

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from cifarflow.config import Recipe
 from cifarflow.data import shards
 from cifarflow.data.cifar_binary import Split
-from cifarflow.data.layout import HEIGHT, IMAGE_SHAPE
 from cifarflow.data.verdict import CheckedShards
-from cifarflow.models.normalization import normalize
+from cifarflow.normalization import normalize
+from cifarflow.pixels import HEIGHT, IMAGE_SHAPE
+from cifarflow.settings import Recipe
 
 # augmentation -> (padding, how it pads): seed 002 pads 4 black pixels, airbench 2 mirrored ones;
 # both then crop back to 32x32 at a random place and flip about half the images horizontally

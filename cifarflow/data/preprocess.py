@@ -7,20 +7,20 @@ float copy of the dataset is ever made.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cifarflow.config import Params, check_split_sizes
+from cifarflow.contract import MANIFEST, read_json
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards, tfrecord
 from cifarflow.data.cifar_binary import Split
-from cifarflow.data.layout import IMAGE_SHAPE, MANIFEST
 from cifarflow.errors import InputError
 from cifarflow.fileio import atomic_dir, dumps_json, sha256_file
+from cifarflow.pixels import IMAGE_SHAPE
+from cifarflow.settings import Params, check_split_sizes
 
 WRITERS = {"parquet": shards.write_parquet, "tfrecord": tfrecord.write_tfrecord}
 
@@ -75,10 +75,7 @@ def write_shards(out: Path, splits: dict[str, tuple[Split, np.ndarray]], n_shard
 
 def run(params: Params, raw: Path, out: Path) -> dict[str, Any]:
     """Read the downloaded batches, split, and write `out/{parquet,tfrecord}/*` and the manifest."""
-    raw_manifest_path = Path(raw) / MANIFEST
-    if not raw_manifest_path.is_file():
-        raise InputError(f"{raw_manifest_path}: not found; run the download stage first")
-    raw_manifest = json.loads(raw_manifest_path.read_text())
+    raw_manifest = read_json(Path(raw) / MANIFEST, "download")
     train, test, classes = cb.read_raw(Path(raw) / cb.FOLDER)
     try:  # before any work: an archive's split sizes are known only now
         check_split_sizes(len(train), len(test), params.data.val_size, params.data.shards)

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data.cifar_binary import Split
-from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.errors import InputError
+from cifarflow.pixels import IMAGE_SHAPE
 
 SPLITS = ("train", "val", "test")
 FORMATS = {"parquet": "parquet", "tfrecord": "tfrecord"}  # format -> file extension

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarflow.data import cifar_binary as cb
-from cifarflow.data.layout import HEIGHT, IMAGE_SHAPE, WIDTH
+from cifarflow.pixels import HEIGHT, IMAGE_SHAPE, WIDTH
 
 NOISE_STD = 40.0  # pixel units: tiny models learn it in an epoch, yet do not reach 100%
 MAX_SHIFT = 3  # pixels a prototype may move, so that a model must learn the pattern, not positions

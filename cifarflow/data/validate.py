@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow.config import Params
+from cifarflow.contract import DETAILS, MANIFEST, split_headline
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards
-from cifarflow.data.layout import MANIFEST
 from cifarflow.data.verdict import discard_verdict, read_manifest, write_verdict
 from cifarflow.errors import InputError
 from cifarflow.fileio import sha256_file, write_bytes_atomic, write_json_atomic
+from cifarflow.settings import Params
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def image_hashes(images: np.ndarray) -> list[bytes]:
     return [hashlib.sha256(row.data).digest() for row in flat]  # sha256 runs on SHA-NI: fastest here
 
 
-HEADLINE = ("counts", "duplicates_within", "leakage", "schema_ok")  # DVC metrics; the rest goes to the details file
+# The DVC metrics (contract.split_headline): the split sizes and the images in more than one split;
+# the rest goes to the details file.
+HEADLINE = {"counts": shards.SPLITS, "leakage": ("total",)}
 
 
 def run(
@@ -104,10 +106,14 @@ def run(
             metrics = measure(root, manifest)
         finally:
             integrity.result()  # a damaged shard is reported first: it explains everything else
-    write_json_atomic(metrics_path, {key: metrics[key] for key in HEADLINE})
-    details = {key: value for key, value in metrics.items() if key not in HEADLINE}
-    write_json_atomic(details_path or Path(metrics_path).with_name("details.json"), details)
+    headline, details = split_headline(metrics, HEADLINE)
+    write_json_atomic(metrics_path, headline)
+    write_json_atomic(details_path or Path(metrics_path).with_name(DETAILS), details)
     write_bytes_atomic(report_path, render_report(metrics, manifest).encode())
+    empty = [(split, name) for split, counts in metrics["class_counts"].items() for name, n in counts.items() if n == 0]
+    if empty:  # a class a split never shows is a class its model or its test can never get right or wrong
+        shown = ", ".join(f"{name} in {split}" for split, name in empty[:10])
+        raise InputError(f"{root}: {len(empty)} class(es) with no examples: {shown}; every class needs examples in every split")
     leakage = metrics["leakage"]
     if leakage["total"]:
         message = f"{leakage['total']} images appear in more than one split: {leakage}"

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow.data.layout import MANIFEST
+from cifarflow.contract import MANIFEST, MAX_JSON_BYTES
 from cifarflow.errors import InputError
 from cifarflow.fileio import sha256_file, write_json_atomic
+from cifarflow.openfile import read_regular
 
 RERUN = "rerun preprocess, then validate (dvc repro validate)"
 
@@ -44,10 +45,7 @@ def discard_verdict(path: Path) -> None:
 def read_manifest(root: Path) -> tuple[bytes, dict[str, Any]]:
     """The manifest's bytes (what the verdict hashes) and content, checked for the keys readers use."""
     path = Path(root) / MANIFEST
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found; run the preprocess stage first") from None
+    data = read_regular(path, MAX_JSON_BYTES, missing="not found; run the preprocess stage first", what="a manifest")
     try:
         manifest = json.loads(data)
         if not (
@@ -64,14 +62,13 @@ def read_manifest(root: Path) -> tuple[bytes, dict[str, Any]]:
 def check_verdict(path: Path, manifest_path: Path, manifest_bytes: bytes) -> None:
     """The verdict exists, says valid, and names the manifest being read."""
     path = Path(path)
+    missing = (
+        f"not found: the shards in {manifest_path.parent} have not passed validation; run the validate stage (dvc repro validate)"
+    )
+    data = read_regular(path, MAX_JSON_BYTES, missing=missing, what="a validation verdict")
     try:
-        verdict = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: not found: the shards in {manifest_path.parent} have not passed validation; "
-            "run the validate stage (dvc repro validate)"
-        ) from None
-    except (OSError, ValueError) as exc:
+        verdict = json.loads(data)
+    except ValueError as exc:
         raise InputError(f"{path}: not a validation verdict ({exc}); rerun the validate stage (dvc repro validate)") from None
     if not isinstance(verdict, dict) or verdict.get("valid") is not True:
         raise InputError(f"{path}: does not say the shards are valid; rerun the validate stage and fix what it reports")

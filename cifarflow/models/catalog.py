@@ -1,6 +1,6 @@
-"""The one list of model names: families (and the module that builds each), variants, stems and
-input normalizations. Names only, no Keras: params validation (cifarflow.config), the registry and
-the builders all read them from here."""
+"""The one list of model names: families (and the module that builds each), variants and stems
+(input normalizations are cifarflow.pixels'). Names only, no Keras: params validation
+(cifarflow.settings), the registry and the builders all read them from here."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from typing import Literal
 Family = Literal["simple_cnn", "lenet", "resnet56", "densenet121", "whitened_vgg"]
 Variant = Literal["full", "tiny"]  # tiny: a small model of the same shape, for tests and smoke
 Stem = Literal["imagenet", "cifar"]
-Normalization = Literal["center", "minmax", "standardize"]
 
 FAMILIES: tuple[Family, ...] = typing.get_args(Family)
 VARIANTS: tuple[Variant, ...] = typing.get_args(Variant)
-NORMALIZATIONS: tuple[Normalization, ...] = typing.get_args(Normalization)
 
 # family -> the module whose `build(num_classes, variant, **options)` builds it, imported on demand
 # (each imports Keras, which params validation and the CLI must not load early).
@@ -38,5 +36,3 @@ TTA_FAMILIES: tuple[Family, ...] = ("whitened_vgg",)
 # families whose training step compiles under XLA with op determinism on (every op has a
 # deterministic XLA kernel; TensorFlow's MaxPool gradient has none on CPU): `jit_compile` is theirs
 XLA_FAMILIES: tuple[Family, ...] = ("whitened_vgg",)
-
-NORMALIZATION_HELP = "center: x/255-0.5; minmax: per-image (x-min)/(max-min); standardize: per-image (x-mean)/std"

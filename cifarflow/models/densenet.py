@@ -13,9 +13,9 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.models.catalog import STEMS as FAMILY_STEMS
 from cifarflow.models.catalog import Stem, Variant
+from cifarflow.pixels import IMAGE_SHAPE
 
 BN_EPSILON = 1.001e-5  # as in keras.applications.densenet
 # conv blocks per dense block, growth rate, stem width, per variant (catalog.VARIANTS)

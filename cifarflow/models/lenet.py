@@ -8,8 +8,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.models.catalog import Variant
+from cifarflow.pixels import IMAGE_SHAPE
 
 # conv1, conv2, conv3 filters and fc1 units, per variant (catalog.VARIANTS)
 CONFIGS: dict[Variant, tuple[int, int, int, int]] = {"full": (32, 64, 64, 64), "tiny": (8, 16, 16, 16)}

@@ -12,8 +12,8 @@ from __future__ import annotations
 import keras
 from keras import layers, regularizers
 
-from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.models.catalog import Variant
+from cifarflow.pixels import IMAGE_SHAPE
 
 # The seed's 0.997 needs ~1,000 steps before the moving statistics fit; a tiny variant trains for tens of
 # steps (tests, the smoke profile), so its statistics follow the batches faster.

@@ -9,8 +9,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.models.catalog import Variant
+from cifarflow.pixels import IMAGE_SHAPE
 
 # conv1..conv4 filters and fc1 units, per variant (catalog.VARIANTS)
 CONFIGS: dict[Variant, tuple[int, int, int, int, int]] = {"full": (16, 32, 32, 64, 256), "tiny": (4, 8, 8, 16, 32)}

@@ -23,10 +23,10 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
-from cifarflow.data.layout import IMAGE_SHAPE
 from cifarflow.models.catalog import WIDTHS, Variant
 from cifarflow.models.layers import MergeViews, PartialIdentity, ReshapeMaxPool, Scale, TestTimeViews
-from cifarflow.models.normalization import normalize
+from cifarflow.normalization import normalize
+from cifarflow.pixels import IMAGE_SHAPE
 
 PATCH = 2  # the whitening conv's kernel
 WHITEN_EPSILON = 5e-4  # airbench: added to the eigenvalues before 1/sqrt

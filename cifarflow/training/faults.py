@@ -5,8 +5,9 @@
     CIFARFLOW_FAULT_FAIL_AT=<epoch>:<step>   raise a plain runtime error there
     CIFARFLOW_FAULT_NAN_AT=<epoch>:<step>    set the weights to NaN there (a diverged run)
 
-Epochs and steps count from 0. Each fault fires once: a marker file in the run's checkpoint
-folder records that it fired, so the retry runs through. Never set these in production.
+Epochs and steps are the loop's indexes, from 0 (epoch 0 is the log's epoch 1). Each fault fires
+once: a marker file in the run's checkpoint folder records that it fired, so the retry runs
+through. Never set these in production.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@ build and in metric reduction). The loop itself (resume, schedule, reseed, check
 out-of-memory handling, outputs) is the one every strategy runs; this module only supplies the
 steps and the collectives, and never imports the loop.
 
-Everything that decides the weights is therefore shared with the `fit` path: the model and
-optimizer of `build_compiled`, the schedule, the per-epoch reseed, and the global batches of
-`InputPipeline`. Every worker builds the same global batch (order, crops, flips and mixup pairs are
-decided per global batch) and replica r trains on rows [r·b, (r+1)·b) of it, b = batch_size /
-replicas; a short last batch leaves the last replicas fewer rows, or none. Each replica's loss is
+What it shares with the `fit` path: the model and optimizer of `build_compiled` (loss, label
+smoothing, L2 penalties, lookahead), the schedule, the per-epoch reseed, and the global batches of
+`InputPipeline`. What it does not share is the step itself: `ReplicaStep` is its own code, written
+to take the update fit takes (tests/test_multi_worker.py compares the two). Every worker builds
+the same global batch (order, crops, flips and mixup pairs are decided per global batch) and
+replica r trains on rows [r·b, (r+1)·b) of it, b = batch_size / replicas; a short last batch
+leaves the last replicas fewer rows, or none. Each replica's loss is
 its sum of per-example losses over the global batch's size, so the all-reduced (summed) gradient
 is the gradient of the global batch's mean loss: the same step a single device takes, up to the
 order of float additions.
@@ -129,9 +131,9 @@ def agree_on_state(collectives: Collectives, store: ResumeStore | None, mine: st
 # --- the training step ----------------------------------------------------------------------------
 
 
-class Steps:
-    """tf.functions that run one global batch over all replicas and return its summed
-    [loss, correct] over the global batch (all-reduced, so the same on every worker)."""
+class ReplicaStep:
+    """The training and evaluation step as tf.functions: one global batch over all replicas, returning
+    its summed [loss, correct] over the global batch (all-reduced, so the same on every worker)."""
 
     def __init__(
         self, model: keras.Model, strategy: tf.distribute.Strategy, per_replica: int, spec: tuple[tf.TensorSpec, tf.TensorSpec]
@@ -221,21 +223,23 @@ class StrategySteps:
     loop = "custom (strategy.run)"
     adapts_micro_batch = False  # gradient accumulation does not work under a multi-device strategy
 
-    def __init__(self, strategy: tf.distribute.Strategy, per_replica: int, injector: FaultInjector | None) -> None:
-        self.strategy, self.per_replica = strategy, per_replica
+    def __init__(
+        self, strategy: tf.distribute.Strategy, per_replica: int, injector: FaultInjector | None, arch: str, fingerprint: str
+    ) -> None:
+        self.strategy, self.per_replica, self.arch, self.fingerprint = strategy, per_replica, arch, fingerprint
         self.writes = runtime.is_chief(strategy)
         self.injector = injector if self.writes else None  # its marker lives in the chief's checkpoints
         self.collectives = Collectives(strategy, self.writes)
-        self.steps: Steps | None = None
+        self.step: ReplicaStep | None = None
 
-    def agree(self, store: ResumeStore | None, mine: str, arch: str) -> RunState:
+    def agree(self, store: ResumeStore | None) -> RunState:
         """The chief's resume state on every worker (`store` is None except on the chief)."""
-        return agree_on_state(self.collectives, store if self.writes else None, mine, arch)
+        return agree_on_state(self.collectives, store if self.writes else None, self.fingerprint, self.arch)
 
     def start(self, model: keras.Model, spec: tuple[tf.TensorSpec, tf.TensorSpec]) -> None:
         """Once the chief's model holds the state the run starts from: every worker gets it, bit for bit."""
         self.collectives.broadcast_variables([*model.variables, *model.optimizer.variables])
-        self.steps = Steps(model, self.strategy, self.per_replica, spec)
+        self.step = ReplicaStep(model, self.strategy, self.per_replica, spec)
         if self.injector is not None:
             self.injector.set_model(model)  # the NaN fault writes into the weights
 
@@ -248,13 +252,13 @@ class StrategySteps:
         if self.injector is not None:
             self.injector.on_epoch_begin(epoch)
         started = time.perf_counter()
-        loss, accuracy = run_epoch(self.steps.train, train, self.injector.on_train_batch_end if self.injector else None)
-        model = self.steps.model
+        loss, accuracy = run_epoch(self.step.train, train, self.injector.on_train_batch_end if self.injector else None)
+        model = self.step.model
         model.optimizer.finalize_variable_values(model.trainable_variables)  # as fit ends: an EMA into the weights
         seconds = time.perf_counter() - started
         logs = {"loss": loss, "accuracy": accuracy}
         if validation is not None:
-            val_loss, val_accuracy = run_epoch(self.steps.evaluate, validation)
+            val_loss, val_accuracy = run_epoch(self.step.evaluate, validation)
             logs |= {"val_loss": val_loss, "val_accuracy": val_accuracy}
         return logs, seconds
 

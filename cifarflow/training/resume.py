@@ -2,7 +2,8 @@
 
 Each epoch end writes `epoch-<e>.keras` (weights and optimizer state), then `state.json`, which
 names it and is the commit point: a kill before the rename leaves the previous, complete state.
-State is keyed by a fingerprint of the stage's params, data and code; state with another
+State is keyed by a fingerprint of the stage's resolved settings and code (the same file DVC
+depends on) and its data; state with another
 fingerprint is discarded with a warning naming both, never reused. A finished run clears it.
 """
 
@@ -11,50 +12,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarflow.config import Params
+from cifarflow import resolved
+from cifarflow.errors import CifarflowError
 from cifarflow.fileio import dumps_json, sha256_file, write_json_atomic
+from cifarflow.openfile import read_regular
+from cifarflow.settings import Params
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
-CODE_ROOT = Path(__file__).resolve().parents[1]  # the cifarflow package
-# The code that decides the train stage's outputs (weights, their archive and digest, history,
-# summary), relative to the package: the resume fingerprint hashes it, and dvc.yaml's train deps
-# list exactly these (tests/test_train.py checks both, and that training imports nothing else
-# but NOT_DECIDING).
-CODE = (
-    "training",
-    "models",
-    "data/inputs.py",  # batches: order, augmentation, mixup, normalization
-    "data/shards.py",  # shard files -> uint8 arrays
-    "data/cifar_binary.py",  # the record layout shards.py decodes with
-    "data/layout.py",  # image shape, read by the models and the inputs
-    "data/verdict.py",  # which shards training accepts
-    "digest.py",  # weights.sha256
-    "keras_archive.py",  # model.keras bytes
-    "fileio.py",  # summary.json's JSON form, atomic writes
-)
-# Modules training imports whose code cannot change its outputs.
-NOT_DECIDING = (
-    "__init__.py",
-    "data/__init__.py",
-    "config.py",  # parses params.yaml: the values it yields are the stage's params deps
-    "errors.py",  # exception classes and exit codes
-    "redact.py",  # how URLs appear in messages
-)
 
 
 @dataclass
 class RunState:
     """What the loop carries from epoch to epoch; all of it survives a restart."""
 
-    epoch: int = 0  # the next epoch to run
+    epoch: int = 0  # epochs done: the loop index (from 0) of the next one
     best: float | None = None
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # counted from 1, as every output counts
     history: list[dict[str, float]] = field(default_factory=list)
     timings: list[dict[str, float]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None
@@ -64,69 +44,130 @@ class RunState:
     best_checkpoint: str | None = None
 
 
-def code_digest() -> str:
-    digest = hashlib.sha256()
-    for rel in CODE:
-        path = CODE_ROOT / rel
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(f"{file.relative_to(CODE_ROOT).as_posix()}\0".encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def fingerprint(params: Params, arch: str, shards_manifest: Path) -> str:
-    """Everything that decides the weights: seed, data format, runtime, the recipe, the data, the code."""
-    decided_by = {
-        "seed": params.seed,
-        "format": params.data.format,
-        "runtime": params.runtime.model_dump(mode="json"),
-        "recipe": params.recipe(arch).model_dump(mode="json"),
-        "data": sha256_file(shards_manifest),
-        "code": code_digest(),
-    }
+    """Everything that decides the weights: the stage's resolved file (seed, data format, runtime, the
+    recipe, the code's digest: cifarflow.resolved) and the data."""
+    decided_by = {"inputs": resolved.inputs(params, "train", arch), "data": sha256_file(shards_manifest)}
     return hashlib.sha256(dumps_json(decided_by).encode()).hexdigest()[:16]
 
 
+MAX_STATE_BYTES = 64 << 20  # a state holds the history of every epoch: kilobytes, megabytes at most
+PREVIOUS = "state.prev.json"  # the commit before the last: where a damaged last one falls back to
+DAMAGED = "damaged"  # subfolder where unreadable state and checkpoints are set aside, kept for a person to look at
+
+
 class ResumeStore:
-    """The checkpoint folder of one architecture."""
+    """The checkpoint folder of one architecture: `epoch-<e>.keras` files, `state.json` (the last
+    committed epoch, with the sha256 of every checkpoint it names) and `state.prev.json` (the one
+    before). A restart resumes from the newest state whose files are all intact; a torn state or a
+    checkpoint whose bytes differ from its recorded digest is moved to `damaged/` (kept, with a
+    warning) and the one before is tried, else the run starts from scratch. `notes` says what happened."""
 
     def __init__(self, root: Path, fingerprint: str) -> None:
         self.root, self.fingerprint = Path(root), fingerprint
+        self.notes: list[str] = []
+
+    def _set_aside(self, name: str, why: str) -> None:
+        source = self.root / name
+        if not source.exists():
+            return
+        target = self.root / DAMAGED / name
+        (self.root / DAMAGED).mkdir(parents=True, exist_ok=True)
+        number = 1
+        while target.exists():
+            number += 1
+            target = self.root / DAMAGED / f"{name}.{number}"
+        os.replace(source, target)
+        self.notes.append(f"{name} set aside in {DAMAGED}/: {why}")
+        log.warning(
+            "resume state in %s: %s is %s; set aside in %s/ (kept), trying the state before it", self.root, name, why, DAMAGED
+        )
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        """A state file's content, None if it is absent; a torn or foreign one is set aside."""
+        path = self.root / name
+        if not os.path.lexists(path):
+            return None
+        try:
+            saved = json.loads(read_regular(path, MAX_STATE_BYTES, what="a resume state"))
+            RunState(**saved["state"])
+            if not isinstance(saved.get("digests", {}), dict):
+                raise TypeError("digests is not a mapping")
+            return saved
+        except (CifarflowError, ValueError, KeyError, TypeError) as exc:
+            self._set_aside(name, f"unreadable ({exc.__class__.__name__})")
+            return None
+
+    def _intact(self, saved: dict[str, Any]) -> bool:
+        """Whether every checkpoint the state names is there with the bytes recorded when it was written;
+        a damaged one is set aside."""
+        state = RunState(**saved["state"])
+        for name in {state.checkpoint, state.best_checkpoint} - {None}:
+            expected = saved.get("digests", {}).get(name)
+            path = self.root / name
+            if not path.is_file():
+                self.notes.append(f"{name} missing")
+                log.warning("resume state in %s: its checkpoint %s is missing; trying the state before it", self.root, name)
+                return False
+            if expected is None or sha256_file(path) != expected:
+                self._set_aside(name, "damaged (its sha256 differs from the one recorded when it was written)")
+                return False
+        return True
 
     def load(self) -> RunState | None:
-        """The last completed epoch's state, if it belongs to this fingerprint."""
-        path = self.root / STATE_FILE
-        if not path.is_file():
-            return None
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") != self.fingerprint:
-            log.warning(
-                "discarding resume state in %s: it was written for fingerprint %s, this run is %s (params, data or code changed)",
-                self.root,
-                saved.get("fingerprint"),
-                self.fingerprint,
-            )
-            self.clear()
-            return None
-        state = RunState(**saved["state"])
-        if state.checkpoint is None and state.epoch == 0:
-            return state  # an adaptation recorded before the first epoch completed
-        if not state.checkpoint or not (self.root / state.checkpoint).is_file():
-            log.warning("discarding resume state in %s: its checkpoint file is missing", self.root)
-            self.clear()
-            return None
-        return state
+        """The newest intact state of this fingerprint, or None (start from scratch)."""
+        for name in (STATE_FILE, PREVIOUS):
+            saved = self._read(name)
+            if saved is None:
+                continue
+            if saved.get("fingerprint") != self.fingerprint:
+                log.warning(
+                    "discarding resume state in %s: it was written for fingerprint %s, this run is %s "
+                    "(params, data or code changed)",
+                    self.root,
+                    saved.get("fingerprint"),
+                    self.fingerprint,
+                )
+                self.clear()
+                return None
+            state = RunState(**saved["state"])
+            if state.checkpoint is None and state.epoch == 0:
+                return state  # an adaptation recorded before the first epoch completed
+            if self._intact(saved):
+                if name == PREVIOUS:
+                    self.notes.append(f"resumed from the state before the last (after epoch {state.epoch})")
+                return state
+        if self.notes:
+            self.notes.append("no intact resume state: started from scratch")
+        return None
 
     def path(self, name: str) -> Path:
         return self.root / name
 
     def commit(self, state: RunState) -> None:
-        """Make `state` (whose checkpoint files are already written) the one a restart finds."""
-        write_json_atomic(self.root / STATE_FILE, {"fingerprint": self.fingerprint, "state": asdict(state)})
-        keep = {state.checkpoint, state.best_checkpoint}
+        """Make `state` (whose checkpoint files are already written) the one a restart finds; the one it
+        replaces becomes the fallback. Checkpoints neither names are removed."""
+        previous = self._read(STATE_FILE)
+        digests = {name: sha256_file(self.root / name) for name in {state.checkpoint, state.best_checkpoint} - {None}}
+        if previous is not None:
+            os.replace(self.root / STATE_FILE, self.root / PREVIOUS)
+        write_json_atomic(self.root / STATE_FILE, {"fingerprint": self.fingerprint, "state": asdict(state), "digests": digests})
+        keep = set(digests) | (set((previous or {}).get("digests", {})))
         for stale in self.root.glob("*.keras"):
             if stale.name not in keep:
                 stale.unlink()
 
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Remove the resume state (the run completed, or it belongs to other settings); what was set
+        aside as damaged stays."""
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if entry.name == DAMAGED:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if not any(self.root.iterdir()):
+            self.root.rmdir()

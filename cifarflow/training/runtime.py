@@ -8,7 +8,7 @@ those models train equally well but not along the same path.
 
 XLA is the recipe's choice (`train.<arch>.jit_compile`), not the runtime's: it is kept under op
 determinism for the model families whose every op has a deterministic XLA kernel (see
-`trainer.compile_model`), and the run info records what the compiled model actually uses.
+`trainer.build_compiled`), and the run info records what the compiled model actually uses.
 
 `distribution: multi_worker` runs one process per node, each told the cluster and its own
 place in it by the TF_CONFIG environment variable; the chief (the `chief` task, or worker 0
@@ -25,8 +25,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from cifarflow.config import RuntimeParams
 from cifarflow.errors import ConfigError
+from cifarflow.settings import RuntimeParams
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,27 @@ def replica_devices(strategy: tf.distribute.Strategy) -> list[str]:
         return [tf.config.list_logical_devices()[0].name]
 
 
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The strategy as the run info and the log name it: its class, or "one device" for TensorFlow's
+    default (whose class, _DefaultDistributionStrategy, is private)."""
+    name = type(strategy).__name__
+    return "one device" if name == "_DefaultDistributionStrategy" else name
+
+
+def in_words(strategy: tf.distribute.Strategy, workers: int, per_replica: int, writes: bool) -> str:
+    """One log line's worth: what trains, on what, and whether this process writes the outputs."""
+    replicas = strategy.num_replicas_in_sync
+    line = f"{strategy_name(strategy)}, {replicas} replica(s) of {per_replica} examples"
+    if workers > 1:
+        role = "writes the outputs" if writes else "writes nothing (not the chief)"
+        line += f", task {task_name(strategy)} of {workers} workers, {role}"
+    return line
+
+
 def describe(strategy: tf.distribute.Strategy, runtime: RuntimeParams) -> dict:
     """What runs, as the run info records it: the strategy in use, its replicas and devices."""
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": strategy_name(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "devices": replica_devices(strategy),
         "precision": runtime.precision,

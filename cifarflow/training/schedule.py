@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import keras
 from keras import ops
 
-from cifarflow.config import Recipe
+from cifarflow.settings import Recipe
 
 PER_STEP = ("warmup_linear",)
 
@@ -86,7 +86,8 @@ class LearningRate:
         return self.state.rate  # constant, or plateau's current rate
 
     def update(self, logs: dict[str, float]) -> None:
-        """Keras ReduceLROnPlateau semantics: x factor after `patience` epochs without improvement."""
+        """Keras ReduceLROnPlateau's rule with its defaults min_delta=0 and cooldown=0: x factor after
+        `patience` epochs in a row without a strict improvement of the monitored metric."""
         s = self.schedule
         if s.kind != "plateau":
             return

@@ -7,9 +7,14 @@ depends only on the weights and state it starts from; a resumed run therefore en
 bit-identical to an uninterrupted one.
 
 Outputs (deterministic, DVC-tracked) in `out/`: `model.keras` (the best epoch on the recipe's
-monitor), `weights.sha256`, `history.csv` (per-epoch metrics, no timings) and `summary.json`.
-Run-dependent facts (times, img/s, hardware, versions, resumed_from_epoch, TensorBoard logs) go
+monitor), `weights.sha256`, `history.csv` (per-epoch metrics, no timings), `summary.json` and
+its few numbers for `dvc metrics show`, `metrics.json`.
+Run-dependent facts (times, img/s, hardware, versions, resumed_after_epoch, TensorBoard logs) go
 to `runinfo/`. Resume state lives in `checkpoints/` and is deleted when the run completes.
+
+Every output counts epochs from 1, as the log does: "epoch 2/3" is history.csv's epoch 2, the
+summary's best_epoch 2, TensorBoard's step 2 and the checkpoint epoch-2.keras. Only the loop's
+index (the random streams' `epoch`, the schedule's) counts from 0.
 
 One loop for every strategy (`train`): it owns setup, resume, the schedule, the reseed,
 checkpoints, out-of-memory handling and the outputs. Only the per-epoch work is swappable:
@@ -27,8 +32,9 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -36,15 +42,25 @@ import psutil
 import tensorflow as tf
 
 from cifarflow import keras_archive
-from cifarflow.config import Params, Recipe
+from cifarflow.contract import (
+    HISTORY,
+    MANIFEST,
+    METRICS,
+    MODEL,
+    RUN_INFO,
+    SUMMARY,
+    TRAIN_HEADLINE,
+    WEIGHTS_DIGEST,
+    split_headline,
+)
 from cifarflow.data.inputs import InputPipeline, load_checked
-from cifarflow.data.layout import MANIFEST
 from cifarflow.data.verdict import check_shards
 from cifarflow.digest import weights_digest
-from cifarflow.errors import CifarflowError, ConfigError, InputError
+from cifarflow.errors import CifarflowError, ConfigError, InputError, OutOfMemoryError
 from cifarflow.fileio import atomic_path, temp_sibling, write_bytes_atomic, write_json_atomic
 from cifarflow.models import build_model
 from cifarflow.models.registry import data_init, load_model
+from cifarflow.settings import Params, Recipe
 from cifarflow.training import runtime, sgd
 from cifarflow.training.faults import FaultInjector
 from cifarflow.training.multi_worker import StrategySteps
@@ -53,15 +69,7 @@ from cifarflow.training.schedule import LearningRate, WarmupLinear
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy")
-MODEL_FILE, DIGEST_FILE, HISTORY_FILE, SUMMARY_FILE = "model.keras", "weights.sha256", "history.csv", "summary.json"
 ACCUMULATOR = "gradient_accumulator"  # optimizer variables that restart from zero after an adaptation
-
-
-class OutOfMemoryError(CifarflowError):
-    """The device ran out of memory; the next attempt (a fresh process) uses a smaller micro-batch."""
-
-    exit_code = 3
-    failure_class = "oom"
 
 
 def configure_determinism(seed: int, deterministic: bool) -> None:
@@ -191,11 +199,12 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def run_info(arch: str, state: RunState, resumed_from: int | None, devices: dict) -> dict[str, Any]:
+def run_info(arch: str, state: RunState, resumed_after: int | None, devices: dict, resume_notes: list[str]) -> dict[str, Any]:
     rates = [t["images_per_second"] for t in state.timings]
     return {
         "arch": arch,
-        "resumed_from_epoch": resumed_from,
+        "resumed_after_epoch": resumed_after,  # the epochs done before this attempt started, if it resumed
+        "resume_notes": resume_notes,  # damaged state or checkpoints set aside, and what the run resumed from
         "adaptations": state.adaptations,
         "epochs": state.timings,
         "train_images_per_second": round(float(np.median(rates)), 1) if rates else None,
@@ -217,7 +226,8 @@ def run_info(arch: str, state: RunState, resumed_from: int | None, devices: dict
 
 
 def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: int, epoch: int) -> RunState:
-    """The state the next attempt starts from: the last checkpoint, with half the micro-batch."""
+    """The state the next attempt starts from: the last checkpoint, with half the micro-batch
+    (`epoch`: the loop's index of the epoch that ran out of memory)."""
     half = micro // 2
     if micro % 2 or half < floor or recipe.batch_size % half:
         raise CifarflowError(
@@ -226,7 +236,7 @@ def adapt_to_oom(state: RunState, recipe: Recipe, arch: str, micro: int, floor: 
             "Use a smaller model variant, precision: mixed_float16, or a bigger device."
         )
     state.micro_batch = half
-    state.adaptations.append({"epoch": epoch, "micro_batch": half, "accumulation": recipe.batch_size // half})
+    state.adaptations.append({"epoch": epoch + 1, "micro_batch": half, "accumulation": recipe.batch_size // half})
     return state
 
 
@@ -242,40 +252,9 @@ def check_finite(arch: str, epoch: int, logs: dict[str, float], monitor: str, mo
         bad.append("weights")
     if bad:
         raise ConfigError(
-            f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch}: the recipe train.{arch} "
+            f"train@{arch}: {' and '.join(bad)} not finite in epoch {epoch + 1}: the recipe train.{arch} "
             "diverges (learning rate too high for this batch or normalization?); nothing of this epoch kept"
         )
-
-
-def record_epoch(
-    state: RunState,
-    schedule: LearningRate,
-    recipe: Recipe,
-    epoch: int,
-    rate: float,
-    logs: dict[str, float],
-    seconds: float,
-    images: int,
-) -> None:
-    """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next.
-    Timings: the epoch's training seconds, and the wall seconds from this process's start to the
-    end of the epoch and its validation, if it had one (time to accuracy; a resumed run counts from
-    its own start)."""
-    schedule.update(logs)
-    state.schedule = schedule.to_dict()
-    state.history.append({"epoch": epoch, "lr": rate, **{k: logs.get(k) for k in HISTORY_FIELDS[2:]}})
-    state.timings.append(
-        {
-            "epoch": epoch,
-            "train_seconds": round(seconds, 3),
-            "images_per_second": round(images / max(seconds, 1e-9), 1),
-            "process_seconds": process_seconds(),
-        }
-    )
-    state.checkpoint = f"epoch-{epoch}.keras"
-    if recipe.monitor in logs and improved(recipe, logs[recipe.monitor], state.best):
-        state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
-    state.epoch = epoch + 1
 
 
 class Summaries:
@@ -286,6 +265,7 @@ class Summaries:
         self.validation = tf.summary.create_file_writer(str(root / "validation"))
 
     def write(self, epoch: int, logs: dict[str, float], rate: float) -> None:
+        """`epoch`: its number, counted from 1."""
         with self.train.as_default():
             for name in ("loss", "accuracy"):
                 tf.summary.scalar(f"epoch_{name}", logs[name], step=epoch)
@@ -298,20 +278,45 @@ class Summaries:
         self.validation.flush()
 
 
+class Steps(Protocol):
+    """The per-epoch work the loop delegates (FitSteps, or multi_worker.StrategySteps): how batches
+    become updates. Everything else (resume, schedule, reseed, checkpoints, outputs) is the loop's."""
+
+    loop: str  # what the run info calls it
+    writes: bool  # this process writes checkpoints and outputs (one process, or the chief)
+    adapts_micro_batch: bool  # out of memory: halve the micro-batch and accumulate gradients
+
+    def agree(self, store: ResumeStore | None) -> RunState:
+        """The resume state every process of the run starts from."""
+        ...
+
+    def start(self, model: keras.Model, spec: tuple[tf.TensorSpec, tf.TensorSpec]) -> None:
+        """Called once the model holds the state the run continues from."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset | None) -> tuple[dict[str, float], float]:
+        """(the epoch's logs as Keras names them, without val_* when `validation` is None; seconds of its training part)."""
+        ...
+
+    def done(self) -> None: ...
+
+
 class FitSteps:
-    """One epoch of Keras `fit`, for the loop: a single process on one device or MirroredStrategy."""
+    """Steps of Keras `fit`: a single process on one device, or MirroredStrategy."""
 
     loop = "keras fit"
     writes = True  # one process: it writes everything
-    adapts_micro_batch = True  # out of memory: halve the micro-batch, accumulate gradients
+    adapts_micro_batch = True
 
     def __init__(self, injector: FaultInjector) -> None:
         self.timer = EpochTimer()
         self.callbacks = [self.timer, injector]
         self.model: keras.Model | None = None
 
-    def agree(self, store: ResumeStore | None, mine: str, arch: str) -> RunState:
-        return store.load() or RunState()
+    def agree(self, store: ResumeStore | None) -> RunState:
+        return (store.load() if store else None) or RunState()
 
     def start(self, model: keras.Model, spec: tuple[tf.TensorSpec, tf.TensorSpec]) -> None:
         self.model = model
@@ -320,8 +325,7 @@ class FitSteps:
         return {"workers": 1}
 
     def epoch(self, epoch: int, train: tf.data.Dataset, validation: tf.data.Dataset | None) -> tuple[dict[str, float], float]:
-        """(the epoch's logs, without val_* when `validation` is None; seconds of its training part).
-        Validation runs after `fit` returns, not inside it: fit ends by copying an EMA of the weights
+        """Validation runs after `fit` returns, not inside it: fit ends by copying an EMA of the weights
         into the model (`finalize_variable_values`) after its own validation, and val must score the
         weights kept."""
         fit = self.model.fit(
@@ -340,13 +344,13 @@ class FitSteps:
         pass
 
 
-Steps = FitSteps | StrategySteps
-
-
-def make_steps(params: Params, strategy: tf.distribute.Strategy, per_replica: int, checkpoints: Path) -> Steps:
+def make_steps(
+    params: Params, arch: str, strategy: tf.distribute.Strategy, per_replica: int, checkpoints: Path, mine: str
+) -> Steps:
+    """`mine`: this process's resume fingerprint, which every multi_worker process must share."""
     injector = FaultInjector(checkpoints)
     if params.runtime.distribution == "multi_worker":  # Keras 3.15's fit fails under this strategy
-        return StrategySteps(strategy, per_replica, injector)
+        return StrategySteps(strategy, per_replica, injector, arch, mine)
     return FitSteps(injector)  # one device, or MirroredStrategy: fit distributes the batches
 
 
@@ -366,55 +370,115 @@ def micro_batch(state: RunState, recipe: Recipe, arch: str, steps: Steps, strate
     return micro
 
 
-def build_state(
-    recipe: Recipe,
-    num_classes: int,
-    strategy: tf.distribute.Strategy,
-    store: ResumeStore | None,
-    state: RunState,
-    schedule: LearningRate,
-    accumulation: int,
-    train_images: np.ndarray,
-) -> keras.Model:
+@dataclass
+class TrainState:
+    """Everything the epoch loop carries, built once by `prepare` and passed through the loop (as a
+    flax TrainState is): the run's settings, its model and steps, where it commits, and `run`, the
+    part that survives a restart (resume.RunState)."""
+
+    params: Params
+    arch: str
+    recipe: Recipe
+    strategy: tf.distribute.Strategy
+    steps: Steps
+    store: ResumeStore | None  # None on a process that does not write (a multi_worker non-chief)
+    run: RunState
+    resumed_after: int | None  # the epochs done before this attempt started, if it resumed
+    micro: int  # the micro-batch (the recipe's batch, unless an out-of-memory adaptation halved it)
+    train_inputs: InputPipeline
+    validation: tf.data.Dataset
+    schedule: LearningRate
+    model: keras.Model
+    runinfo: Path
+
+    @property
+    def accumulation(self) -> int:
+        return self.recipe.batch_size // self.micro
+
+
+def build_model_state(ts: TrainState, num_classes: int) -> keras.Model:
     """The model and optimizer the run continues from. Variables are made inside the scope (the
     strategy mirrors them; MultiWorkerMirroredStrategy syncs their creation, so every worker makes
     the same ones in the same order), the checkpoint is read outside it: loading builds a throwaway
     model whose variables must not be distributed (nor, under multi_worker, collective). A fresh
     model of a family whose initial weights come from the data (whitened_vgg) gets them from the
     training images here; a resumed one has them in its checkpoint."""
-    with strategy.scope():
-        model = build_compiled(recipe, num_classes, schedule.for_optimizer(state.epoch), accumulation, schedule.total_steps)
+    recipe, schedule = ts.recipe, ts.schedule
+    with ts.strategy.scope():
+        model = build_compiled(recipe, num_classes, schedule.for_optimizer(ts.run.epoch), ts.accumulation, schedule.total_steps)
         model.optimizer.build(model.trainable_variables)
-    if store is not None and state.checkpoint:
-        restore(model, store.path(state.checkpoint))
+    if ts.store is not None and ts.run.checkpoint:
+        restore(model, ts.store.path(ts.run.checkpoint))
     elif (init := data_init(recipe.model)) is not None:
-        init(model, train_images, recipe.normalization)
+        init(model, ts.train_inputs.split.images, recipe.normalization)
     return model
 
 
-def out_of_memory(
-    exc: tf.errors.ResourceExhaustedError,
-    steps: Steps,
-    store: ResumeStore,
-    recipe: Recipe,
-    arch: str,
-    micro: int,
-    floor: int,
-    epoch: int,
-) -> CifarflowError:
+def out_of_memory(exc: tf.errors.ResourceExhaustedError, ts: TrainState, epoch: int) -> CifarflowError:
     """The error to stop with; with adaptable steps, the next attempt's smaller micro-batch is committed first."""
-    if not steps.adapts_micro_batch:
+    if not ts.steps.adapts_micro_batch:
         return CifarflowError(
-            f"train@{arch}: out of memory in epoch {epoch} ({exc.message}); multi_worker does "
+            f"train@{ts.arch}: out of memory in epoch {epoch + 1} ({exc.message}); multi_worker does "
             "not adapt the micro-batch: use more workers, a smaller batch_size or variant, or "
             "precision: mixed_float16"
         )
-    committed = store.load() or RunState()  # the last completed epoch, not this half-done one
-    store.commit(adapt_to_oom(committed, recipe, arch, micro, floor, epoch))
+    committed = ts.store.load() or RunState()  # the last completed epoch, not this half-done one
+    floor = ts.params.runtime.oom_min_micro_batch
+    ts.store.commit(adapt_to_oom(committed, ts.recipe, ts.arch, ts.micro, floor, epoch))
     return OutOfMemoryError(
-        f"train@{arch}: out of memory in epoch {epoch} at micro-batch {micro} "
-        f"({exc.message}); the next attempt resumes with micro-batch {micro // 2}"
+        f"train@{ts.arch}: out of memory in epoch {epoch + 1} at micro-batch {ts.micro} "
+        f"({exc.message}); the next attempt resumes with micro-batch {ts.micro // 2}"
     )
+
+
+def prepare(params: Params, arch: str, shards_dir: Path, runinfo: Path, checkpoints: Path, verdict: Path) -> TrainState:
+    """The run's state before its first epoch: strategy and determinism, the resume state every
+    process agrees on, the inputs, the schedule and the model it continues from."""
+    recipe = params.recipe(arch)
+    data = check_shards(shards_dir, verdict, params.data.format, ("train", "val"))  # before devices or shards: fail fast
+    strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
+    configure_determinism(params.seed, params.runtime.deterministic)
+    per_replica = runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
+    if recipe.ema is not None and strategy.num_replicas_in_sync > 1 and params.runtime.distribution != "multi_worker":
+        raise ConfigError(  # `auto` on a multi-GPU node: what the params check refuses for `mirrored`
+            f"train.{arch}: lookahead (ema) does not run under MirroredStrategy in Keras 3.15, and this node has "
+            f"{strategy.num_replicas_in_sync} devices: set runtime.distribution: none, or multi_worker"
+        )
+    mine = fingerprint(params, arch, data.root / MANIFEST)
+    steps = make_steps(params, arch, strategy, per_replica, Path(checkpoints), mine)
+    store = ResumeStore(checkpoints, mine) if steps.writes else None  # other workers never touch the folder
+    run = steps.agree(store)
+    micro = micro_batch(run, recipe, arch, steps, strategy)
+
+    # Global batches (randomness and mixup pairs are decided per global batch); fit splits them
+    # over its replicas, each multi_worker replica takes its rows.
+    num_classes = len(data.classes)
+    train_inputs = InputPipeline(load_checked(data, "train"), recipe, num_classes, params.seed, recipe.batch_size, micro)
+    val_inputs = InputPipeline(load_checked(data, "val"), recipe, num_classes, params.seed, recipe.batch_size)
+    if train_inputs.steps(training=True) == 0:
+        raise InputError(
+            f"train has {len(train_inputs)} examples, fewer than one batch of "
+            f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder"
+        )
+    schedule = LearningRate(recipe, run.schedule, train_inputs.steps(training=True) * (recipe.batch_size // micro))
+    ts = TrainState(
+        params=params,
+        arch=arch,
+        recipe=recipe,
+        strategy=strategy,
+        steps=steps,
+        store=store,
+        run=run,
+        resumed_after=run.epoch if run.checkpoint else None,
+        micro=micro,
+        train_inputs=train_inputs,
+        validation=val_inputs.evaluation(),
+        schedule=schedule,
+        model=None,  # built next, from the state above
+        runinfo=Path(runinfo),
+    )
+    ts.model = build_model_state(ts, num_classes)
+    return ts
 
 
 def train(
@@ -423,98 +487,85 @@ def train(
     """Train `arch` on the shards, resuming from `checkpoints` if a run was cut short. Only shards the
     validate stage passed (its `verdict`) are read, and only if they are still the ones it checked.
     Under multi_worker every node runs this, each on its share of every global batch; only the chief writes."""
-    recipe = params.recipe(arch)
-    data = check_shards(shards_dir, verdict, params.data.format, ("train", "val"))  # before devices or shards: fail fast
-    num_classes, out, runinfo = len(data.classes), Path(out), Path(runinfo)
-    strategy = runtime.make_strategy(params.runtime)  # first: devices are fixed at TF's first op
-    configure_determinism(params.seed, params.runtime.deterministic)
-    per_replica = runtime.per_replica_batch(recipe.batch_size, strategy, f"train.{arch}.batch_size")
-    steps = make_steps(params, strategy, per_replica, Path(checkpoints))
-
-    mine = fingerprint(params, arch, data.root / MANIFEST)
-    store = ResumeStore(checkpoints, mine) if steps.writes else None  # other workers never touch the folder
-    state = steps.agree(store, mine, arch)
-    resumed_from = state.epoch if state.checkpoint else None
-    micro = micro_batch(state, recipe, arch, steps, strategy)
-    accumulation = recipe.batch_size // micro
-
-    # Global batches (randomness and mixup pairs are decided per global batch); fit splits them
-    # over its replicas, each multi_worker replica takes its rows.
-    train_inputs = InputPipeline(load_checked(data, "train"), recipe, num_classes, params.seed, recipe.batch_size, micro)
-    val_inputs = InputPipeline(load_checked(data, "val"), recipe, num_classes, params.seed, recipe.batch_size)
-    if train_inputs.steps(training=True) == 0:
-        raise InputError(
-            f"train has {len(train_inputs)} examples, fewer than one batch of "
-            f"train.{arch}.batch_size={recipe.batch_size} with drop_remainder"
-        )
-    schedule = LearningRate(recipe, state.schedule, train_inputs.steps(training=True) * accumulation)
-    model = build_state(recipe, num_classes, strategy, store, state, schedule, accumulation, train_inputs.split.images)
-    if resumed_from is not None:
-        log.info("train@%s: resumed from epoch %d (micro-batch %d)", arch, resumed_from, micro)
-    devices = runtime.describe(strategy, params.runtime) | {
-        "loop": steps.loop,
-        "per_replica_batch": per_replica,
-        "micro_batch": micro,
-        "accumulation": accumulation,
-        "jit_compile": bool(model.jit_compile),  # what the compiled model runs, not only what was asked
+    ts = prepare(params, arch, shards_dir, runinfo, checkpoints, verdict)
+    if ts.resumed_after is not None:
+        log.info("train@%s: resuming after epoch %d of %d (micro-batch %d)", arch, ts.resumed_after, ts.recipe.epochs, ts.micro)
+    devices = runtime.describe(ts.strategy, params.runtime) | {
+        "loop": ts.steps.loop,
+        "per_replica_batch": ts.train_inputs.batch_size // ts.strategy.num_replicas_in_sync,
+        "micro_batch": ts.micro,
+        "accumulation": ts.accumulation,
+        "jit_compile": bool(ts.model.jit_compile),  # what the compiled model runs, not only what was asked
     }
-    devices |= steps.describe()
+    devices |= ts.steps.describe()
     log.info(
-        "train@%s: %s, %s, %d worker(s), %d replica(s) of %d examples",
-        arch,
-        devices["strategy"],
-        "writes the outputs" if steps.writes else f"task {runtime.task_name(strategy)}, not chief: writes nothing",
-        devices["workers"],
-        strategy.num_replicas_in_sync,
-        per_replica,
+        "train@%s: %s", arch, runtime.in_words(ts.strategy, devices["workers"], devices["per_replica_batch"], ts.steps.writes)
     )
-    validation = val_inputs.evaluation()
-    steps.start(model, validation.element_spec)
-    run_epochs(params, arch, model, steps, store, state, schedule, train_inputs, validation, micro, runinfo)
-    if state.best_epoch is None:
-        raise CifarflowError(f"train@{arch}: {recipe.monitor} was NaN in every epoch; no model to keep")
-    summary = (
-        finish(arch, recipe, state, store, out, runinfo, resumed_from, devices)
-        if steps.writes
-        else {"arch": arch, "best_epoch": state.best_epoch, "resumed_from_epoch": resumed_from}
-    )
-    steps.done()
-    return summary
+    ts.steps.start(ts.model, ts.validation.element_spec)
+    run_epochs(ts)
+    if ts.run.best_epoch is None:
+        raise CifarflowError(f"train@{arch}: {ts.recipe.monitor} was NaN in every epoch; no model to keep")
+    if ts.steps.writes:
+        return finish(ts, Path(out), devices)
+    ts.steps.done()  # a worker exits 0 only once the chief has written
+    return {"arch": arch, "best_epoch": ts.run.best_epoch, "resumed_after_epoch": ts.resumed_after}
 
 
-def run_epochs(
-    params: Params,
-    arch: str,
-    model: keras.Model,
-    steps: Steps,
-    store: ResumeStore | None,
-    state: RunState,
-    schedule: LearningRate,
-    train_inputs: InputPipeline,
-    validation: tf.data.Dataset,
-    micro: int,
-    runinfo: Path,
-) -> None:
+@dataclass(frozen=True)
+class Epoch:
+    """What one finished epoch gives the loop: its index (from 0), the rate it ran at, its logs
+    (val_* only when it was validated), the seconds of its training part and the images it saw."""
+
+    number: int
+    rate: float
+    logs: dict[str, float]
+    seconds: float
+    images: int
+
+
+def record_epoch(state: RunState, schedule: LearningRate, recipe: Recipe, done: Epoch) -> None:
+    """Fold a finished epoch into the run state; its checkpoint (`state.checkpoint`) is saved next.
+    Timings: the epoch's training seconds, and the wall seconds from this process's start to the
+    end of the epoch and its validation, if it had one (time to accuracy; a resumed run counts from
+    its own start)."""
+    epoch, rate, logs, seconds, images = done.number + 1, done.rate, done.logs, done.seconds, done.images
+    schedule.update(logs)
+    state.schedule = schedule.to_dict()
+    state.history.append({"epoch": epoch, "lr": rate, **{k: logs.get(k) for k in HISTORY_FIELDS[2:]}})
+    state.timings.append(
+        {
+            "epoch": epoch,
+            "train_seconds": round(seconds, 3),
+            "images_per_second": round(images / max(seconds, 1e-9), 1),
+            "process_seconds": process_seconds(),
+        }
+    )
+    state.checkpoint = f"epoch-{epoch}.keras"
+    if recipe.monitor in logs and improved(recipe, logs[recipe.monitor], state.best):
+        state.best, state.best_epoch, state.best_checkpoint = logs[recipe.monitor], epoch, state.checkpoint
+    state.epoch = epoch  # epochs done: the next one's loop index
+
+
+def run_epochs(ts: TrainState) -> None:
     """The epoch loop: each epoch starts from (weights, state) and its (seed, epoch) streams only,
     and ends committed (checkpoint, then state.json) by the writer."""
-    recipe = params.recipe(arch)
-    summaries = Summaries(runinfo / "tensorboard") if steps.writes else None
-    seen = train_inputs.steps(training=True) * recipe.batch_size
-    for epoch in range(state.epoch, recipe.epochs):
-        rate = schedule.rate(epoch)
-        if not schedule.per_step:  # a per-step schedule is the optimizer's own
+    recipe, model, steps = ts.recipe, ts.model, ts.steps
+    summaries = Summaries(ts.runinfo / "tensorboard") if steps.writes else None
+    seen = ts.train_inputs.steps(training=True) * recipe.batch_size
+    for epoch in range(ts.run.epoch, recipe.epochs):
+        rate = ts.schedule.rate(epoch)
+        if not ts.schedule.per_step:  # a per-step schedule is the optimizer's own
             model.optimizer.learning_rate.assign(rate)
-        reseed_layers(model, params.seed, epoch)
+        reseed_layers(model, ts.params.seed, epoch)
         validates = (epoch + 1) % recipe.validate_every == 0 or epoch + 1 == recipe.epochs
         try:
-            logs, seconds = steps.epoch(epoch, train_inputs.train(epoch), validation if validates else None)
+            logs, seconds = steps.epoch(epoch, ts.train_inputs.train(epoch), ts.validation if validates else None)
         except tf.errors.ResourceExhaustedError as exc:
-            floor = params.runtime.oom_min_micro_batch
-            raise out_of_memory(exc, steps, store, recipe, arch, micro, floor, epoch) from None
+            raise out_of_memory(exc, ts, epoch) from None
         scored = f" val_loss {logs['val_loss']:.4f} val_accuracy {logs['val_accuracy']:.4f}" if validates else ""
         log.info(
             "train@%s: epoch %d/%d loss %.4f accuracy %.4f%s (%.1fs)",
-            arch,
+            ts.arch,
             epoch + 1,
             recipe.epochs,
             logs["loss"],
@@ -522,31 +573,23 @@ def run_epochs(
             scored,
             seconds,
         )
-        check_finite(arch, epoch, logs, recipe.monitor, model)
-        record_epoch(state, schedule, recipe, epoch, rate, logs, seconds, seen)
+        check_finite(ts.arch, epoch, logs, recipe.monitor, model)
+        record_epoch(ts.run, ts.schedule, recipe, Epoch(epoch, rate, logs, seconds, seen))
         if steps.writes:
-            save_model_atomic(model, store.path(state.checkpoint))
-            store.commit(state)
-            summaries.write(epoch, logs, rate)
+            save_model_atomic(model, ts.store.path(ts.run.checkpoint))
+            ts.store.commit(ts.run)
+            summaries.write(epoch + 1, logs, rate)
 
 
-def finish(
-    arch: str,
-    recipe: Recipe,
-    state: RunState,
-    store: ResumeStore,
-    out: Path,
-    runinfo: Path,
-    resumed_from: int | None,
-    devices: dict,
-) -> dict[str, Any]:
+def finish(ts: TrainState, out: Path, devices: dict) -> dict[str, Any]:
     """Write the outputs from the best checkpoint, then drop the resume state."""
-    (out / f".{MODEL_FILE}.partial").unlink(missing_ok=True)  # a killed older version's temp (no PID in its name)
-    with atomic_path(out / MODEL_FILE) as partial:
-        shutil.copyfile(store.path(state.best_checkpoint), partial)
-    best = load_model(out / MODEL_FILE)
+    state, recipe, arch = ts.run, ts.recipe, ts.arch
+    (out / f".{MODEL}.partial").unlink(missing_ok=True)  # a killed older version's temp (no PID in its name)
+    with atomic_path(out / MODEL) as partial:
+        shutil.copyfile(ts.store.path(state.best_checkpoint), partial)
+    best = load_model(out / MODEL)
     digest = weights_digest(best)
-    best_row = state.history[state.best_epoch]
+    best_row = state.history[state.best_epoch - 1]
     summary = {
         "arch": arch,
         "model": recipe.model,
@@ -560,18 +603,22 @@ def finish(
         "weights_sha256": digest,
         "adaptations": state.adaptations,
     }
-    write_bytes_atomic(out / DIGEST_FILE, f"{digest}\n".encode())
-    write_bytes_atomic(out / HISTORY_FILE, history_csv(state.history).encode())
-    write_json_atomic(out / SUMMARY_FILE, summary)
-    write_json_atomic(runinfo / "run.json", run_info(arch, state, resumed_from, devices))
-    store.clear()
+    write_bytes_atomic(out / WEIGHTS_DIGEST, f"{digest}\n".encode())
+    write_bytes_atomic(out / HISTORY, history_csv(state.history).encode())
+    write_json_atomic(out / SUMMARY, summary)
+    write_json_atomic(out / METRICS, split_headline(summary, TRAIN_HEADLINE)[0])
+    write_json_atomic(ts.runinfo / RUN_INFO, run_info(arch, state, ts.resumed_after, devices, ts.store.notes))
+    # Every worker waits here for the others (multi_worker); the resume state goes only after: a peer
+    # lost in this barrier fails the run, and the restart must still find the last checkpoint.
+    ts.steps.done()
+    ts.store.clear()
     log.info(
-        "train@%s: best epoch %d, %s %.4f, weights %s, resumed_from_epoch %s",
+        "train@%s: best epoch %d of %d (%s %.4f), weights %s",
         arch,
         state.best_epoch,
+        recipe.epochs,
         recipe.monitor,
         state.best,
         digest[:12],
-        resumed_from,
     )
-    return summary | {"resumed_from_epoch": resumed_from}
+    return summary | {"resumed_after_epoch": ts.resumed_after}

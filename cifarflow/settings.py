@@ -2,14 +2,15 @@
 
 params.yaml holds the `full` settings at top level and, under `profiles.<name>`, overlays
 that `profile: <name>` deep-merges on top. Every overlay is validated on every load, so a
-typo in the smoke overlay is caught even while the full profile is selected.
+typo in the smoke overlay is caught even while the full profile is selected. Reading the file
+within bounds is cifarflow.bounded_yaml's job, the source rules cifarflow.sources', the champion
+folder's rules cifarflow.champion's and dvc.yaml's keys cifarflow.dvcfile's.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
 import types
 import typing
@@ -17,75 +18,34 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from cifarflow.bounded_yaml import read_yaml
+from cifarflow.champion import DEFAULT_CHAMPION_DIR, check_champion_dir
+from cifarflow.dvcfile import has_path, missing_dvc_params
 from cifarflow.errors import ConfigError
-from cifarflow.models.catalog import (
-    NORMALIZATION_HELP,
-    STEMS,
-    TTA_FAMILIES,
-    WIDTHS,
-    XLA_FAMILIES,
-    Family,
-    Normalization,
-    Stem,
-    Variant,
-)
+from cifarflow.models.catalog import STEMS, TTA_FAMILIES, WIDTHS, XLA_FAMILIES, Family, Stem, Variant
+from cifarflow.pixels import NORMALIZATION_HELP, Normalization
 from cifarflow.redact import has_userinfo, redact_url, short
+from cifarflow.sources import (
+    MAX_EXAMPLES,
+    OFFICIAL_MD5,
+    OFFICIAL_URL,
+    SCHEMES,
+    SYNTH_PREFIX,
+    URL_SCHEME,
+    SynthSpec,
+    check_checksum_keys,
+    source_kind,
+)
+from cifarflow.strict import Strict
 
 DEFAULT_PARAMS = Path("params.yaml")
-OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-OFFICIAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-SYNTH_PREFIX = "synth:"
-
-
-class Strict(BaseModel):
-    """Base of every params section: unknown keys are errors, values are immutable, and no float
-    is infinite or NaN (`.inf` would pass any `gt=0` bound and poison a run)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-MAX_EXAMPLES = 200_000  # a generated split larger than this is a typo, not a dataset (60,000 is CIFAR-10)
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
 NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")  # architecture and profile names: DVC stage names and paths
 
 
-class SynthSpec(Strict):
-    """A generated source, written in params as `synth:train=2000,test=500,seed=0`; `mislabel=15` gives 15% of
-    the labels another class (see data/synth.py)."""
-
-    train: int = Field(ge=10, le=MAX_EXAMPLES)
-    test: int = Field(ge=10, le=MAX_EXAMPLES)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    mislabel: int = Field(0, ge=0, le=90, description="percent of labels replaced by another class")
-
-    @classmethod
-    def parse(cls, text: str) -> SynthSpec:
-        body = text[len(SYNTH_PREFIX) :]
-        fields: dict[str, int] = {}
-        for part in filter(None, body.split(",")):
-            key, sep, value = part.partition("=")
-            if not sep or not value.strip().isdigit() or len(value.strip()) > 12:
-                raise ValueError(f"bad synth source part {short(part)}; expected key=integer, e.g. {SYNTH_EXAMPLE}")
-            if key.strip() not in cls.model_fields:
-                raise ValueError(f"unknown synth key {short(key.strip())}; valid: {', '.join(cls.model_fields)}")
-            fields[key.strip()] = int(value)
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ValueError(
-                f"synth {first['loc'][0]}={fields.get(str(first['loc'][0]))}: {first['msg']} (in {SYNTH_EXAMPLE}-style sources)"
-            ) from None
-
-    def __str__(self) -> str:
-        noise = f",mislabel={self.mislabel}" if self.mislabel else ""
-        return f"{SYNTH_PREFIX}train={self.train},test={self.test},seed={self.seed}{noise}"
-
-
-SYNTH_EXAMPLE = "synth:train=2000,test=500,seed=0"
 HEX = {"md5": re.compile(r"^[0-9a-f]{32}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
 
 
@@ -119,6 +79,13 @@ class DataParams(Strict):
         le=1 << 31,
         description="pixels of one image file (image folders, predict): larger is that file's error, the rest go on",
     )
+    max_image_chunks: int = Field(
+        100_000,
+        ge=3,
+        le=10_000_000,
+        description="chunks of one PNG file, counted before decoding: a PNG of millions of empty chunks takes a "
+        "decoder minutes; a real one has a handful, plus one per 8-64 KiB of pixel data",
+    )
     val_size: int = Field(5000, ge=1, le=10_000_000, description="validation examples carved from train")
     shards: int = Field(8, ge=1, le=4096, description="shards per split, per format")
     fail_on_leakage: bool = False
@@ -141,6 +108,8 @@ class DataParams(Strict):
                 raise ValueError(f"a source is {len(item):,} characters long; at most 4096")
             if item != item.strip():
                 raise ValueError("a source starts or ends with whitespace; remove it")
+            if any(not c.isprintable() for c in item):  # NUL, newlines, escapes: no path or URL holds them
+                raise ValueError("a source holds a control or non-printable character (not shown); remove it")
             if item.startswith(SYNTH_PREFIX):
                 SynthSpec.parse(item)
             scheme = URL_SCHEME.match(item)
@@ -187,9 +156,6 @@ class DataParams(Strict):
                 check_split_sizes(spec.train, spec.test, self.val_size, self.shards)
         return self
 
-    def checksum_keys_set(self) -> list[str]:
-        return [f"data.{k}" for k in ("md5", "sha256") if getattr(self, k) is not None]
-
 
 def check_split_sizes(train: int, test: int, val_size: int, shards: int) -> None:
     """data.val_size leaves examples to train on, and every split fills data.shards shards."""
@@ -202,33 +168,6 @@ def check_split_sizes(train: int, test: int, val_size: int, shards: int) -> None
         raise ValueError(
             f"data.shards is {shards} but the smallest split has {smallest} examples "
             f"(train {train - val_size}, val {val_size}, test {test}); set data.shards <= {smallest}"
-        )
-
-
-SCHEMES = ("http", "https", "file")
-URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive, not a scheme
-
-
-def source_kind(source: str) -> Literal["synth", "url", "local"]:
-    if source.startswith(SYNTH_PREFIX):
-        return "synth"
-    if re.match(r"^(https?|file)://", source):
-        return "url"
-    return "local"
-
-
-def check_checksum_keys(data: DataParams, kind: str, source: str) -> None:
-    """Archives need a checksum (or allow_unverified); generated or folder sources must have none."""
-    set_keys = data.checksum_keys_set()
-    if kind in ("synth", "image-folder") and set_keys:
-        raise ValueError(
-            f"checksums do not apply to {'a generated' if kind == 'synth' else 'an image-folder'} "
-            f"source ({redact_url(source)}); set {' and '.join(set_keys)} to null"
-        )
-    if kind in ("url", "archive") and not set_keys and not data.allow_unverified:
-        raise ValueError(
-            f"no checksum for the archive source {redact_url(source)}: set data.md5 or data.sha256, "
-            "or set data.allow_unverified: true"
         )
 
 
@@ -330,8 +269,10 @@ class Recipe(Strict):
         description="validate after every N-th epoch and after the last; the best checkpoint is the best validated one",
     )
 
+    # One validator per rule, each named for what it keeps true.
+
     @model_validator(mode="after")
-    def _stem(self) -> Recipe:
+    def _stem_fits_the_family(self) -> Recipe:
         stems = STEMS.get(self.model)
         if stems and self.stem is None:
             raise ValueError(f"{self.model} needs stem: {stems[0]} (the seed) or {' or '.join(stems[1:])}")
@@ -339,16 +280,40 @@ class Recipe(Strict):
             raise ValueError(f"{self.model} has no stem {self.stem!r}; valid: {', '.join(stems)}")
         if not stems and self.stem is not None:
             raise ValueError(f"stem applies to {', '.join(STEMS)} only; remove it from this {self.model} recipe")
+        return self
+
+    @model_validator(mode="after")
+    def _norm_bias_rate_is_sgds(self) -> Recipe:
         if self.optimizer.norm_bias_rate != 1 and self.optimizer.name != "sgd":
             raise ValueError(f"optimizer.norm_bias_rate applies to sgd only, not {self.optimizer.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_is_sgds(self) -> Recipe:
         if self.ema is not None and self.optimizer.name != "sgd":
             raise ValueError(f"ema (lookahead) applies to optimizer sgd only, not {self.optimizer.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _tta_level_fits_the_family(self) -> Recipe:
         if self.tta_level is not None and self.model not in TTA_FAMILIES:
             raise ValueError(f"tta_level applies to {', '.join(TTA_FAMILIES)} only; remove it from this {self.model} recipe")
+        return self
+
+    @model_validator(mode="after")
+    def _width_fits_the_family(self) -> Recipe:
         if self.width is not None and self.model not in WIDTHS:
             raise ValueError(f"width applies to {', '.join(WIDTHS)} only; remove it from this {self.model} recipe")
+        return self
+
+    @model_validator(mode="after")
+    def _plateau_validates_every_epoch(self) -> Recipe:
         if self.validate_every > 1 and self.schedule.kind == "plateau":
             raise ValueError("schedule plateau reads val every epoch: validate_every must be 1 with it")
+        return self
+
+    @model_validator(mode="after")
+    def _xla_only_where_deterministic(self) -> Recipe:
         if self.jit_compile and self.model not in XLA_FAMILIES:
             raise ValueError(
                 f"jit_compile: true needs a model whose training step compiles with deterministic XLA kernels "
@@ -390,7 +355,7 @@ class EvaluateParams(Strict):
     batch_size: int = Field(500, ge=1, le=MAX_BATCH, description="inference batch")
 
 
-CORRUPTIONS = (  # cifarflow.data.corruptions.FAMILIES, named here so that config needs no scipy (a test checks they agree)
+CORRUPTIONS = (  # CIFAR-10-C's, in its order; cifarflow.data.corruptions implements one function per name
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
     "snow", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )  # fmt: skip
@@ -431,7 +396,7 @@ class ExportParams(Strict):
         False, description="blessed only if its mCA is not below the champion's (re-scored now) by more than `tolerance`"
     )
     champion_dir: str = Field(
-        "champion",
+        DEFAULT_CHAMPION_DIR,
         min_length=1,
         max_length=4096,
         description="the champion registry: where `cifarflow promote` keeps versions (not inside data/ or a DVC output)",
@@ -468,6 +433,13 @@ class Params(Strict):
             xla = [arch for arch in self.archs if self.train[arch].jit_compile]
             if xla:  # its strategy.run steps are not compiled with XLA
                 raise ValueError(f"distribution: multi_worker runs without XLA: set jit_compile: false in train.{xla[0]}")
+        if self.runtime.distribution == "mirrored":
+            ema = [arch for arch in self.archs if self.train[arch].ema is not None]
+            if ema:  # Keras 3.15's fit fails overwriting the weights with their average under MirroredStrategy
+                raise ValueError(
+                    f"distribution: mirrored cannot run lookahead (Keras 3.15's EMA fails under MirroredStrategy): "
+                    f"remove ema from train.{ema[0]}, or use distribution: none or multi_worker"
+                )
         return self
 
     def recipe(self, arch: str) -> Recipe:
@@ -483,7 +455,15 @@ class Params(Strict):
 
 
 FULL = "full"
-PROFILE_KEYS = ("profile", "profiles")
+MAX_PROFILES = 16  # overlays in one file: each is validated on every load
+# Keys an overlay may not set: the selection itself, and `archs`, which DVC's `foreach: ${archs}`
+# reads from the top level of params.yaml whatever profile is selected.
+NOT_IN_OVERLAYS = {
+    "profile": "an overlay cannot select a profile",
+    "profiles": "overlays do not nest",
+    "archs": "DVC's foreach reads the top-level archs whatever the profile, so an overlay's archs would "
+    "never run; set archs at the top level",
+}
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -495,14 +475,6 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def _has_path(tree: Any, path: tuple[Any, ...]) -> bool:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return False
-        tree = tree[key]
-    return True
 
 
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -526,7 +498,7 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
 def _describe(error: dict[str, Any], source: str, overlay: dict[str, Any] | None, profile: str) -> str:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "str", "list["))))
     where = ".".join(str(p) for p in loc) or "(top level)"
-    if overlay is not None and loc and _has_path(overlay, loc):
+    if overlay is not None and loc and has_path(overlay, loc):
         where = f"profiles.{profile}.{where}"
     if error["type"] == "extra_forbidden":
         model = _model_at(loc)
@@ -575,6 +547,8 @@ def resolve(raw: dict[str, Any], source: str = str(DEFAULT_PARAMS)) -> Params:
             f"{source}: profiles: profile name {short(bad[0])} is not lowercase letters, digits and _ "
             "(at most 64, starting with a letter or digit)"
         )
+    if len(profiles) > MAX_PROFILES:
+        raise ConfigError(f"{source}: profiles: {len(profiles):,} overlays; at most {MAX_PROFILES}")
     selected = raw.get("profile", FULL)
     known = [FULL, *profiles]
     if selected not in known:
@@ -582,92 +556,17 @@ def resolve(raw: dict[str, Any], source: str = str(DEFAULT_PARAMS)) -> Params:
         raise ConfigError(f"{source}: profile: unknown profile {short(selected)}; valid: {valid}")
     resolved = {FULL: _validate({**raw, "profile": FULL}, source, None, FULL)}
     for name, overlay in profiles.items():
-        if any(key in overlay for key in PROFILE_KEYS):
-            raise ConfigError(f"{source}: profiles.{name}: an overlay cannot set profile or profiles")
+        for key, why in NOT_IN_OVERLAYS.items():
+            if key in overlay:
+                raise ConfigError(f"{source}: profiles.{name}.{key}: {why}")
         resolved[name] = _validate(deep_merge({**raw, "profile": name}, overlay), source, overlay, name)
     return resolved[selected]
 
 
-MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a MiB is not a settings file
-MAX_YAML_NODES = 100_000  # scalars, sequences and mappings after every alias is expanded
-
-
-MAX_YAML_DEPTH = 64  # nesting levels: params.yaml needs about 6
-
-
-def expanded_size(root: yaml.Node, path: str) -> int:
-    """How many nodes `root` becomes once its aliases are expanded, memoised per node (so a "billion
-    laughs" document is measured in time linear in its text), iteratively (so deep nesting is an
-    error, not a RecursionError); also refuses recursive aliases and duplicate keys (DVC refuses them)."""
-    sizes: dict[int, int] = {}
-    ancestors: set[int] = set()
-    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
-    while stack:
-        node, depth, done = stack.pop()
-        children = (
-            list(node.value)
-            if isinstance(node, yaml.SequenceNode)
-            else ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
-        )
-        if done:
-            ancestors.discard(id(node))
-            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
-            continue
-        if id(node) in sizes:
-            continue
-        if id(node) in ancestors:
-            raise ConfigError(f"{path}: a YAML alias refers to a node that contains it (a recursive document)")
-        if depth > MAX_YAML_DEPTH:
-            raise ConfigError(f"{path}: line {node.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
-        if isinstance(node, yaml.MappingNode):
-            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
-            twice = next((k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and keys.count(k.value) > 1), None)
-            if twice is not None and len(keys) < 10_000:
-                raise ConfigError(
-                    f"{path}: line {twice.start_mark.line + 1}: key {short(twice.value)} appears twice in "
-                    "one mapping (DVC refuses such a file); keep one"
-                )
-        ancestors.add(id(node))
-        stack.append((node, depth, True))
-        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
-    return sizes[id(root)]
-
-
-def read_yaml(path: Path) -> Any:
-    """YAML, parsed safely and within bounds: at most MAX_PARAMS_BYTES of text and MAX_YAML_NODES
-    nodes after alias expansion (DVC parses params.yaml too, so `params --check` runs first)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PARAMS_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder; --params takes a YAML file") from None
-    if len(data) > MAX_PARAMS_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES:,} bytes; not a params file")
-    try:
-        node = yaml.compose(data.decode("utf-8"), Loader=yaml.SafeLoader)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
-    if node is None:
-        return {}
-    size = expanded_size(node, str(path))
-    if size > MAX_YAML_NODES:
-        raise ConfigError(
-            f"{path}: expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases and anchors "
-            "repeating large parts?); write the values out"
-        )
-    try:
-        return yaml.SafeLoader(data.decode("utf-8")).get_single_data()
-    except (yaml.YAMLError, ValueError, TypeError) as exc:  # e.g. a timestamp out of range, an unhashable key
-        raise ConfigError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
-
-
 def load_params(path: Path | str = DEFAULT_PARAMS, check_paths: bool = True) -> Params:
-    """Read and validate params.yaml; every problem is a ConfigError (exit 2). `check_paths`: also
-    check the paths it names against the project folder (the params file's folder)."""
+    """Read and validate params.yaml; every problem is a ConfigError (exit 2) naming `path`. `check_paths`:
+    also check what it names on disk against the project folder (the params file's folder): the
+    champion folder of every profile, an image-folder source's checksums, dvc.yaml's params keys."""
     path = Path(path)
     raw = read_yaml(path)
     params = resolve(raw, str(path))
@@ -675,111 +574,35 @@ def load_params(path: Path | str = DEFAULT_PARAMS, check_paths: bool = True) -> 
         root = path.resolve().parent
         for name, overlay in ({FULL: {}} | dict((raw or {}).get("profiles") or {})).items():
             value = (overlay.get("export") or {}).get("champion_dir") if name != FULL else None
-            champion = value if isinstance(value, str) else (raw.get("export") or {}).get("champion_dir", "champion")
+            champion = value if isinstance(value, str) else (raw.get("export") or {}).get("champion_dir", DEFAULT_CHAMPION_DIR)
             where = f"profiles.{name}.export.champion_dir" if isinstance(value, str) else "export.champion_dir"
             try:
                 check_champion_dir(str(champion), root)
             except ValueError as exc:
                 raise ConfigError(f"{path}: {where}: {exc}") from None
+        check_folder_sources(params.data, root, path)
         missing = missing_dvc_params(root, raw)
         if missing:
             stage, key = missing[0]
             raise ConfigError(
-                f"{path}: {key}: dvc.yaml's stage {stage} reads this key and params.yaml lacks it (DVC "
+                f"{path}: {key}: dvc.yaml's stage {stage} reads this key and {path.name} lacks it (DVC "
                 f"would stop there); add it, e.g. as an empty mapping `{{}}`"
                 + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
             )
     return params
 
 
-def dvc_stages(root: Path) -> dict[str, Any]:
-    """The `stages:` mapping of `root`/dvc.yaml, where every stage's paths are written; empty when the
-    file is missing or unreadable."""
-    try:
-        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return {}
-    return stages if isinstance(stages, dict) else {}
-
-
-def missing_dvc_params(root: Path, raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """(stage, key) for every params key that dvc.yaml's stages read and the document lacks (a
-    `foreach: ${archs}` stage reads its keys once per architecture)."""
-    stages = dvc_stages(root)
-    missing = []
-    for name, stage in stages.items():
-        if not isinstance(stage, dict):
+def check_folder_sources(data: DataParams, root: Path, path: Path) -> None:
+    """A local source that is a folder (an image folder) takes no checksum: found now, not at download."""
+    for source in data.sources:
+        if source_kind(source) != "local":
             continue
-        items = [None]
-        if stage.get("foreach") == "${archs}":
-            items = [a for a in raw.get("archs") or [] if isinstance(a, str)]
-        body = stage.get("do", stage)
-        for item in items:
-            for key in body.get("params") or []:
-                if not isinstance(key, str):
-                    continue  # {file: [keys]}: another params file
-                key = key.replace("${item}", item) if item else key
-                if not _has_path(raw, tuple(key.split("."))):
-                    missing.append((f"{name}@{item}" if item else name, key))
-    return missing
-
-
-def dvc_stage_outputs(root: Path) -> dict[str, list[str]]:
-    """stage -> the paths dvc.yaml declares as its outs, metrics and plots, as written there (a
-    `foreach` stage's paths keep their `${item}`)."""
-    outputs = {}
-    for name, stage in dvc_stages(root).items():
-        body = stage.get("do", stage) if isinstance(stage, dict) else {}
-        outputs[name] = [
-            next(iter(entry)) if isinstance(entry, dict) else str(entry)
-            for key in ("outs", "metrics", "plots")
-            for entry in body.get(key) or []
-        ]
-    return outputs
-
-
-def dvc_outputs(root: Path) -> list[str]:
-    """The outputs dvc.yaml declares (outs, metrics, plots), as project-relative paths; a templated
-    path (`data/models/${item}/...`) stands for the folder before its first `${`."""
-    return [path.split("${", 1)[0].rstrip("/") or "." for paths in dvc_stage_outputs(root).values() for path in paths]
-
-
-def check_champion_dir(value: str, root: Path) -> None:
-    """The champion registry must be a folder of its own: not inside data/, a DVC output, .git or
-    .dvc (a rerun or checkout would delete or replace it), not the project or one of its ancestors
-    (promote would move the project), and not a symlink or a file. Raises ValueError naming the path."""
-    if not value.strip() or "\0" in value:
-        raise ValueError(f"{short(value)} is not a folder path")
-    try:
-        _check_champion_dir(value, root)
-    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop, no permission
-        raise ValueError(f"{short(value)} cannot be used: {exc.__class__.__name__}: {short(str(exc), 200)}") from None
-
-
-def _check_champion_dir(value: str, root: Path) -> None:
-    given = Path(os.path.expanduser(value))
-    lexical = Path(os.path.normpath(given if given.is_absolute() else root / given))
-    resolved = lexical.resolve()
-    if lexical == Path("/") or resolved == Path("/"):
-        raise ValueError(f"{short(value)} is the filesystem root /; use a folder of its own, e.g. champion")
-    for candidate in {lexical, resolved}:
-        if candidate == root:
-            raise ValueError(f"{short(value)} is the project folder itself ({root}); use a folder of its own, e.g. champion")
-        if candidate in root.parents:
-            raise ValueError(
-                f"{short(value)} ({candidate}) is an ancestor of the project folder {root}; use a "
-                "folder of its own, e.g. champion"
-            )
-        forbidden = {"data": "data/ (DVC's outputs)", ".git": ".git", ".dvc": ".dvc"}
-        forbidden |= {out: f"the DVC output {out}" for out in dvc_outputs(root)}
-        for rel, label in forbidden.items():
-            inside = root / rel
-            if candidate == inside or inside in candidate.parents:
-                raise ValueError(
-                    f"{short(value)} ({candidate}) lies inside {label}; `dvc repro` or a checkout "
-                    "would delete or replace it. Use a folder of its own, e.g. champion"
-                )
-    if lexical.is_symlink():
-        raise ValueError(f"{lexical} is a symlink; the registry must be a real folder (remove the link)")
-    if lexical.exists() and not lexical.is_dir():
-        raise ValueError(f"{lexical} exists and is not a folder; move it away or choose another path")
+        folder = Path(source) if Path(source).is_absolute() else root / source
+        try:
+            if not folder.is_dir():
+                continue
+            check_checksum_keys(data, "image-folder", source)
+        except OSError:
+            continue  # unreadable now: the download stage says why, naming it
+        except ValueError as exc:
+            raise ConfigError(f"{path}: data.source: {exc}") from None

@@ -1,10 +1,11 @@
-"""The `cifar10-pipeline` flow: download -> preprocess -> validate -> corrupt -> (train, evaluate) per arch
--> export -> report -> promote if blessed, each stage a `dvc repro --single-item` task.
+"""The `cifar10-pipeline` flow: every stage of dvc.yaml in its order (resolve, download, preprocess,
+validate, corrupt, train and evaluate per arch, export, report), each a `dvc repro --single-item`
+task, then promote if blessed.
 
-It only orchestrates: order, retries (in tasks/), artifacts, alerts. Stages run one after
-another because one workspace has one DVC lock; parallelism across GPU nodes goes through
-separate workspaces and a DVC remote. Run it locally on Prefect's ephemeral server with
-`python -m flows.pipeline` or `cifarflow flow run`.
+It only orchestrates: order (DVC's graph), retries (in cifarflow.tasks), artifacts, alerts. Stages
+run one after another because one workspace has one DVC lock; parallelism across GPU nodes goes
+through separate workspaces and a DVC remote. Run it locally on Prefect's ephemeral server with
+`python -m cifarflow.flows.pipeline` or `cifarflow flow run`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -24,32 +26,26 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.blocks.system import Secret
 from prefect.exceptions import MissingContextError, ObjectNotFound
 
+from cifarflow import flow_options, leaderboard, policy
+from cifarflow.contract import LEADERBOARD_JSON, LEADERBOARD_MD, read_card, read_json
+from cifarflow.errors import ConfigError
+from cifarflow.flow_options import WEBHOOK_ENV, add_options, parameters
 from cifarflow.redact import REDACTED, URL_IN_TEXT, origin, redact_text
-from tasks.stages import (
-    data_stage,
-    evaluate_stage,
-    export_stage,
-    params_check,
-    promote_export,
-    report_stage,
-    stale_stages,
-    train_stage,
-)
+from cifarflow.tasks.stages import params_check, pipeline_order, promote_export, stage_kind_task, stale_stages
 
 # The webhook URL carries its token, so it is never a flow parameter (parameters are stored in
 # Prefect's database and shown in the UI): the parameter `webhook_secret` names a Secret block
-# (stored encrypted) and the URL is read from it, or from this variable, only when an alert is sent.
-WEBHOOK_ENV = "CIFARFLOW_WEBHOOK_URL"
+# (stored encrypted) and the URL is read from it, or from WEBHOOK_ENV, only when an alert is sent.
 # requests quotes the URL, or its path and query, in its messages ("Max retries exceeded with url: /T0/B0/token").
 QUOTED_URL = re.compile(r"((?:with|for) url: )\S+")
-DATA_STAGES = ("download", "preprocess", "validate", "corrupt")
-MODEL_CARD = "model_card.json"  # the file `cifarflow export` writes in its output folder
+ALERT_TIMEOUT_S = 10.0  # one POST to the webhook; an alert that cannot be sent must not hold up the run
+SQLITE_TIMEOUT_S = 60  # PREFECT_SERVER_DATABASE_TIMEOUT for the ephemeral server, unless set (see run_flow)
 
 
 def stage_outputs(workspace: Path) -> dict[str, list[str]]:
     """stage -> the paths dvc.yaml declares as its outs, metrics and plots. dvc.yaml is the only place
-    stage paths are written: the flow reads them there, parsed once per call."""
-    from cifarflow.config import dvc_stage_outputs
+    stage paths are written: the flow reads them there."""
+    from cifarflow.dvcfile import dvc_stage_outputs
 
     outputs = dvc_stage_outputs(workspace)
     if not outputs:
@@ -67,40 +63,50 @@ def declared(outputs: dict[str, list[str]], stage: str, name: str | None = None)
     return found[0]
 
 
-def select(workspace: Path, archs: list[str] | None, profile: str | None) -> list[str]:
-    """Apply the flow's selection to params.yaml, as `dvc exp run -S` would, so that a plain
-    `dvc repro` afterwards agrees with what ran; return the architectures to run. The file keeps
-    its comments and layout (round-trip edit), and is validated (bounded) before anything else."""
-    from cifarflow.config import read_yaml, resolve
-    from cifarflow.params_file import set_keys
+def workspace_for(project: Path, profile: str | None) -> Path:
+    """Where a run with `profile` works: the project itself for its selected profile (or none given),
+    else the profile's private workspace, runs/<profile>/ (as `make pipeline PROFILE=...`, which
+    `workspace.prepare` makes): a run of another profile never edits the project's params.yaml or
+    replaces its data folder."""
+    from cifarflow.bounded_yaml import read_yaml
+    from cifarflow.settings import FULL
+    from cifarflow.workspace import RUNS
+
+    raw = read_yaml(project / "params.yaml")  # bounded: a hostile file is refused before anything reads it
+    selected = raw.get("profile", FULL) if isinstance(raw, dict) else FULL
+    if profile is None or profile == selected:
+        return project
+    known = [FULL, *dict(raw.get("profiles") or {})]
+    if profile not in known:
+        raise ConfigError(f"unknown profile {profile[:64]!r}; valid: {', '.join(known)} (profiles: in {project / 'params.yaml'})")
+    return project / RUNS / profile
+
+
+def archs_for_this_run(workspace: Path, archs: list[str] | None) -> Any:
+    """params.yaml with `archs` set for this run, validated before it is written, and written back as
+    it was when the run ends (workspace.run_scoped): the selection does not outlive the run."""
+    from cifarflow.settings import resolve
+    from cifarflow.workspace import run_scoped
 
     path = workspace / "params.yaml"
-    changes: dict[str, Any] = {}
-    if profile is not None:
-        changes["profile"] = profile
-    if archs is not None:
-        changes["archs"] = list(archs)
-    if changes:  # validated before it is written: a typo must not leave params.yaml broken for the next run
-        set_keys(path, changes, check=lambda raw: resolve(raw, f"{path} (with --profile/--archs applied)"))
-    return list(read_yaml(path).get("archs") or [])
+    return run_scoped(
+        path,
+        {"archs": list(archs)} if archs is not None else {},
+        check=lambda raw: resolve(raw, f"{path} (with --archs applied)"),
+    )
 
 
-class WebhookSecretError(ValueError):
-    """The Secret block named for the alert webhook is missing or holds no URL."""
-
-
-SECRET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")  # Prefect's block names
+class WebhookSecretError(ConfigError):
+    """The Secret block named for the alert webhook is missing or holds no URL: bad configuration (exit 2)."""
 
 
 def secret_name(name: str) -> str:
-    """`name` if it can be a Secret block's name; else an error that does not show it (a URL pasted by
-    mistake must not end up in a log)."""
-    if not SECRET_NAME.match(name):
-        raise WebhookSecretError(
-            "webhook_secret must be the NAME of a Secret block (lowercase letters, digits and "
-            "dashes), not the webhook URL; the value given is not a block name and is not shown"
-        )
-    return name
+    """`name` if it can be a Secret block's name (flow_options.secret_name's rule, for a deployment's
+    parameter, which no parser checked); else an error that does not show it."""
+    try:
+        return flow_options.secret_name(name)
+    except argparse.ArgumentTypeError as exc:
+        raise WebhookSecretError(f"webhook_secret {exc}") from None
 
 
 def _missing(name: str) -> str:
@@ -198,7 +204,7 @@ def notify(url: str | None, text: str, **fields: Any) -> None:
     if not url:
         return
     try:
-        requests.post(url, json={"text": text, **fields}, timeout=10).raise_for_status()
+        requests.post(url, json={"text": text, **fields}, timeout=ALERT_TIMEOUT_S).raise_for_status()
     except Exception as exc:  # an alert that cannot be sent must not fail the run (any error, not only requests')
         _logger().warning("alert to %s failed: %s", origin(url), describe_failure(exc, url))
 
@@ -216,7 +222,7 @@ def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
 def alert_if_unblessed(flow: Any, flow_run: Any, state: Any) -> None:
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, dict) and not summary.get("blessed"):
-        reasons = "; ".join(summary.get("blessing_reasons", []))
+        reasons = "; ".join(summary.get("failed_checks", []))
         notify(
             webhook_url(flow_run),
             f"cifar10-pipeline run {flow_run.name}: {summary.get('arch')} was not blessed ({reasons})",
@@ -236,8 +242,8 @@ class StageRunner:
         self.stale = stale_stages(workspace)
         self.results: dict[str, Any] = {}
 
-    def __call__(self, stage: str, stage_task: Any, *, timeout_s: float | None) -> None:
-        result = stage_task(stage, self.workspace, timeout_s, up_to_date=stage not in self.stale)
+    def __call__(self, stage: str, *, timeout_s: float | None) -> None:
+        result = stage_kind_task(stage)(stage, self.workspace, timeout_s, up_to_date=stage not in self.stale)
         self.results[stage] = result
         if not result["skipped"]:
             self.stale = stale_stages(self.workspace)
@@ -246,43 +252,31 @@ class StageRunner:
 def publish(workspace: Path) -> dict[str, Any]:
     """The leaderboard as a table artifact; the report and the verdict as markdown."""
     outputs = stage_outputs(workspace)
-    card = json.loads((workspace / declared(outputs, "export") / MODEL_CARD).read_text())
-    report = json.loads((workspace / declared(outputs, "report", "leaderboard.json")).read_text())
+    card = read_card(workspace / declared(outputs, "export"))
+    report = read_json(workspace / declared(outputs, "report", LEADERBOARD_JSON), "report")
     create_table_artifact(
         key="leaderboard",
         description="val/test accuracy per architecture",
-        table=[
-            {
-                "arch": r["arch"],
-                "params": r["params"],
-                "epochs": r["epochs"],
-                "val_accuracy": r["val_accuracy"],
-                "val_ci95": f"{r['val_ci95'][0]:.4f}-{r['val_ci95'][1]:.4f}",
-                "test_accuracy": r["test_accuracy"],
-                "test_ci95": f"{r['test_ci95'][0]:.4f}-{r['test_ci95'][1]:.4f}",
-                "seed_reported_accuracy": r["seed_reported_accuracy"],
-            }
-            for r in report["rows"]
-        ],
+        table=leaderboard.artifact_table(report["rows"]),
     )
     create_markdown_artifact(
         key="report",
-        markdown=(workspace / declared(outputs, "report", "leaderboard.md")).read_text(),
+        markdown=(workspace / declared(outputs, "report", LEADERBOARD_MD)).read_text(),
         description="the leaderboard report",
     )
-    verdict = "blessed" if card["blessed"] else "not blessed"
-    champion = card.get("champion")
+    verdict = card["verdict"]
+    champion = verdict["champion"]
     against = f"champion {champion['version']} ({champion['test_accuracy']:.4f})" if champion else "no champion"
     create_markdown_artifact(
         key="blessing",
         description="the export's verdict",
         markdown="\n".join(
             [
-                f"# {card['arch']}: {verdict}",
+                f"# {card['arch']}: {'blessed' if verdict['blessed'] else 'not blessed'}",
                 "",
                 f"Profile `{card['profile']}`, data source: {card['data_source_kind']}; verdict computed against {against}.",
                 "",
-                *[f"- {reason}" for reason in card["blessing_reasons"]],
+                *policy.markdown(verdict),
             ]
         ),
     )
@@ -300,33 +294,41 @@ def cifar10_pipeline(
 ) -> dict[str, Any]:
     """Run the DVC pipeline stage by stage in `workspace`; returns a summary. `webhook_secret` names
     the Secret block holding the alert webhook URL (default: CIFARFLOW_WEBHOOK_URL, or no alerts)."""
+    from prefect.runtime import flow_run
+
+    from cifarflow.bounded_yaml import read_yaml
+    from cifarflow.workspace import flow_lock, prepare
+
     log = get_run_logger()
     if webhook_secret:
         check_webhook_secret(webhook_secret)
-    ws = Path(workspace).resolve()
-    selected = select(ws, archs, profile)
-    params_check(str(ws))
-    run = StageRunner(ws)
-    for stage in DATA_STAGES:
-        run(stage, data_stage, timeout_s=stage_timeout_s)
-    for arch in selected:
-        run(f"train@{arch}", train_stage, timeout_s=stage_timeout_s)
-        run(f"evaluate@{arch}", evaluate_stage, timeout_s=stage_timeout_s)
-    run("export", export_stage, timeout_s=stage_timeout_s)
-    run("report", report_stage, timeout_s=stage_timeout_s)
-    card = publish(ws)
-    promotion = None
-    if card["blessed"] and promote:  # the registry re-checks it against the champion as it is now
-        from prefect.runtime import flow_run
-
-        promotion = promote_export(str(ws), by=f"prefect flow run {flow_run.id} ({flow_run.name})")
+    project = Path(workspace).resolve()
+    ws = workspace_for(project, profile)
+    with flow_lock(ws, f"prefect flow run {flow_run.id} ({flow_run.name})"):
+        if ws != project:  # the private workspace, refreshed from the project under its lock
+            prepare(project, str(profile))
+        with archs_for_this_run(ws, archs):
+            selected = list(read_yaml(ws / "params.yaml").get("archs") or [])
+            params_check(str(ws))
+            run = StageRunner(ws)
+            for stage in pipeline_order(ws):
+                run(stage, timeout_s=stage_timeout_s)
+            card = publish(ws)
+            verdict = card["verdict"]
+            promotion = None
+            if verdict["blessed"] and promote:  # the registry decides again, against the champion as it is now
+                promotion = promote_export(str(ws), by=f"prefect flow run {flow_run.id} ({flow_run.name})")
     log.info(
-        "exported %s (blessed=%s)%s", card["arch"], card["blessed"], f"; promotion: {promotion['message']}" if promotion else ""
+        "exported %s (blessed=%s)%s",
+        card["arch"],
+        verdict["blessed"],
+        f"; promotion: {promotion['message']}" if promotion else "",
     )
     return {
+        "workspace": str(ws),
         "arch": card["arch"],
-        "blessed": card["blessed"],
-        "blessing_reasons": card["blessing_reasons"],
+        "blessed": verdict["blessed"],
+        "failed_checks": [c["reason"] for c in verdict["checks"] if not c["passed"]],
         "promoted": bool(promotion and promotion["promoted"]),
         "promotion": promotion,
         "archs": selected,
@@ -337,30 +339,46 @@ def cifar10_pipeline(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the cifar10-pipeline flow on Prefect's ephemeral server")
-    parser.add_argument("--archs", help="comma-separated architectures (default: params.yaml archs)")
-    parser.add_argument("--profile", help="params profile, e.g. smoke")
-    parser.add_argument("--workspace", default=".")
-    parser.add_argument(
-        "--webhook-secret",
-        metavar="NAME",
-        help=f"the Secret block holding the alert webhook URL (default: ${WEBHOOK_ENV}, else no alerts)",
-    )
-    parser.add_argument("--no-promote", action="store_true")
-    args = parser.parse_args(argv)
+    args = add_options(
+        argparse.ArgumentParser(description="Run the cifar10-pipeline flow on Prefect's ephemeral server")
+    ).parse_args(argv)
+    run_flow(args)
+
+
+def check_prefect_home() -> None:
+    """Prefect keeps its settings and the ephemeral server's database in PREFECT_HOME: a folder it cannot
+    write there fails only after the server's start-up times out, as something else. Found now."""
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(os.environ.get("PREFECT_HOME") or PREFECT_HOME.value()).expanduser()  # the variable wins, as for Prefect
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=home, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"PREFECT_HOME {home} is not writable ({exc.strerror or exc.__class__.__name__}): Prefect keeps its "
+            "database there; set PREFECT_HOME to a folder you can write, or fix its permissions"
+        ) from None
+
+
+def run_flow(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow with the parsed options (flow_options.add_options), its summary printed as JSON. What
+    can be checked before the flow starts is (a bad option exits 2 with one line, not a failed run's
+    traceback); the console shows progress, and everything goes to a log file in .cifarflow/logs/."""
+    from cifarflow import console
+
+    check_prefect_home()
+    # SQLite's default lock wait (5 s) loses to the flow's own bursts of writes on a slow disk:
+    # "database is locked" tracebacks, 503s. Waiting longer is what Prefect's docs advise.
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", str(SQLITE_TIMEOUT_S))
     if args.webhook_secret:
-        try:
-            secret_name(args.webhook_secret)  # before the flow starts: parameters are stored
-        except WebhookSecretError as exc:
-            parser.error(str(exc))
-    summary = cifar10_pipeline(
-        archs=args.archs.split(",") if args.archs else None,
-        profile=args.profile,
-        workspace=args.workspace,
-        webhook_secret=args.webhook_secret,
-        promote=not args.no_promote,
-    )
+        check_webhook_secret(args.webhook_secret)
+    log_file = console.log_to_file(Path(args.workspace) / ".cifarflow" / "logs", "flow-run")
+    logging.getLogger("cifarflow").info("flow run: the full log (every library, DEBUG) is in %s", log_file)
+    summary = cifar10_pipeline(**parameters(args))
     print(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The recipes' input normalizations, as TensorFlow ops on float32 images (..., 32, 32, 3) in
+"""The recipes' input normalizations (named in cifarflow.pixels), as TensorFlow ops on float32 images (..., 32, 32, 3) in
 pixel units [0, 255]. Used by the input pipeline and, inside the graph, by the exported model."""
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from cifarflow.models.catalog import NORMALIZATIONS
+from cifarflow.pixels import NORMALIZATIONS
 
 MINMAX_EPSILON = 1e-7  # as FastEstimator's Minmax: flat images do not divide by zero
 

@@ -18,6 +18,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -32,10 +33,12 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
-from cifarflow.errors import STATUS_ENV, ConfigError, InputError, failure_class
+from cifarflow.errors import STATUS_ENV, ConfigError, InputError, OutOfMemoryError, failure_class
 from cifarflow.executables import beside_python
 
-KILL_GRACE_S = 10.0
+KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL: DVC and TensorFlow need a few seconds to stop cleanly
+MESSAGE_LINES = 20  # a failed stage's last output lines, when its status file holds no message
+MESSAGE_TAIL = 3000  # characters of a failed promotion's stderr: the end of its message or traceback
 
 
 class StageFailed(RuntimeError):
@@ -58,11 +61,11 @@ class StageTimeout(RuntimeFailure):
     """The stage ran past its timeout; its whole process group was killed and reaped."""
 
 
-# failure class (cifarflow.errors; "oom" is the trainer's OutOfMemoryError, which imports TensorFlow) -> exception
+# failure class (cifarflow.errors) -> exception; every other class is a RuntimeFailure
 FAILURES: dict[str, type[StageFailed]] = {
     ConfigError.failure_class: ConfigFailure,
     InputError.failure_class: ConfigFailure,
-    "oom": OutOfMemory,
+    OutOfMemoryError.failure_class: OutOfMemory,
 }
 
 
@@ -92,10 +95,19 @@ def read_status(path: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
+# What DVC advises after a stage, written for a person at a git prompt: in a flow, the same hint
+# after every stage is noise. Logged at DEBUG (the flow's log file keeps it).
+DVC_HINTS = re.compile(
+    r"^\s*(?:To track the changes with git, run:|git add |To enable auto staging, run:"
+    r"|dvc config core\.autostage|Use `dvc push` to send your updates)"
+)
+
+
 def _stream(pipe: Any, lines: list[str], log: Any) -> None:
     for line in iter(pipe.readline, ""):
         lines.append(line)
-        log.info(line.rstrip())
+        text = line.rstrip()
+        log.log(logging.DEBUG if not text.strip() or DVC_HINTS.match(text) else logging.INFO, "%s", text)
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -172,14 +184,14 @@ def run_dvc_stage(
         except subprocess.TimeoutExpired:
             kill_group(process)
             reader.join(timeout=5)
-            raise StageTimeout(f"{stage}: exceeded its timeout of {timeout_s:.0f} s; killed with all its children") from None
+            raise StageTimeout(f"{stage}: exceeded its timeout of {timeout_s:g} s; killed with all its children") from None
         reader.join(timeout=5)
         seconds = round(time.monotonic() - started, 3)
         if code == 0:
             skipped = any("didn't change, skipping" in line for line in lines)
             return {"stage": stage, "seconds": seconds, "skipped": skipped}
         status = read_status(status_path)
-    message = status.get("message") or "".join(lines[-20:]).strip()
+    message = status.get("message") or "".join(lines[-MESSAGE_LINES:]).strip()
     raise stage_failure(code, status, f"{stage} failed ({failure_class(code, status)}): {message}")
 
 
@@ -190,10 +202,12 @@ def check_params(workspace: str | Path) -> None:
         raise stage_failure(done.returncode, {}, done.stderr.strip())
 
 
+BACKOFF_S = 5  # the first retry waits about this long, each next one twice as long (Prefect's exponential_backoff)
+JITTER = 0.5  # each wait varies by up to +-50%, so retries of several runs do not hit a shared service together
 RETRY = {
     "retries": 2,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=5),
-    "retry_jitter_factor": 0.5,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=BACKOFF_S),
+    "retry_jitter_factor": JITTER,
     "retry_condition_fn": worth_retrying,
 }
 
@@ -216,6 +230,26 @@ train_stage = stage_task.with_options(name="train", tags=["gpu"], retries=4, ret
 evaluate_stage = stage_task.with_options(name="evaluate")
 export_stage = stage_task.with_options(name="export")  # select, bless, serving check
 report_stage = stage_task.with_options(name="report")  # the leaderboard
+# stage kind (the part of a stage's name before `@`) -> its task; every other stage is a data stage
+KIND_TASKS = {"train": train_stage, "evaluate": evaluate_stage, "export": export_stage, "report": report_stage}
+
+
+def stage_kind_task(stage: str) -> Any:
+    """The task that runs `stage` (`train@resnet56` -> the train task, with its GPU tag and retries)."""
+    return KIND_TASKS.get(stage.partition("@")[0], data_stage)
+
+
+def pipeline_order(workspace: str | Path) -> list[str]:
+    """Every stage of the workspace's dvc.yaml, in an order DVC could run them (dependencies first; among
+    stages free to go, dvc.yaml's order): the flow's order comes from the graph, not a list of its own."""
+    import networkx as nx  # DVC's own dependency
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        written = {stage: i for i, stage in enumerate(repo.index.stages)}
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda stage: written[stage])
+        return [stage.addressing.rpartition(":")[2] for stage in order]
 
 
 @task(name="promote", retries=0)
@@ -237,4 +271,4 @@ def promote_export(workspace: str, by: str) -> dict[str, Any]:
     if status.get("class") == "refused":  # cifarflow.registry's PromotionRefused: an outcome, not a failure
         _logger().warning("not promoted: %s", status.get("message"))
         return {"promoted": False, "message": status.get("message", "")}
-    raise stage_failure(done.returncode, status, done.stderr.strip()[-3000:])
+    raise stage_failure(done.returncode, status, done.stderr.strip()[-MESSAGE_TAIL:])
