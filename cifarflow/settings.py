@@ -433,12 +433,13 @@ class Params(Strict):
             xla = [arch for arch in self.archs if self.train[arch].jit_compile]
             if xla:  # its strategy.run steps are not compiled with XLA
                 raise ValueError(f"distribution: multi_worker runs without XLA: set jit_compile: false in train.{xla[0]}")
-        if self.runtime.distribution == "mirrored":
+        if self.runtime.distribution in ("mirrored", "multi_worker"):
             ema = [arch for arch in self.archs if self.train[arch].ema is not None]
-            if ema:  # Keras 3.15's fit fails overwriting the weights with their average under MirroredStrategy
+            if ema:  # Keras 3.15 fails overwriting the weights with their average under either strategy
                 raise ValueError(
-                    f"distribution: mirrored cannot run lookahead (Keras 3.15's EMA fails under MirroredStrategy): "
-                    f"remove ema from train.{ema[0]}, or use distribution: none or multi_worker"
+                    f"distribution: {self.runtime.distribution} cannot run lookahead (Keras 3.15's EMA fails under "
+                    f"MirroredStrategy and MultiWorkerMirroredStrategy): remove ema from train.{ema[0]}, or use "
+                    "distribution: none"
                 )
         return self
 

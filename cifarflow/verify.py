@@ -178,7 +178,12 @@ def stop_everything() -> None:
 
 
 def run(cmd: list[str], cwd: Path, log: Path | None = None) -> str:
-    process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """`cmd` in `cwd`, with `cwd` first on PYTHONPATH: in a clone, the stages and `cifarflow resolve` run
+    the clone's code (its commit's), not the installed copy's, which may be another checkout's."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     RUNNING.add(process)
     try:
         stdout, stderr = process.communicate()

@@ -78,7 +78,7 @@ def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
     assert (smoke_workspace / "data/export/reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert f"T = {card['temperature']:.3f}" in (smoke_workspace / "data/export/MODEL_CARD.md").read_text()
     assert card["comparison"]["runner_up"] == card["leaderboard"][1]["arch"]
-    assert {"data_manifest_sha256", "settings_sha256", "git_commit", "versions", "verdict"} <= set(card)
+    assert {"data_manifest_sha256", "settings_sha256", "provenance", "versions", "verdict"} <= set(card)
     # generated data is never blessed, and the card says so where it says why
     assert card["verdict"]["blessed"] is False and any("synthetic data" in r for r in verdict_reasons(card, failed_only=True))
     assert "seconds" not in json.dumps(card) and "hardware" not in card

@@ -160,6 +160,16 @@ def test_multi_worker_refuses_xla() -> None:
         resolve({"archs": ["fast"], "runtime": {"distribution": "multi_worker"}, "train": {"fast": FAST}})
 
 
+@pytest.mark.parametrize("distribution", ["mirrored", "multi_worker"])
+def test_lookahead_is_refused_where_keras_cannot_run_it(distribution: str) -> None:
+    """Keras 3.15's EMA fails overwriting the weights under both strategies (a two-worker run raised
+    RuntimeError in `_overwrite_model_variables_with_average_value`): refused at load, naming the recipe."""
+    recipe = {**FAST, "jit_compile": False}
+    with pytest.raises(ConfigError, match=rf"distribution: {distribution} cannot run lookahead.*train.fast"):
+        resolve({"archs": ["fast"], "runtime": {"distribution": distribution}, "train": {"fast": recipe}})
+    resolve({"archs": ["fast"], "runtime": {"distribution": "none"}, "train": {"fast": recipe}})  # the control
+
+
 def test_tiny_recipe_trains_compiled_and_deterministic(tiny_shards: Path, verdict: Path, tmp_path: Path) -> None:
     """One run in this process, one by the CLI in a fresh one with XLA's dump on: the same weights and
     history, XLA really compiled the training step (its HLO modules are in the dump), the learning
