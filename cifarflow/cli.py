@@ -7,7 +7,7 @@ subclasses): 0 ok; 2 bad configuration or input (ConfigError, InputError: not wo
 3 out of memory in training (train's OutOfMemoryError: the next attempt resumes with a smaller
 micro-batch); 130 interrupted (Ctrl-C); 1 anything else, including an unexpected exception (its
 traceback is printed). When CIFARFLOW_STATUS_FILE is set, every failure also writes its class there
-as JSON ("config", "input", "oom", "interrupted" or "runtime"), because `dvc repro` turns every
+as JSON ("config", "input", "oom", "busy", "refused", "interrupted" or "runtime"), because `dvc repro` turns every
 stage failure into exit 255 and a driver needs to know which it was; only a process killed outright
 (SIGKILL) writes nothing, and its driver sees a runtime failure.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from cifarflow import console, native_stderr
 from cifarflow.errors import STATUS_ENV, CifarflowError
 from cifarflow.flow_options import add_options as add_flow_options
+from cifarflow.flow_options import seconds
 from cifarflow.settings import DEFAULT_PARAMS, Params, load_params
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -181,12 +182,14 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> int:
 def cmd_workspace(args: argparse.Namespace, params: Params) -> int:
     from cifarflow.bounded_yaml import read_yaml
     from cifarflow.errors import ConfigError
-    from cifarflow.workspace import prepare
+    from cifarflow.workspace import RUNS, flow_lock, prepare
 
     known = ["full", *dict(read_yaml(args.params).get("profiles") or {})]  # params are valid: main() loaded them
     if args.profile not in known:
         raise ConfigError(f"unknown profile {args.profile!r}; valid: {', '.join(known)} (profiles: in {args.params})")
-    print(prepare(Path(args.params).resolve().parent, args.profile))
+    project = Path(args.params).resolve().parent
+    with flow_lock(project / RUNS / args.profile, "cifarflow workspace"):  # not under a flow that runs there
+        print(prepare(project, args.profile))
     return 0
 
 
@@ -201,16 +204,6 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
-    if not 0 <= value <= 86_400:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be 0-86400 seconds, got {text[:40]!r}")
     return value
 
 
@@ -356,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="promote even if not blessed, synthetic, rolled back or worse than the champion (recorded)",
     )
     p.add_argument("--by", help="who or what promotes, for the history (default: user@host)")
-    p.add_argument("--wait", type=seconds, default=600.0, help="seconds to wait for another promotion (default: %(default)s)")
+    p.add_argument(
+        "--wait",
+        type=seconds(86_400, zero=True),
+        default=600.0,
+        help="seconds to wait for another promotion (default: %(default)s)",
+    )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="show the versions, the champion and the history")
     action.add_argument(
@@ -411,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     flow_sub = p.add_subparsers(dest="flow_command", required=True, metavar="COMMAND")
     p = command(flow_sub, "run", "the whole pipeline as the cifar10-pipeline flow")
     add_flow_options(p)
-    p.set_defaults(func=cmd_flow_run)
+    p.set_defaults(func=cmd_flow_run, needs_params=False)  # the flow checks its workspace's params.yaml
 
     p = command(
         sub,
@@ -452,21 +450,40 @@ def write_status(error: BaseException, exit_code: int, failure_class: str) -> No
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
 
 
-def write_failure(exc: OSError) -> CifarflowError | None:
-    """The error to report for an OSError that means "cannot write", None for any other."""
+def write_failure(exc: OSError, stdout_failed: bool) -> CifarflowError | None:
+    """The error to report for an OSError that means "cannot write" (EIO: cannot read or write),
+    None for any other. Outputs written through cifarflow.fileio carry their file name."""
     if exc.errno not in WRITE_ERRNOS:
         return None
-    where = exc.filename if exc.filename is not None else "the output"
-    return CifarflowError(f"cannot write {where}: {exc.strerror or exc}; nothing half-written was kept")
+    verb = "read or write" if exc.errno == errno.EIO else "write"
+    where = exc.filename if exc.filename is not None else "the output" if stdout_failed else "a file"
+    return CifarflowError(f"cannot {verb} {where}: {exc.strerror or exc}; nothing half-written was kept")
+
+
+def stdout_fails() -> bool:
+    """Whether standard output cannot take what it holds (a full device, a vanished terminal)."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    except ValueError:  # closed
+        return False
+    return False
 
 
 def silence_stdout() -> None:
     """Point stdout at /dev/null: what could not be written is dropped, so Python's flush at exit
     does not fail a second time."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # not a real file (a test's capture): nothing to flush at exit
         pass
+    finally:
+        os.close(devnull)
 
 
 def report(exc: CifarflowError) -> int:
@@ -496,11 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         silence_stdout()
         return 1
     except OSError as exc:
-        failure = write_failure(exc)
+        stdout_failed = exc.filename is None and stdout_fails()
+        failure = write_failure(exc, stdout_failed)
         if failure is None:
             write_status(exc, 1, "runtime")
             raise
-        if exc.filename is None:  # the output itself
+        if stdout_failed:
             silence_stdout()
         return report(failure)
     except Exception as exc:  # a bug or an unexpected runtime failure: keep the traceback

@@ -26,11 +26,11 @@ RESOLVED_SUFFIX = ".json"
 # DVC metrics files (validate, train, evaluate): a few numbers each, since `dvc metrics show` puts every
 # file's fields in one table; a stage's other figures are in its DETAILS file (train: its SUMMARY)
 METRICS, DETAILS = "metrics.json", "details.json"
-# train (data/models/<arch>/): SUMMARY is the whole record, METRICS its TRAIN_HEADLINE
+# train (data/models/<arch>/): SUMMARY is the whole record, METRICS its headline (trainer.HEADLINE)
 MODEL, WEIGHTS_DIGEST, HISTORY, SUMMARY = "model.keras", "weights.sha256", "history.csv", "summary.json"
-TRAIN_HEADLINE: dict[str, tuple[str, ...]] = {"epochs": (), "best_epoch": (), "val_loss": ()}
 # train's run info (data/runinfo/train/<arch>/): run-dependent facts, never compared
 RUN_INFO = "run.json"
+ROBUSTNESS = "robustness"  # evaluate's metrics block (and a card's) of the corruption benchmark
 # evaluate (data/eval/<arch>/): METRICS, DETAILS and
 RELIABILITY, HEATMAP = "reliability.png", "corruption_heatmap.png"
 CONFUSION_CSV, CONFUSION_PNG, GRID_PNG = "confusion_test.csv", "confusion_test.png", "predictions_grid.png"
@@ -62,24 +62,6 @@ def read_json(path: Path, stage: str) -> dict[str, Any]:
     return value
 
 
-def split_headline(record: dict[str, Any], fields: dict[str, tuple[str, ...]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, details) of a stage's record: `fields` names the keys `dvc metrics show` gets, and of
-    a block (a dict) which of its fields (an empty tuple: the key's value itself). The rest is details."""
-    metrics: dict[str, Any] = {}
-    details: dict[str, Any] = {}
-    for key, value in record.items():
-        keep = fields.get(key)
-        if keep is None:
-            details[key] = value
-        elif not keep:
-            metrics[key] = value
-        else:
-            metrics[key] = {k: v for k, v in value.items() if k in keep}
-            if rest := {k: v for k, v in value.items() if k not in keep}:
-                details[key] = rest
-    return metrics, details
-
-
 def read_summary(models: Path, arch: str) -> dict[str, Any]:
     return read_json(Path(models) / arch / SUMMARY, f"train@{arch}")
 
@@ -105,7 +87,3 @@ def read_history(models: Path, arch: str) -> list[dict[str, float | None]]:
         return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(io.StringIO(text.decode()))]
     except (ValueError, UnicodeDecodeError):
         raise InputError(f"{path}: not train's history (numbers per epoch); rerun the train@{arch} stage") from None
-
-
-def read_leaderboard(reports: Path) -> dict[str, Any]:
-    return read_json(Path(reports) / LEADERBOARD_JSON, "report")

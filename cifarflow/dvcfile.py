@@ -1,6 +1,7 @@
 """dvc.yaml, read as data: the stage graph is written there and only there, and the code that needs
-to know it (the params check, the champion-folder rules, the flow's stage order) reads it here,
-parsed once per process and folder. No DVC import: this is plain YAML."""
+to know it as data (the params check, the champion-folder rules, the flow's stage outputs) reads it
+here, parsed once per process and folder; the stage order comes from DVC's own graph
+(cifarflow.tasks.stages.pipeline_order). No DVC import: this is plain YAML."""
 
 from __future__ import annotations
 
@@ -41,17 +42,6 @@ def stage_body(stage: Any) -> dict[str, Any]:
         return {}
     body = stage.get("do", stage)
     return body if isinstance(body, dict) else {}
-
-
-def stage_names(root: Path, archs: list[str]) -> list[str]:
-    """Every stage, in dvc.yaml's order, a `foreach: ${archs}` stage expanded to `<name>@<arch>`."""
-    names = []
-    for name, stage in dvc_stages(root).items():
-        if isinstance(stage, dict) and stage.get("foreach") == FOREACH_ARCHS:
-            names += [f"{name}@{arch}" for arch in archs]
-        else:
-            names.append(name)
-    return names
 
 
 def missing_dvc_params(root: Path, raw: dict[str, Any]) -> list[tuple[str, str]]:

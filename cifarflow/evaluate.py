@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow import calibration, policy, robustness
+from cifarflow import calibration, robustness
 from cifarflow.contract import (
     CONFUSION_CSV,
     CONFUSION_PNG,
@@ -36,19 +36,18 @@ from cifarflow.contract import (
     METRICS,
     MODEL,
     RELIABILITY,
+    ROBUSTNESS,
     predictions,
-    split_headline,
 )
 from cifarflow.data.verdict import check_shards
 from cifarflow.errors import InputError
 from cifarflow.figures import figure, png
-from cifarflow.fileio import write_bytes_atomic, write_json_atomic
+from cifarflow.fileio import split_headline, write_bytes_atomic, write_json_atomic
 from cifarflow.openfile import open_regular
 from cifarflow.settings import Params, Recipe
 
 SPLITS = ("val", "test")
 GRID = 16
-ROBUSTNESS = policy.ROBUSTNESS  # metrics' block of the corruption benchmark
 # The fields of metrics.json per block, numbers only (`dvc metrics show` makes a column of each, for
 # every architecture's file in one table); everything else goes to details.json.
 HEADLINE = {

@@ -31,6 +31,7 @@ from cifarflow.contract import (
     MODEL_CARD,
     MODEL_CARD_MD,
     RELIABILITY,
+    ROBUSTNESS,
     RUN_INFO,
     SAVED_MODEL,
     predictions,
@@ -45,6 +46,7 @@ from cifarflow.pixels import IMAGE_SHAPE
 from cifarflow.provenance import describe, git_provenance
 from cifarflow.serving import SERVING_BATCH, rescore, served_digests, write_served_manifest
 from cifarflow.settings import Params
+from cifarflow.sources import DATA_DESCRIBED
 
 PROB_TOLERANCE = 1e-5  # SavedModel vs evaluate, per probability: float32 graphs that differ in fusion
 TIE_MARGIN = 1e-6  # top-two probabilities this close may swap their argmax
@@ -137,7 +139,7 @@ def check_robustness_measured(params: Params, arch: str, metrics: dict[str, Any]
     gates = params.export
     gate = "robustness_vs_champion" if gates.robustness_vs_champion else None
     gate = gate or ("min_corruption_accuracy" if gates.min_corruption_accuracy is not None else None)
-    if gate and policy.ROBUSTNESS not in metrics:
+    if gate and ROBUSTNESS not in metrics:
         raise InputError(
             f"export.{gate} is set but {evals / arch} has no corruption benchmark: "
             f"run evaluate@{arch} with --corrupt (dvc repro runs it), or unset the gate"
@@ -208,7 +210,7 @@ def run(
         "test": winner_metrics["test"],
         "temperature": winner_metrics["temperature"],  # served probabilities are calibrated with it
         "test_calibrated": winner_metrics["test_calibrated"],
-        "robustness": winner_metrics.get(policy.ROBUSTNESS),  # mCA with its bootstrap CI, and the grid
+        "robustness": winner_metrics.get(ROBUSTNESS),  # mCA with its bootstrap CI, and the grid
         "verdict": judged.record(),
         "profile": params.profile,
         "data_source_kind": model.data_source_kind,
@@ -253,11 +255,7 @@ def model_card_md(card: dict[str, Any]) -> str:
         if champion
         else "no champion (the registry was empty)"
     )
-    data = {
-        "synth": "**synthetic** (generated) data",
-        "archive": "a CIFAR-10 binary archive",
-        "image-folder": "an image folder",
-    }.get(card["data_source_kind"], card["data_source_kind"])
+    data = DATA_DESCRIBED.get(card["data_source_kind"], card["data_source_kind"])
     lines = [
         f"# Model card: {card['arch']}",
         "",

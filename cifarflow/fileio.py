@@ -127,12 +127,24 @@ def temp_sibling(path: Path, kind: str = ".tmp") -> Iterator[Path]:
 
 
 @contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside without a file name (a full disk under `f.write`: Python's file
+    objects name no file) gets `path`, so its message says which output could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+@contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
     First removes the temps that killed writers of `path` left behind."""
     path = Path(path)
     remove_stale_temps(path)
-    with temp_sibling(path) as tmp:
+    with temp_sibling(path) as tmp, naming(path):
         yield tmp
         os.chmod(tmp, _mode_for(path, 0o666))  # mkstemp makes 0600: keep the file's mode, or the usual one
         os.replace(tmp, path)
@@ -165,7 +177,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     _OURS.add(os.path.abspath(tmp))
     try:
-        yield tmp
+        with naming(path):
+            yield tmp
         os.chmod(tmp, _mode_for(path, 0o777))  # mkdtemp makes 0700
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
@@ -180,3 +193,21 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp)
         _OURS.discard(os.path.abspath(tmp))
+
+
+def split_headline(record: dict[str, Any], fields: dict[str, tuple[str, ...]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, details) of a stage's record: `fields` names the keys `dvc metrics show` gets, and of
+    a block (a dict) which of its fields (an empty tuple: the key's value itself). The rest is details."""
+    metrics: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for key, value in record.items():
+        keep = fields.get(key)
+        if keep is None:
+            details[key] = value
+        elif not keep:
+            metrics[key] = value
+        else:
+            metrics[key] = {k: v for k, v in value.items() if k in keep}
+            if rest := {k: v for k, v in value.items() if k not in keep}:
+                details[key] = rest
+    return metrics, details

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from typing import Any
 
 WEBHOOK_ENV = "CIFARFLOW_WEBHOOK_URL"
@@ -23,14 +24,20 @@ def secret_name(text: str) -> str:
     return text
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
-    if not 0 < value <= 7 * 86_400:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be 0-604800 seconds, got {text[:40]!r}")
-    return value
+def seconds(most: float, zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of seconds, more than 0 (or from 0, with `zero`) up to `most`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
+        if not ((0 <= value) if zero else (0 < value)) or not value <= most:  # NaN fails both
+            low = "from 0" if zero else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {low} up to {most:g} seconds, got {text[:40]!r}")
+        return value
+
+    return parse
 
 
 def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -45,7 +52,7 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "else no alerts)",
     )
     parser.add_argument("--no-promote", action="store_true", help="do not promote a blessed export")
-    parser.add_argument("--stage-timeout", type=seconds, metavar="SECONDS", help="kill a stage that runs longer")
+    parser.add_argument("--stage-timeout", type=seconds(7 * 86_400), metavar="SECONDS", help="kill a stage that runs longer")
     return parser
 
 

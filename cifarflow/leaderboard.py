@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarflow.contract import read_metrics, read_summary
+from cifarflow.contract import ROBUSTNESS, read_metrics, read_summary
 from cifarflow.errors import InputError
-from cifarflow.policy import ROBUSTNESS
 
 # What each seed tutorial reports (../shared/seeds/README.md), on the official CIFAR-10.
 SEED_REPORTED = {

@@ -2,8 +2,11 @@
 harmless error explained once in plain words, every other warning and error kept.
 
 Native code writes to file descriptor 2 directly, past Python's logging, so the filter sits on the
-descriptor: fd 2 becomes a pipe, and a thread copies what arrives to the real stderr, line by line,
-as it arrives (progress stays live). TF_CPP_MIN_LOG_LEVEL=0 turns the filter off: everything shows.
+descriptor: fd 2 becomes a pipe, and a small filter process (this file run as a script, standard
+library only) copies what arrives to the real stderr, line by line, as it arrives (progress stays
+live). A process, not a thread: when this one dies of a native crash (a fatal check, an abort, a
+signal) its last words are still in the pipe, and the filter, reading to the end, passes them on.
+TF_CPP_MIN_LOG_LEVEL=0 turns the filter off: everything shows.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import signal
+import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +45,7 @@ REMAPPER_NOTE = (
     "convolution with the LeakyReLU after it when oneDNN is on; it prints an E0000 meta_optimizer.cc line "
     "for it, shown here once as this note). The model trains unfused: correct, only a little slower."
 )
-JOIN_S = 5.0  # at exit, for the copying thread to pass on what is still in the pipe
+JOIN_S = 5.0  # at exit, for the filter process to pass on what is still in the pipe
 
 
 @dataclass(frozen=True)
@@ -70,20 +74,12 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data) :]
 
 
-class LiveFilter:
-    """fd 2 through a pipe and a thread that applies `rules` to each complete line. A partial line (a
-    progress bar's carriage-return update) is passed on at once, unfiltered."""
+class LineFilter:
+    """`rules` applied to each complete line; the explained lines' note said once."""
 
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
         self.noted: set[int] = set()
-        sys.stderr.flush()
-        self.real = os.dup(2)
-        self.pipe, write_end = os.pipe()
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        self.thread = threading.Thread(target=self._pump, name="native-stderr-filter", daemon=True)
-        self.thread.start()
 
     def kept(self, line: bytes) -> bytes:
         text = line.decode(errors="replace")
@@ -97,25 +93,49 @@ class LiveFilter:
                 return f"{note}\n".encode()
         return line + b"\n"
 
-    def _pump(self) -> None:
+    def pump(self, source: int, sink: int) -> None:
+        """Copy `source` to `sink` until the end. A partial line (a progress bar's carriage-return
+        update) is passed on at once, unfiltered."""
         try:
-            while chunk := os.read(self.pipe, 1 << 16):
+            while chunk := os.read(source, 1 << 16):
                 *lines, partial = chunk.split(b"\n")
-                _write_all(self.real, b"".join(self.kept(line) for line in lines) + partial)
+                _write_all(sink, b"".join(self.kept(line) for line in lines) + partial)
         except OSError:  # the real stderr is gone (a closed terminal): nothing left to show it to
             pass
+
+
+class LiveFilter:
+    """fd 2 through a pipe into the filter process, whose stdout is the real stderr."""
+
+    def __init__(self, gpu: bool) -> None:
+        sys.stderr.flush()
+        self.real = os.dup(2)
+        read_end, write_end = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-S", "-E", __file__, "gpu" if gpu else "cpu"],
+            stdin=read_end,
+            stdout=self.real,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(read_end)
+        os.dup2(write_end, 2)
+        os.close(write_end)
 
     def stop(self) -> None:
         """The real stderr back on fd 2; what is still in the pipe is passed on first."""
         sys.stderr.flush()
-        os.dup2(self.real, 2)  # closes our last write end: the thread reads to the end and stops
-        self.thread.join(timeout=JOIN_S)
+        os.dup2(self.real, 2)  # closes our last write end: the filter reads to the end and exits
+        try:
+            self.process.wait(timeout=JOIN_S)
+        except subprocess.TimeoutExpired:  # a child of ours still holds the pipe: it passes on the rest
+            pass
         os.close(self.real)
 
 
 @contextmanager
-def filtered(rules: Rules) -> Iterator[LiveFilter]:
-    live = LiveFilter(rules)
+def filtered(gpu: bool) -> Iterator[LiveFilter]:
+    """fd 2 through `tensorflow_rules(gpu)` for the duration."""
+    live = LiveFilter(gpu)
     try:
         yield live
     finally:
@@ -130,7 +150,20 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # inherited by the processes a stage starts
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         return
-    atexit.register(LiveFilter(tensorflow_rules(gpu_expected())).stop)
+    atexit.register(LiveFilter(gpu_expected()).stop)
     import tensorflow as tf
 
     tf.config.list_physical_devices()  # the CUDA platform probes (cuInit) here; the runtime stays unconfigured
+
+
+def main() -> None:
+    """The filter process: stdin through `tensorflow_rules` to stdout until the end. Ctrl-C and a
+    stage's timeout signal the whole process group: the filter outlives them to pass on what its
+    writer says last, and ends with the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    LineFilter(tensorflow_rules(sys.argv[1] == "gpu")).pump(0, 1)
+
+
+if __name__ == "__main__":
+    main()

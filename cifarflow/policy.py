@@ -13,10 +13,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from cifarflow.contract import ROBUSTNESS
 from cifarflow.errors import InputError
-
-SYNTH = "synth"  # the data source kind of generated data (cifarflow.sources)
-ROBUSTNESS = "robustness"  # evaluate's metrics block (and a card's) of the corruption benchmark
+from cifarflow.sources import SYNTH
 
 
 class Rules(Protocol):

@@ -5,7 +5,7 @@ A bad file is an error line naming it; the others are still classified, and the 
 FIFO or device is refused unopened, folders are walked without following directory symlinks and
 stop at data.max_members files and folders, a file larger than an image within
 data.max_image_pixels can be is refused unread, and an image over data.max_image_pixels is refused
-from its header, before any pixel is decoded. Images go through the model BATCH at a time: at most
+from its header, before any pixel is decoded. Images go through the model SERVING_BATCH at a time: at most
 one batch is held in memory, however many files are given.
 """
 
@@ -26,12 +26,12 @@ import numpy as np
 
 from cifarflow.contract import LABELS, SAVED_MODEL, read_card
 from cifarflow.data.cifar_binary import check_class_names
-from cifarflow.data.image_file import EXTENSIONS, Budget, decode
+from cifarflow.data.image_file import EXTENSIONS, Budget, decode, pixel_limit
 from cifarflow.errors import InputError
 from cifarflow.openfile import file_kind, read_regular
-from cifarflow.policy import SYNTH
 from cifarflow.serving import SERVING_BATCH, ServedModel, open_export
 from cifarflow.settings import DataParams
+from cifarflow.sources import SYNTH
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_FILES = DataParams.model_fields["max_members"].default
@@ -175,13 +175,14 @@ def load_model(model_dir: Path) -> tuple[list[str], ServedModel]:
 def batches(
     files: list[Path], max_pixels: int, errors: list[str], max_chunks: int = DEFAULT_MAX_CHUNKS
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The readable images, BATCH at a time, with their names; one error line per unreadable file is
+    """The readable images, SERVING_BATCH at a time, with their names; one error line per unreadable file is
     appended to `errors`. Files are read as the batches are used: one batch in memory at a time."""
     names: list[str] = []
     images: list[np.ndarray] = []
     for path in files:
         try:
-            images.append(decode(path, max_pixels, resize=True, max_chunks=max_chunks))
+            with pixel_limit(max_pixels):  # per file: the generator's consumer runs between files
+                images.append(decode(path, max_pixels, resize=True, max_chunks=max_chunks))
         except InputError as exc:
             errors.append(str(exc))
             continue

@@ -57,7 +57,6 @@ MAX_POINTER_BYTES = 1 << 16  # CURRENT is a few hundred bytes; never read an unb
 KILL_ENV = "CIFARFLOW_REGISTRY_KILL_AT"  # tests: SIGKILL at the n-th durability point (1-based)
 POINTS_ENV = "CIFARFLOW_REGISTRY_POINTS"  # tests: append the name of every durability point to this file
 DEFAULT_WAIT_S = 600.0
-REASON_ROLLED_BACK = "rolled back"
 
 
 class RegistryError(CifarflowError):
@@ -501,10 +500,8 @@ def _next_seq(registry: Path) -> int:
 def add_version(registry: Path, io: Durable, export: Path, facts: dict[str, Any]) -> Version:
     """Copy `export` into a new version folder: staged, every file and folder fsynced, then renamed
     into versions/ in one step."""
-    events = history(registry)
-    numbers = [v.number for v in versions(registry)] + [int(e["to"].split("-")[0]) for e in events if e.get("to")]
-    numbers += [e.get("max_version", 0) for e in events if e["kind"] == "archive"]
-    name = f"{max(numbers, default=0) + 1:04d}-{facts['weights_sha256'][:12]}"
+    number = max([v.number for v in versions(registry)] + [highest_version(history(registry))])
+    name = f"{number + 1:04d}-{facts['weights_sha256'][:12]}"
     _set_pending(registry, io, version=name)  # before staging: recovery may remove this version, and only it
     staging = registry / INCOMING / f"{name}.{os.getpid()}.tmp"
     io.mkdir(staging)
@@ -527,6 +524,12 @@ def add_version(registry: Path, io: Durable, export: Path, facts: dict[str, Any]
     return version(registry, name)
 
 
+def highest_version(events: list[dict[str, Any]]) -> int:
+    """The highest version number the history names (an archive's carried forward): never reused."""
+    numbers = [int(e["to"].split("-")[0]) for e in events if e.get("to")]
+    return max(numbers + [e.get("max_version", 0) for e in events if e["kind"] == "archive"], default=0)
+
+
 def _events(registry: Path) -> list[dict[str, Any]]:
     """The history, plus CURRENT's event if a killed writer switched without recording it yet."""
     events, found = history(registry), pointer(registry)
@@ -542,8 +545,10 @@ def rolled_back(registry: Path) -> dict[str, dict[str, Any]]:
     for e in _events(registry):
         if e["kind"] == "archive":  # what the archived history decided, carried forward
             revoked.update(e.get("rolled_back") or {})
-        elif e["kind"] == "rollback" and e.get("from_weights_sha256"):
-            revoked[e["from_weights_sha256"]] = e
+        elif e["kind"] == "rollback":
+            revoked.pop(e.get("weights_sha256"), None)  # the weights rolled back to serve again
+            if e.get("from_weights_sha256"):
+                revoked[e["from_weights_sha256"]] = e
         elif e["kind"] == "promote" and (e.get("verdict") or {}).get("forced"):
             revoked.pop(e.get("weights_sha256"), None)
     return revoked
@@ -552,7 +557,13 @@ def rolled_back(registry: Path) -> dict[str, dict[str, Any]]:
 def served_before(registry: Path, champion: str) -> str | None:
     """The version that served before `champion`, skipping versions rolled back from: what a plain
     `--rollback` returns to, and what `--gc` keeps besides the champion."""
-    events = _events(registry)
+    served, revoked = serving_record(_events(registry))
+    earlier = [name for name in served if name != champion and name not in revoked]
+    return earlier[-1] if earlier else None
+
+
+def serving_record(events: list[dict[str, Any]]) -> tuple[list[str], set[str]]:
+    """(the versions that served, in order; those rolled back from and not reinstated since)."""
     revoked: set[str] = set()
     served: list[str] = []
     for e in events:  # a version reinstated after a rollback serves again
@@ -566,8 +577,7 @@ def served_before(registry: Path, champion: str) -> str | None:
             revoked.add(e["from"])
         if e["kind"] in ("promote", "rollback", "repair") and e.get("to"):
             served.append(e["to"])
-    earlier = [name for name in served if name != champion and name not in revoked]
-    return earlier[-1] if earlier else None
+    return served, revoked
 
 
 def promote(
@@ -774,20 +784,7 @@ def archive_history(registry: Path, by: str | None = None, wait_s: float = DEFAU
         if not events:
             raise InputError(f"{registry / HISTORY}: nothing to archive")
         champion = current(registry)
-        served: list[str] = []
-        revoked: set[str] = set()
-        for e in events:
-            if e["kind"] == "archive":
-                served += list(e.get("served") or [])
-                revoked |= set(e.get("revoked_versions") or [])
-            elif e["kind"] == "rollback":
-                revoked.discard(e["to"])
-                revoked.add(e["from"])
-            elif e["kind"] in ("promote", "repair"):
-                revoked.discard(e["to"])
-            if e["kind"] in ("promote", "rollback", "repair") and e.get("to"):
-                served.append(e["to"])
-        numbers = [int(e["to"].split("-")[0]) for e in events if e.get("to")] + [e.get("max_version", 0) for e in events]
+        served, revoked = serving_record(events)
         archived = _free_name(registry, lambda n: f"history-{_stamp()}{n}.jsonl")
         event = {
             "seq": events[-1]["seq"] + 1,
@@ -799,7 +796,7 @@ def archive_history(registry: Path, by: str | None = None, wait_s: float = DEFAU
             "rolled_back": rolled_back(registry),
             "revoked_versions": sorted(revoked),
             "served": served[-1000:],  # --rollback and --gc look back at most this far
-            "max_version": max(numbers, default=0),
+            "max_version": highest_version(events),
         }
         io.rename(registry / HISTORY, registry / archived)
         io.append(registry / HISTORY, _dumps(event) + "\n")

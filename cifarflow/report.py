@@ -13,6 +13,7 @@ from cifarflow import leaderboard, policy
 from cifarflow.contract import LEADERBOARD_JSON, LEADERBOARD_MD, MODEL_CARD, RUN_INFO, read_card, read_history, read_json
 from cifarflow.fileio import write_bytes_atomic, write_json_atomic
 from cifarflow.settings import Params
+from cifarflow.sources import DATA_DESCRIBED, SYNTH
 
 PLOTS = "dvc_plots/index.html"  # where `dvc plots show` writes the curves, relative to the project (where dvc runs)
 CURVES = "curves.png"  # the same curves as a picture: dvc's HTML loads Vega from a CDN and is blank offline
@@ -53,11 +54,9 @@ def plots_link(out: Path) -> str:
 
 def render(table: list[dict[str, Any]], card: dict[str, Any] | None, profile: str, plots: str = PLOTS) -> str:
     kind = card.get("data_source_kind") if card else None
-    data = {
-        "synth": " Data: **synthetic** (generated): these figures say nothing about real images.",
-        "archive": " Data: a CIFAR-10 binary archive.",
-        "image-folder": " Data: an image folder.",
-    }.get(kind, "")
+    data = "" if kind not in DATA_DESCRIBED else f" Data: {DATA_DESCRIBED[kind]}."
+    if kind == SYNTH:
+        data = data.removesuffix(".") + ": these figures say nothing about real images."
     lines = [
         "# Leaderboard",
         "",

@@ -20,6 +20,14 @@ MAX_EXAMPLES = 200_000  # a generated split larger than this is a typo, not a da
 SCHEMES = ("http", "https", "file")
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive, not a scheme
 Kind = Literal["synth", "url", "local"]
+SYNTH = "synth"  # generated data: a source's kind, and the kind of data a download records (manifest, card)
+# How each kind of data a model was trained on (the download's record) is named in the model card and
+# the leaderboard.
+DATA_DESCRIBED = {
+    SYNTH: "**synthetic** (generated) data",
+    "archive": "a CIFAR-10 binary archive",
+    "image-folder": "an image folder",
+}
 
 
 class SynthSpec(Strict):
@@ -62,7 +70,7 @@ class SynthSpec(Strict):
 
 def source_kind(source: str) -> Kind:
     if source.startswith(SYNTH_PREFIX):
-        return "synth"
+        return SYNTH
     if re.match(r"^(https?|file)://", source):
         return "url"
     return "local"

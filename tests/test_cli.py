@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,7 @@ REMAPPER = (  # what TF printed while simple_cnn trained with oneDNN on (TF_ENAB
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_native_stderr_filter_drops_only_matching_lines(capfd: pytest.CaptureFixture, gpu: bool) -> None:
-    with native_stderr.filtered(native_stderr.tensorflow_rules(gpu)):
+    with native_stderr.filtered(gpu):
         for line in [*STARTUP, *CUDA_PROBE, b"W0000 1 some_op.cc:12] a real warning\n", REMAPPER, REMAPPER]:
             os.write(2, line)
         print("a Python warning", file=sys.stderr)
@@ -134,12 +135,28 @@ def test_native_stderr_filter_passes_lines_on_while_it_runs(capfd: pytest.Captur
     """Live, not replayed at the end: a long training's progress must show as it happens."""
     import time
 
-    with native_stderr.filtered(native_stderr.tensorflow_rules(gpu=False)):
+    with native_stderr.filtered(gpu=False):
         os.write(2, b"first line\n")
         deadline = time.monotonic() + 10
         while "first line" not in capfd.readouterr().err:
             assert time.monotonic() < deadline, "the line did not come through while the filter ran"
             time.sleep(0.05)
+
+
+def test_a_native_crash_keeps_its_last_words() -> None:
+    """A process that dies of a native abort right after writing to fd 2 (as a fatal check does): the
+    filter, a process of its own, still passes the message on; and noise is still dropped."""
+    code = (
+        "import os\n"
+        "from cifarflow import native_stderr\n"
+        "native_stderr.LiveFilter(gpu=False)\n"
+        f"os.write(2, {STARTUP[0]!r})\n"
+        "os.write(2, b'F0000 check failed: the last words\\n')\n"
+        "os.abort()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert done.returncode == -signal.SIGABRT
+    assert done.stderr == "F0000 check failed: the last words\n"
 
 
 @pytest.mark.skipif(native_stderr.gpu_expected(), reason="an NVIDIA driver is present: its CUDA messages are kept on purpose")

@@ -82,7 +82,7 @@ def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
     # generated data is never blessed, and the card says so where it says why
     assert card["verdict"]["blessed"] is False and any("synthetic data" in r for r in verdict_reasons(card, failed_only=True))
     assert "seconds" not in json.dumps(card) and "hardware" not in card
-    assert (smoke_workspace / "data/export/labels.txt").read_text().split()[0] == "airplane"
+    assert json.loads((smoke_workspace / "data/export/labels.json").read_text())[:2] == ["airplane", "automobile"]
     assert "# Model card" in (smoke_workspace / "data/export/MODEL_CARD.md").read_text()
     assert json.loads((smoke_workspace / "data/runinfo/export.json").read_text())["arch"] == card["arch"]
 

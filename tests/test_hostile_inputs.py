@@ -39,7 +39,7 @@ from cifarflow.cli import main
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import download, fetch, image_file
 from cifarflow.data.extract import read_batches
-from cifarflow.data.image_file import decode
+from cifarflow.data.image_file import decode, pixel_limit
 from cifarflow.errors import InputError, SourceUnavailableError
 from cifarflow.settings import DataParams
 
@@ -882,7 +882,8 @@ def test_random_bytes_as_image_are_that_files_error(tmp_path: Path, data: bytes,
     path = tmp_path / "fuzz.png"
     path.write_bytes(prefix + data)
     try:
-        image = decode(path, 4096, resize=True, max_chunks=100)
+        with pixel_limit(4096):
+            image = decode(path, 4096, resize=True, max_chunks=100)
     except InputError as exc:
         assert str(exc).startswith(f"{path}: ")
         return

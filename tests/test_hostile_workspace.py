@@ -67,6 +67,22 @@ def test_a_runs_selection_keeps_comments_and_layout_and_does_not_outlive_the_run
     assert path.read_bytes() == (REPO / "params.yaml").read_bytes()  # validated before it is written
 
 
+def test_refreshing_a_profiles_workspace_waits_for_no_flow_but_refuses_under_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cifarflow workspace smoke` (make pipeline PROFILE=smoke) rewrites runs/smoke/params.yaml: not
+    while a flow runs there, which restores that file when it ends."""
+    from cifarflow.cli import main
+    from cifarflow.workspace import RUNS, flow_lock
+
+    project = new_workspace(tmp_path / "project")
+    with flow_lock(project / RUNS / "smoke", "prefect flow run 1 (nightly)"):
+        assert main(["--params", str(project / "params.yaml"), "workspace", "smoke"]) == 2
+    assert "a flow is already running in this workspace: prefect flow run 1 (nightly)" in capsys.readouterr().err
+    assert not (project / RUNS / "smoke" / "params.yaml").exists()  # nothing copied under the flow
+    assert main(["--params", str(project / "params.yaml"), "workspace", "smoke"]) == 0
+
+
 def test_a_second_flow_on_the_same_workspace_is_refused_before_it_changes_anything(
     prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

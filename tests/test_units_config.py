@@ -66,6 +66,8 @@ SPEC: list[tuple[str, str, str, float]] = [
     ("DataParams", "max_members", "le", 10_000_000),
     ("DataParams", "max_image_pixels", "ge", 32 * 32),
     ("DataParams", "max_image_pixels", "le", 1 << 31),
+    ("DataParams", "max_image_chunks", "ge", 3),
+    ("DataParams", "max_image_chunks", "le", 10_000_000),
     ("DataParams", "val_size", "ge", 1),
     ("DataParams", "val_size", "le", 10_000_000),
     ("DataParams", "shards", "ge", 1),

@@ -12,8 +12,9 @@ import pytest
 
 from cifarflow import calibration
 from cifarflow import evaluate as ev
-from cifarflow.contract import DETAILS, METRICS, read_metrics, split_headline
+from cifarflow.contract import DETAILS, METRICS, read_metrics
 from cifarflow.errors import InputError
+from cifarflow.fileio import split_headline
 
 
 def interval(split: dict) -> list[float]:

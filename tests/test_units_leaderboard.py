@@ -11,8 +11,9 @@ import pytest
 
 from cifarflow import evaluate as ev
 from cifarflow import leaderboard as lb
-from cifarflow.contract import DETAILS, METRICS, SUMMARY, split_headline
+from cifarflow.contract import DETAILS, METRICS, SUMMARY
 from cifarflow.errors import InputError
+from cifarflow.fileio import split_headline
 
 
 def row(arch: str, params: int, val_accuracy: float, val_loss: float = 1.0) -> lb.Row:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow.contract import MANIFEST
+from cifarflow.contract import MANIFEST, VERDICT
 from cifarflow.data import shards
 from cifarflow.data.cifar_binary import Split
 from cifarflow.data.corruptions import corrupt
@@ -28,7 +28,6 @@ from cifarflow.pixels import IMAGE_SHAPE
 from cifarflow.settings import Params
 
 CLEAN = "clean"
-VERDICT = "verdict.json"
 FORMAT = "parquet"
 
 

@@ -115,9 +115,11 @@ def to_rgb(image: Image.Image, path: Path | str) -> Image.Image:
 
 def decode(path: Path, max_pixels: int, *, resize: bool, max_chunks: int) -> np.ndarray:
     """The image at `path` as (32, 32, 3) uint8. Another size is resized with a warning (`resize`,
-    predict's case) or refused (image-folder sources, which must be CIFAR-sized)."""
+    predict's case) or refused (image-folder sources, which must be CIFAR-sized). Call it inside
+    `pixel_limit(max_pixels)`, entered once by the caller: it sets process-wide state, which threads
+    decoding at once must not each set and restore."""
     try:
-        with pixel_limit(max_pixels), open_regular(path) as f:
+        with open_regular(path) as f:
             check_image_bytes(path, os.fstat(f.fileno()).st_size, max_pixels)  # before Pillow reads a byte
             count_png_chunks(f, path, max_chunks)
             with Image.open(f, formats=FORMATS) as image:

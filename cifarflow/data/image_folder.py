@@ -132,7 +132,7 @@ def read_image_folder(root: Path, *, max_files: int, max_pixels: int, max_chunks
     classes, listing = list_images(root, max_files, max_pixels)
     digest = hashlib.sha256()
     arrays = {}
-    # Set once here, not per thread (the limit and the warning filters are process-wide).
+    # Entered once here for every thread: the limit and the warning filters are process-wide.
     with pixel_limit(max_pixels), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for split, files in listing.items():
             for path, _ in files:  # the content hash covers names, labels and bytes

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow.contract import DETAILS, MANIFEST, split_headline
+from cifarflow.contract import DETAILS, MANIFEST
 from cifarflow.data import cifar_binary as cb
 from cifarflow.data import shards
 from cifarflow.data.verdict import discard_verdict, read_manifest, write_verdict
 from cifarflow.errors import InputError
-from cifarflow.fileio import sha256_file, write_bytes_atomic, write_json_atomic
+from cifarflow.fileio import sha256_file, split_headline, write_bytes_atomic, write_json_atomic
 from cifarflow.settings import Params
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def image_hashes(images: np.ndarray) -> list[bytes]:
     return [hashlib.sha256(row.data).digest() for row in flat]  # sha256 runs on SHA-NI: fastest here
 
 
-# The DVC metrics (contract.split_headline): the split sizes and the images in more than one split;
+# The DVC metrics (fileio.split_headline): the split sizes and the images in more than one split;
 # the rest goes to the details file.
 HEADLINE = {"counts": shards.SPLITS, "leakage": ("total",)}
 

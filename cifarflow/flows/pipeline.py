@@ -29,7 +29,7 @@ from prefect.exceptions import MissingContextError, ObjectNotFound
 from cifarflow import flow_options, leaderboard, policy
 from cifarflow.contract import LEADERBOARD_JSON, LEADERBOARD_MD, read_card, read_json
 from cifarflow.errors import ConfigError
-from cifarflow.flow_options import WEBHOOK_ENV, add_options, parameters
+from cifarflow.flow_options import WEBHOOK_ENV, parameters
 from cifarflow.redact import REDACTED, URL_IN_TEXT, origin, redact_text
 from cifarflow.tasks.stages import params_check, pipeline_order, promote_export, stage_kind_task, stale_stages
 
@@ -69,11 +69,12 @@ def workspace_for(project: Path, profile: str | None) -> Path:
     `workspace.prepare` makes): a run of another profile never edits the project's params.yaml or
     replaces its data folder."""
     from cifarflow.bounded_yaml import read_yaml
-    from cifarflow.settings import FULL
+    from cifarflow.settings import FULL, load_params
     from cifarflow.workspace import RUNS
 
-    raw = read_yaml(project / "params.yaml")  # bounded: a hostile file is refused before anything reads it
-    selected = raw.get("profile", FULL) if isinstance(raw, dict) else FULL
+    load_params(project / "params.yaml")  # a malformed file (profiles: 5, a list...) is a ConfigError naming it
+    raw = read_yaml(project / "params.yaml")
+    selected = raw.get("profile", FULL)
     if profile is None or profile == selected:
         return project
     known = [FULL, *dict(raw.get("profiles") or {})]
@@ -338,13 +339,6 @@ def cifar10_pipeline(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = add_options(
-        argparse.ArgumentParser(description="Run the cifar10-pipeline flow on Prefect's ephemeral server")
-    ).parse_args(argv)
-    run_flow(args)
-
-
 def check_prefect_home() -> None:
     """Prefect keeps its settings and the ephemeral server's database in PREFECT_HOME: a folder it cannot
     write there fails only after the server's start-up times out, as something else. Found now."""
@@ -381,5 +375,9 @@ def run_flow(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m cifarflow.flows.pipeline ...` is `cifarflow flow run ...`: its errors, its exit codes
+    import sys
+
+    from cifarflow.cli import main
+
+    sys.exit(main(["flow", "run", *sys.argv[1:]]))

@@ -6,7 +6,8 @@ out-of-memory handling, outputs) is the one every strategy runs; this module onl
 steps and the collectives, and never imports the loop.
 
 What it shares with the `fit` path: the model and optimizer of `build_compiled` (loss, label
-smoothing, L2 penalties, lookahead), the schedule, the per-epoch reseed, and the global batches of
+smoothing, L2 penalties; not lookahead, whose EMA Keras 3.15 cannot run under this strategy, so
+params refuse it here), the schedule, the per-epoch reseed, and the global batches of
 `InputPipeline`. What it does not share is the step itself: `ReplicaStep` is its own code, written
 to take the update fit takes (tests/test_multi_worker.py compares the two). Every worker builds
 the same global batch (order, crops, flips and mixup pairs are decided per global batch) and
@@ -254,7 +255,7 @@ class StrategySteps:
         started = time.perf_counter()
         loss, accuracy = run_epoch(self.step.train, train, self.injector.on_train_batch_end if self.injector else None)
         model = self.step.model
-        model.optimizer.finalize_variable_values(model.trainable_variables)  # as fit ends: an EMA into the weights
+        model.optimizer.finalize_variable_values(model.trainable_variables)  # as fit ends (a no-op without an EMA)
         seconds = time.perf_counter() - started
         logs = {"loss": loss, "accuracy": accuracy}
         if validation is not None:

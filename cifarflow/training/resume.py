@@ -136,6 +136,9 @@ class ResumeStore:
             if self._intact(saved):
                 if name == PREVIOUS:
                     self.notes.append(f"resumed from the state before the last (after epoch {state.epoch})")
+                    # the last state names what is gone: kept aside, so that the next commit keeps this
+                    # one as the fallback rather than rotating the broken one over it
+                    self._set_aside(STATE_FILE, "naming a checkpoint that is damaged or missing")
                 return state
         if self.notes:
             self.notes.append("no intact resume state: started from scratch")
@@ -147,12 +150,12 @@ class ResumeStore:
     def commit(self, state: RunState) -> None:
         """Make `state` (whose checkpoint files are already written) the one a restart finds; the one it
         replaces becomes the fallback. Checkpoints neither names are removed."""
-        previous = self._read(STATE_FILE)
         digests = {name: sha256_file(self.root / name) for name in {state.checkpoint, state.best_checkpoint} - {None}}
-        if previous is not None:
+        if self._read(STATE_FILE) is not None:
             os.replace(self.root / STATE_FILE, self.root / PREVIOUS)
         write_json_atomic(self.root / STATE_FILE, {"fingerprint": self.fingerprint, "state": asdict(state), "digests": digests})
-        keep = set(digests) | (set((previous or {}).get("digests", {})))
+        fallback = self._read(PREVIOUS)  # what a restart falls back to: its checkpoints stay too
+        keep = set(digests) | set((fallback or {}).get("digests", {}))
         for stale in self.root.glob("*.keras"):
             if stale.name not in keep:
                 stale.unlink()

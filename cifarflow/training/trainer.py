@@ -49,15 +49,13 @@ from cifarflow.contract import (
     MODEL,
     RUN_INFO,
     SUMMARY,
-    TRAIN_HEADLINE,
     WEIGHTS_DIGEST,
-    split_headline,
 )
 from cifarflow.data.inputs import InputPipeline, load_checked
 from cifarflow.data.verdict import check_shards
 from cifarflow.digest import weights_digest
 from cifarflow.errors import CifarflowError, ConfigError, InputError, OutOfMemoryError
-from cifarflow.fileio import atomic_path, temp_sibling, write_bytes_atomic, write_json_atomic
+from cifarflow.fileio import atomic_path, split_headline, temp_sibling, write_bytes_atomic, write_json_atomic
 from cifarflow.models import build_model
 from cifarflow.models.registry import data_init, load_model
 from cifarflow.settings import Params, Recipe
@@ -69,6 +67,8 @@ from cifarflow.training.schedule import LearningRate, WarmupLinear
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy")
+# The DVC metrics of a training (metrics.json, fileio.split_headline); summary.json holds the whole record.
+HEADLINE: dict[str, tuple[str, ...]] = {"epochs": (), "best_epoch": (), "val_loss": ()}
 ACCUMULATOR = "gradient_accumulator"  # optimizer variables that restart from zero after an adaptation
 
 
@@ -606,7 +606,7 @@ def finish(ts: TrainState, out: Path, devices: dict) -> dict[str, Any]:
     write_bytes_atomic(out / WEIGHTS_DIGEST, f"{digest}\n".encode())
     write_bytes_atomic(out / HISTORY, history_csv(state.history).encode())
     write_json_atomic(out / SUMMARY, summary)
-    write_json_atomic(out / METRICS, split_headline(summary, TRAIN_HEADLINE)[0])
+    write_json_atomic(out / METRICS, split_headline(summary, HEADLINE)[0])
     write_json_atomic(ts.runinfo / RUN_INFO, run_info(arch, state, ts.resumed_after, devices, ts.store.notes))
     # Every worker waits here for the others (multi_worker); the resume state goes only after: a peer
     # lost in this barrier fails the run, and the restart must still find the last checkpoint.
