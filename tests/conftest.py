@@ -26,6 +26,16 @@ from cifarflow.executables import beside_python
 from cifarflow.settings import Params, resolve
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_stderr_filter_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cli.main` called in the test process must not put the process's fd 2 through the native-stderr
+    filter (a child process, for the rest of the session, under pytest's capture and mutmut's
+    bookkeeping of its children): the tests of the filter run the CLI in a subprocess."""
+    from cifarflow import native_stderr
+
+    monkeypatch.setattr(native_stderr, "quiet_tensorflow", lambda: None)
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
 
 

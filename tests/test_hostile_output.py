@@ -106,7 +106,6 @@ def test_a_name_that_is_not_utf8_cannot_stop_the_others_under_a_strict_utf8_stdo
 def test_a_full_output_device_is_one_error_line_not_a_traceback(
     photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(cli.native_stderr, "quiet_tensorflow", lambda: None)
     with open("/dev/full", "w") as full:
         monkeypatch.setattr(sys, "stdout", full)
         code = cli.main(["--params", str(write_params(tmp_path, {})), "predict", str(photos), "--model", "m"])
