@@ -73,6 +73,13 @@ def save_serving_model(model: Any, normalization: str, temperature: float, path:
     from cifarflow.calibration import calibrated_tf
     from cifarflow.normalization import normalize
 
+    # The random layers' seed states (dropout's) are inert when serving (training=False), but they are
+    # variables of the SavedModel, and Keras draws them afresh at every load_model (model.keras does not
+    # keep them): fixed here, so the served digest depends on the weights alone, not on what the
+    # process drew before (found by the fan-out's test: same model.keras, another served digest).
+    for layer in model._flatten_layers(include_self=False):
+        for generator in getattr(layer, "_seed_generators", []):
+            generator.state.assign(tf.zeros_like(generator.state))
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(

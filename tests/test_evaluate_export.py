@@ -103,6 +103,26 @@ def test_saved_model_takes_raw_uint8_without_project_code(smoke_workspace: Path)
 
 
 @pytest.mark.slow
+def test_the_served_digest_is_the_weights_not_the_load(smoke_workspace: Path, tmp_path: Path) -> None:
+    """Keras draws dropout's seed states afresh at every load_model: two exports of one model.keras,
+    loaded after different random draws, serve the same digest (they did not: the fan-out's parent
+    and one machine exported the same weights under two served digests)."""
+    import keras
+
+    from cifarflow.export import save_serving_model
+    from cifarflow.models.registry import load_model
+    from cifarflow.serving import served_digests
+
+    model_file = smoke_workspace / "data/models/simple_cnn/model.keras"  # simple_cnn has three Dropout layers
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "labels.json").write_text("[]")
+        save_serving_model(load_model(model_file), "center", 1.0, tmp_path / str(seed) / "saved_model")
+    assert served_digests(tmp_path / "1") == served_digests(tmp_path / "2")
+
+
+@pytest.mark.slow
 def test_tta_and_forced_unblessed_export(workspace: Path) -> None:
     set_params(workspace, archs=["simple_cnn", "lenet"], **{"evaluate.tta": True, "profiles.smoke.export.min_accuracy": 0.99})
     trained = {arch: model_state(workspace / "data/models" / arch) for arch in ("simple_cnn", "lenet")}
