@@ -36,6 +36,8 @@ def no_stderr_filter_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     from cifarflow import native_stderr
 
     monkeypatch.setattr(native_stderr, "quiet_tensorflow", lambda: None)
+
+
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
 
 

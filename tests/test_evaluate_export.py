@@ -148,7 +148,7 @@ def test_robustness_in_evaluate_card_and_a_gate_that_blocks(workspace: Path) -> 
         "mca": pytest.approx(read_metrics(workspace / "data/eval", "simple_cnn")["robustness"]["mca"])
     }  # the DVC metric: the mCA only
     robust = read_metrics(workspace / "data/eval", "simple_cnn")["robustness"]
-    assert set(robust) == {"mca", "ci95_low", "ci95_high", "relative_mca", "clean_accuracy", "n", "grid"}
+    assert set(robust) == {"mca", "ci95_low", "ci95_high", "relative_mca", "clean_accuracy", "n", "resamples", "grid"}
     grid = robust["grid"]
     cells = [v for row in grid.values() for v in row.values()]
     assert len(cells) == 4 * 2 and robust["mca"] == pytest.approx(np.mean(cells), abs=1e-6)

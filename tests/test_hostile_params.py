@@ -289,7 +289,7 @@ def test_a_diverging_recipe_stops_with_exit_2_naming_it(tiny_shards: Path, tmp_p
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "train.lenet diverges" in done.stderr and "not finite in epoch 0" in done.stderr
+    assert "train.lenet diverges" in done.stderr and "not finite in epoch 1" in done.stderr
     assert not (tmp_path / "out" / "model.keras").exists() and "Traceback" not in done.stderr
 
 

@@ -60,4 +60,7 @@ def test_a_stale_committed_lock_is_caught(smoke_workspace: Path, tmp_path: Path)
     run_in(work, *git, "commit", "-qam", "edit the report code, forget dvc repro")
     run_in(tmp_path, "git", "clone", "-q", str(work), str(tmp_path / "stale"))
     problems = verify.committed_lock_problems(tmp_path / "stale")
-    assert problems == ["dvc.lock is stale for report: data/resolved/report.json (its settings or code) changed"], problems
+    assert problems == [  # resolve reads the whole package; report, the file of its settings and code
+        "dvc.lock is stale for report: data/resolved/report.json (its settings or code) changed",
+        "dvc.lock is stale for resolve: dep cifarflow modified",
+    ], problems
