@@ -85,7 +85,7 @@ def test_the_flow_takes_no_webhook_url() -> None:
     names = list(inspect.signature(pipeline.cifar10_pipeline.fn).parameters)
     assert "webhook_url" not in names and "webhook_secret" in names
     assert [name for name in names if "url" in name.lower()] == []
-    with pytest.raises(SystemExit):  # argparse: unrecognized argument (python -m cifarflow.flows.pipeline is this parser)
+    with pytest.raises(SystemExit):  # argparse: unrecognized argument
         build_parser().parse_args(["flow", "run", "--webhook-url", "https://hooks.example.com/services/T/B/x"])
     assert (
         build_parser().parse_args(["flow", "run", "--webhook-secret", "cifarflow-webhook"]).webhook_secret == "cifarflow-webhook"
@@ -307,7 +307,7 @@ def test_a_webhook_url_given_as_the_block_name_is_refused_unechoed() -> None:
         secret_name(url)
     assert "XOXSECRET" not in str(refused.value) and "not the webhook URL" in str(refused.value)
     done = subprocess.run(
-        [sys.executable, "-m", "cifarflow.flows.pipeline", "--webhook-secret", url],
+        [sys.executable, "-m", "cifarflow", "flow", "run", "--webhook-secret", url],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

@@ -373,11 +373,3 @@ def run_flow(args: argparse.Namespace) -> dict[str, Any]:
     summary = cifar10_pipeline(**parameters(args))
     print(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-if __name__ == "__main__":  # `python -m cifarflow.flows.pipeline ...` is `cifarflow flow run ...`: its errors, its exit codes
-    import sys
-
-    from cifarflow.cli import main
-
-    sys.exit(main(["flow", "run", *sys.argv[1:]]))
