@@ -128,15 +128,8 @@ def decide(
     if champion is None:
         checks.append(_ok("vs_champion", True, "no champion to compare with"))
     else:
-        passed = accuracy >= champion.test_accuracy - rules.tolerance
         checks.append(
-            _ok(
-                "vs_champion",
-                passed,
-                f"test accuracy {accuracy:.4f} is {'within' if passed else 'more than'} export.tolerance "
-                f"{rules.tolerance} below the champion {champion.version}'s {champion.test_accuracy:.4f} "
-                "(re-scored on this test split)",
-            )
+            _vs_champion("vs_champion", "test accuracy", accuracy, champion.test_accuracy, champion, rules, "this test split")
         )
     checks += robustness_checks(candidate.mca, champion, rules)
     checks.append(
@@ -167,6 +160,17 @@ def decide(
     return Verdict(tuple(checks), champion)
 
 
+def _vs_champion(rule: str, what: str, mine: float, theirs: float, champion: Champion, rules: Rules, on: str) -> Check:
+    """`mine` no more than export.tolerance below the champion's `theirs`, re-scored `on` the same data."""
+    passed = mine >= theirs - rules.tolerance
+    return _ok(
+        rule,
+        passed,
+        f"{what} {mine:.4f} is {'within' if passed else 'more than'} export.tolerance {rules.tolerance} below the "
+        f"champion {champion.version}'s {theirs:.4f} (re-scored on {on})",
+    )
+
+
 def robustness_checks(mca: float | None, champion: Champion | None, rules: Rules) -> list[Check]:
     """The optional gates on mean corruption accuracy: a threshold, and not worse than the champion's."""
     checks = []
@@ -187,13 +191,9 @@ def robustness_checks(mca: float | None, champion: Champion | None, rules: Rules
         elif mca is None or champion.mca is None:
             checks.append(_ok("robustness_vs_champion", False, "mean corruption accuracy not measured for both models"))
         else:
-            passed = mca >= champion.mca - rules.tolerance
             checks.append(
-                _ok(
-                    "robustness_vs_champion",
-                    passed,
-                    f"mean corruption accuracy {mca:.4f} is {'within' if passed else 'more than'} export.tolerance "
-                    f"{rules.tolerance} below the champion {champion.version}'s {champion.mca:.4f} (re-scored on this benchmark)",
+                _vs_champion(
+                    "robustness_vs_champion", "mean corruption accuracy", mca, champion.mca, champion, rules, "this benchmark"
                 )
             )
     return checks
