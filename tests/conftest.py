@@ -38,6 +38,18 @@ def no_stderr_filter_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_stderr, "quiet_tensorflow", lambda: None)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture run in one
+    worker, so that it is made once, not once per worker. (The session's smoke workspace is shared
+    across workers by its own lock.)"""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        for name in sorted(info.name2fixturedefs if info else ()):
+            if info.name2fixturedefs[name][-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{name}"))
+                break
+
+
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
 
 
@@ -280,11 +292,28 @@ def new_workspace(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def smoke_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One smoke-profile workspace per test session, after a full `dvc repro`. Do not modify:
-    use the `workspace` fixture for a private copy."""
-    project = new_workspace(tmp_path_factory.mktemp("smoke") / "project")
-    done = make(project, "pipeline", "PROFILE=smoke")  # the README's quickstart: its own copy, runs/smoke/
-    (project / "make-pipeline-smoke.log").write_text(done.stdout + done.stderr)
-    return project / "runs" / "smoke"
+    use the `workspace` fixture for a private copy. Under pytest-xdist the workers share one: the
+    first to need it builds it under a file lock in the session's folder, the others wait for it
+    (and fail with the same message if the build failed, rather than building it again)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-N/, the folder above each worker's own
+    root, failed = shared / "smoke", shared / "smoke.failed"
+    with FileLock(shared / "smoke.lock"):
+        if failed.exists():
+            raise AssertionError(f"the session's smoke workspace failed to build (in another worker):\n{failed.read_text()}")
+        if not (root / "built").exists():
+            try:
+                project = new_workspace(root / "project")
+                done = make(project, "pipeline", "PROFILE=smoke")  # the README's quickstart: its own copy, runs/smoke/
+            except AssertionError as error:
+                failed.write_text(str(error))
+                raise
+            (project / "make-pipeline-smoke.log").write_text(done.stdout + done.stderr)
+            (root / "built").touch()
+    return root / "project" / "runs" / "smoke"
 
 
 def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
