@@ -12,7 +12,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,6 @@ def no_stderr_filter_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     from cifarflow import native_stderr
 
     monkeypatch.setattr(native_stderr, "quiet_tensorflow", lambda: None)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture run in one
-    worker, so that it is made once, not once per worker. (The session's smoke workspace is shared
-    across workers by its own lock.)"""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        for name in sorted(info.name2fixturedefs if info else ()):
-            if info.name2fixturedefs[name][-1].scope == "module":
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{name}"))
-                break
 
 
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
@@ -289,31 +277,44 @@ def new_workspace(root: Path) -> Path:
     return root
 
 
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(folder)` run once per test session however many pytest-xdist workers ask: the first
+    builds under a file lock in the session's folder, the others wait for it and reuse the folder
+    (or fail with its error, rather than building again)."""
+    from filelock import FileLock
+
+    shared = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-N/, the folder above each worker's own
+    folder, failed, built = shared / name, shared / f"{name}.failed", shared / f"{name}.built"
+    with FileLock(shared / f"{name}.lock"):
+        if failed.exists():
+            raise AssertionError(f"{name}: failed to build in another worker of this session:\n{failed.read_text()}")
+        if not built.exists():
+            try:
+                build(folder)
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}")
+                raise
+            built.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smoke_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One smoke-profile workspace per test session, after a full `dvc repro`. Do not modify:
-    use the `workspace` fixture for a private copy. Under pytest-xdist the workers share one: the
-    first to need it builds it under a file lock in the session's folder, the others wait for it
-    (and fail with the same message if the build failed, rather than building it again)."""
-    from filelock import FileLock
+    use the `workspace` fixture for a private copy."""
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # pytest-N/, the folder above each worker's own
-    root, failed = shared / "smoke", shared / "smoke.failed"
-    with FileLock(shared / "smoke.lock"):
-        if failed.exists():
-            raise AssertionError(f"the session's smoke workspace failed to build (in another worker):\n{failed.read_text()}")
-        if not (root / "built").exists():
-            try:
-                project = new_workspace(root / "project")
-                done = make(project, "pipeline", "PROFILE=smoke")  # the README's quickstart: its own copy, runs/smoke/
-            except AssertionError as error:
-                failed.write_text(str(error))
-                raise
-            (project / "make-pipeline-smoke.log").write_text(done.stdout + done.stderr)
-            (root / "built").touch()
-    return root / "project" / "runs" / "smoke"
+    return built_once(tmp_path_factory, "smoke", build_smoke) / "project" / "runs" / "smoke"
+
+
+def build_smoke(folder: Path) -> None:
+    project = new_workspace(folder / "project")
+    done = make(project, "pipeline", "PROFILE=smoke")  # the README's quickstart: its own copy, runs/smoke/
+    (project / "make-pipeline-smoke.log").write_text(done.stdout + done.stderr)
+
+
+MAKES: set[subprocess.Popen[str]] = set()  # `make`s under way: killed if the session ends first
 
 
 def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -321,15 +322,28 @@ def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     import sys
 
     venv = Path(sys.executable).parent.parent
-    done = subprocess.run(
-        ["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
+    cmd = ["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", *args]
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), start_new_session=True
     )
-    if done.returncode != 0:
-        raise AssertionError(f"make {' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
+    MAKES.add(process)
+    try:
+        stdout, stderr = process.communicate()
+    finally:
+        MAKES.discard(process)
+    if process.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} exited {process.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The smoke workspace takes minutes to build and most of it on one core: one worker starts it
+    now, in a thread, while the tests that do not need it run; the first that does waits for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or session.config.option.collectonly:
+        return
+    if any("smoke_workspace" in getattr(item, "fixturenames", ()) for item in session.items):
+        factory = session.config._tmp_path_factory  # type: ignore[attr-defined]  # the session's, as fixtures get it
+        threading.Thread(target=built_once, args=(factory, "smoke", build_smoke), daemon=True).start()
 
 
 @pytest.fixture
@@ -391,9 +405,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     test, pytest's capture file, which pytest closes at exit. Prefect still logs after that (the
     temporary server's atexit `stop`: "Stopping temporary server on ..."), which printed a "Logging
     error ... I/O operation on closed file" traceback after the summary. Point them at the real
-    stderr, and keep only warnings and errors: the teardown's INFO chatter is not news."""
+    stderr, and keep only warnings and errors: the teardown's INFO chatter is not news. And a smoke
+    build the session did not wait for (-x, Ctrl-C) is stopped, not left running."""
     import logging
 
+    for process in list(MAKES):
+        os.killpg(process.pid, 9)
     if "prefect" not in sys.modules:
         return
     from prefect.logging.handlers import PrefectConsoleHandler

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_params
+from conftest import built_once, make_params
 
 from cifarflow.data import download, preprocess, shards, validate
 
@@ -23,11 +23,14 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("real") / "cifar-10-binary.tar.gz"
-    subprocess.run([sys.executable, str(Path(REAL, "make_cifar10_binary.py")), str(out)], check=True, capture_output=True)
-    return out
+    def build(folder: Path) -> None:
+        folder.mkdir()
+        out = folder / "cifar-10-binary.tar.gz"
+        subprocess.run([sys.executable, str(Path(REAL, "make_cifar10_binary.py")), str(out)], check=True, capture_output=True)
+
+    return built_once(tmp_path_factory, "real", build) / "cifar-10-binary.tar.gz"
 
 
 def test_real_archive_through_the_data_stages(tmp_path: Path, real_archive: Path) -> None:

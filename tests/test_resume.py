@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, write_params
+from conftest import built_once, cli_env, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("verdict")]
 BASE = {
@@ -90,15 +90,17 @@ def run_info(root: Path, arch: str) -> dict:
     return json.loads((root / "run" / arch / "run.json").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("plain")
-    params = params_file(root)
-    for arch in RECIPES:
-        done = train(root, arch, tiny_shards, params)
-        assert done.returncode == 0, done.stderr
-        assert run_info(root, arch)["resumed_after_epoch"] is None
-    return root
+    def build(root: Path) -> None:
+        root.mkdir()
+        params = params_file(root)
+        for arch in RECIPES:
+            done = train(root, arch, tiny_shards, params)
+            assert done.returncode == 0, done.stderr
+            assert run_info(root, arch)["resumed_after_epoch"] is None
+
+    return built_once(tmp_path_factory, "uninterrupted", build)
 
 
 # Kill points: at an epoch's first step, mid-epoch, and in a later epoch; the fast recipe (XLA, its
