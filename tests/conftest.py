@@ -38,6 +38,13 @@ def no_stderr_filter_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_stderr, "quiet_tensorflow", lambda: None)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker more than the cores, at most 4. Much of a test's time is spent waiting
+    (on a server, a killed process, a subprocess's start), which the extra worker fills; beyond 4
+    the session's memory (a TensorFlow per worker) grows for little."""
+    return min(4, (os.cpu_count() or 1) + 1)
+
+
 TRAIN, TEST = 200, 50  # tiny: every test stays fast
 
 
