@@ -237,8 +237,8 @@ def test_sigkill_at_random_times(tmp_path: Path) -> None:
     process = promote_process(fake_export(tmp_path, "whole", 0.5), reg, **{registry.POINTS_ENV: str(reference)})
     assert process.wait() == 0, process.stderr.read()
     last = points_passed(reference)[-1].split(" ", 1)[1]  # the history line of the switch, appended
-    exports = [fake_export(tmp_path, f"r{i}", 0.5) for i in range(8)]
-    stopped = []
+    exports = [fake_export(tmp_path, f"r{i}", 0.5) for i in range(16)]
+    stopped, finished = [], []
     for export in exports:
         points = tmp_path / f"{export.name}.points"
         process = promote_process(export, reg, **{registry.POINTS_ENV: str(points)})
@@ -249,9 +249,13 @@ def test_sigkill_at_random_times(tmp_path: Path) -> None:
         process.send_signal(signal.SIGKILL)
         process.wait()
         passed = points_passed(points)
-        assert passed and passed[-1].split(" ", 1)[1] != last, f"{export.name} finished before the kill: {passed[-3:]}"
-        stopped.append(passed[-1])
+        assert passed, f"{export.name}: killed before its first point"
+        # On a loaded machine the kill may come after the promotion finished: not a sample, draw again.
+        (finished if passed[-1].split(" ", 1)[1] == last else stopped).append(passed[-1])
         assert_one_complete_champion(reg, {"start", "whole", *(e.name for e in exports)})
+        if len(stopped) == 8:
+            break
+    assert len(stopped) == 8, f"only {len(stopped)} of {len(stopped) + len(finished)} kills landed inside a promotion"
     assert len({line.split(" ", 1)[1] for line in stopped}) >= 4, stopped  # in several different places
     registry.promote(fake_export(tmp_path, "final", 0.5), reg, gate(tolerance=1.0))
     assert assert_one_complete_champion(reg) == "final"
