@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from cifarflow import console, native_stderr
+from cifarflow import console, native_stderr, portable
 from cifarflow.errors import STATUS_ENV, CifarflowError
 from cifarflow.flow_options import add_options as add_flow_options
 from cifarflow.flow_options import seconds
@@ -198,6 +198,14 @@ def cmd_verify_repro(args: argparse.Namespace, params: Params | None) -> int:
 
     archs = args.archs.split(",") if args.archs else None
     return verify.main(args.repo, archs, args.real_data, args.keep, (args.real_train, args.real_test))
+
+
+def cmd_compare_runs(args: argparse.Namespace, params: Params | None) -> int:
+    from cifarflow.compare import compare_runs
+
+    text, same = compare_runs(args.a, args.b)
+    print(text)
+    return 0 if same else 1
 
 
 def positive_int(text: str) -> int:
@@ -427,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-test", type=positive_int, default=1000, help="test images taken from --real-data")
     p.add_argument("--keep", type=Path, help="work in this folder and keep the clones (default: a temp folder)")
     p.set_defaults(func=cmd_verify_repro, needs_params=False)
+
+    p = command(sub, "compare-runs", "two trainings: the same weights? on comparable hosts? (exit 1: weights differ)")
+    p.add_argument("a", type=Path, help="a summary.json, model_card.json or run info, or a folder holding one")
+    p.add_argument("b", type=Path, help="the other run's")
+    p.set_defaults(func=cmd_compare_runs, needs_params=False)
     return parser
 
 
@@ -502,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None
         if uses_tensorflow(args):
+            if params is not None:  # before anything loads numpy: the libraries read it only then
+                portable.apply(params.runtime.portable, params.runtime.threads)
             native_stderr.quiet_tensorflow()
         return args.func(args, params)
     except CifarflowError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarflow import leaderboard, policy, registry
+from cifarflow import leaderboard, numerics, policy, registry
 from cifarflow.contract import (
     HEATMAP,
     LABELS,
@@ -198,7 +198,8 @@ def run(
         comparison = {"runner_up": runner.arch, **test, "significant": test["p_value"] < params.export.significance}
     winner_metrics = read_metrics(evals, winner.arch)
     check_robustness_measured(params, winner.arch, winner_metrics, evals, corrupt_dir)
-    digest = read_summary(models, winner.arch)["weights_sha256"]
+    trained = read_summary(models, winner.arch)
+    digest = trained["weights_sha256"]
     manifest_sha256 = sha256_file(shards_dir / MANIFEST)
     model = policy.Candidate.of(winner.arch, winner_metrics, manifest["source"]["kind"], manifest_sha256)
     judged = judge(params, model, digest, Path(champion_dir), shards_dir, corrupt_dir)
@@ -226,6 +227,7 @@ def run(
         "settings_sha256": settings_sha256(params, "export"),  # what this stage read of params.yaml, resolved
         "provenance": git_provenance(project),  # the project's commit, and a private workspace's snapshot
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "trained_on": trained.get("numerics"),  # the host kind and libraries that decided the weights' bits
         "classes": checked.classes,
     }
     _, expected = read_predictions(evals / winner.arch / predictions("test"))
@@ -322,6 +324,7 @@ def model_card_md(card: dict[str, Any]) -> str:
         f"- {describe(card['provenance'])}",
         f"- served weights sha256 (the SavedModel's variables): `{card['served']['weights_sha256']}`",
         f"- TensorFlow {card['versions']['tensorflow']}, Keras {card['versions']['keras']}",
+        f"- trained on: {numerics.describe(card['trained_on'])}",
         f"- serving check: {card['serving_check']['images']} test images, max probability difference "
         f"{card['serving_check']['max_probability_difference']:.1e}",
     ]

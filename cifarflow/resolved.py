@@ -38,7 +38,17 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "validate": ("data/validate.py", *_DATA),
     "corrupt": ("data/corrupt.py", "data/corruptions.py", "data/preprocess.py", *_DATA),  # preprocess: stratified_split
     # the trainer, every model family, and what turns shards into batches and weights into files
-    "train": ("training", "models", "data/inputs.py", "normalization.py", "digest.py", "keras_archive.py", *_DATA),
+    "train": (
+        "training",
+        "models",
+        "data/inputs.py",
+        "normalization.py",
+        "digest.py",
+        "keras_archive.py",
+        "numerics.py",  # summary.json's record of the host
+        "portable.py",  # the numeric environment every TensorFlow stage's process starts with
+        *_DATA,
+    ),
     "evaluate": (
         "evaluate.py",
         "calibration.py",
@@ -47,6 +57,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "contract.py",  # its readers
         "data/corrupt.py",
         "data/inputs.py",
+        "portable.py",
         *_MODELS_LOADED,
         *_DATA,
     ),
@@ -60,9 +71,11 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "calibration.py",
         "figures.py",  # reliability.png
         "provenance.py",  # the card's provenance and MODEL_CARD.md's line of it
+        "numerics.py",  # MODEL_CARD.md's line of the training host
         "sources.py",  # what the card calls the data
         "contract.py",  # its readers
         "data/corrupt.py",
+        "portable.py",
         *_MODELS_LOADED,
         *_DATA,
     ),
@@ -108,6 +121,11 @@ def _train(params: Params, arch: str) -> dict[str, Any]:
     }
 
 
+def _numerics(params: Params) -> dict[str, Any]:
+    """What sets the numeric environment of a TensorFlow stage's process (cifarflow.portable)."""
+    return {"runtime": {"portable": params.runtime.portable, "threads": params.runtime.threads}}
+
+
 def reads(params: Params, stage: str, arch: str | None = None) -> dict[str, Any]:
     """What `stage` (of `arch`, for the per-architecture stages) reads of the resolved params."""
     if stage == "preprocess":
@@ -125,6 +143,7 @@ def reads(params: Params, stage: str, arch: str | None = None) -> dict[str, Any]
             "evaluate": params.evaluate.model_dump(mode="json"),
             "robustness": params.robustness.model_dump(mode="json"),
             "normalization": params.recipe(str(arch)).normalization,
+            **_numerics(params),
         }
     if stage == "export":
         return {
@@ -134,6 +153,7 @@ def reads(params: Params, stage: str, arch: str | None = None) -> dict[str, Any]
             "export": params.export.model_dump(mode="json"),
             "robustness": params.robustness.model_dump(mode="json"),
             "normalization": {a: params.recipe(a).normalization for a in params.archs},
+            **_numerics(params),
         }
     if stage == "report":
         return {"profile": params.profile, "archs": params.archs}

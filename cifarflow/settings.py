@@ -335,6 +335,14 @@ class RuntimeParams(Strict):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     logical_cpus: int = Field(0, ge=0, le=64, description="split the CPU into N logical devices (0: leave it)")
     oom_min_micro_batch: int = Field(4, ge=1, le=MAX_BATCH, description="out of memory below this micro-batch: give up")
+    portable: bool = Field(
+        False,
+        description="the same weights on any x86-64 host with AVX2 and FMA (cifarflow.portable pins what varies "
+        "with the host; it costs speed); false: native, the same weights on the same kind of host",
+    )
+    threads: int = Field(
+        0, ge=0, le=256, description="TensorFlow's intra-op threads (0: one per usable CPU); the sums' split follows it"
+    )
 
     @model_validator(mode="after")
     def _runs_as_written(self) -> RuntimeParams:
@@ -344,6 +352,11 @@ class RuntimeParams(Strict):
             raise ValueError(
                 "logical_cpus applies to distribution: mirrored; multi_worker uses one CPU, or all GPUs, per node: "
                 "set logical_cpus: 0"
+            )
+        if self.portable and not self.threads:
+            raise ValueError(
+                "portable: true needs threads: N (the same N on every host, e.g. 2): the thread count changes the "
+                "weights, and by default it is the host's CPU count"
             )
         return self
 

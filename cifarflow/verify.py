@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from cifarflow import numerics
+from cifarflow.contract import SUMMARY
 from cifarflow.errors import NOT_RETRYABLE, CifarflowError, InputError, failure_class
 from cifarflow.executables import beside_python
 from cifarflow.fileio import hash_file, sha256_file
@@ -59,12 +61,13 @@ class Report:
     problems: list[str] = field(default_factory=list)
     compared: int = 0
     excluded: dict[str, list[str]] = field(default_factory=dict)  # reason -> files
+    hosts: list[str] = field(default_factory=list)  # how the trainings' hosts compare (cifarflow.numerics)
 
     def fail(self, message: str) -> None:
         self.problems.append(message)
 
     def render(self) -> str:
-        lines = [f"compared {self.compared} output files byte for byte (dvc.lock entry by entry)"]
+        lines = [f"compared {self.compared} output files byte for byte (dvc.lock entry by entry)", *self.hosts]
         for reason, files in self.excluded.items():
             lines.append(f"excluded {len(files)} file(s): {reason}")
             lines += [f"    {name}" for name in files]
@@ -143,11 +146,31 @@ def by_path(stage: dict[str, Any]) -> dict[str, Any]:
     return {key: {e["path"]: e for e in value} if key in ("deps", "outs") else value for key, value in stage.items()}
 
 
+def compare_hosts(a: Path, b: Path) -> list[str]:
+    """One line per training: whether the two workspaces' runs were on comparable hosts, and if not, how
+    they differ (a byte difference between two kinds of host is the machine's, not necessarily a bug)."""
+    lines = []
+    for summary in sorted((a / "data/models").glob(f"*/{SUMMARY}")):
+        other = b / summary.relative_to(a)
+        if not other.is_file():
+            continue
+        mine, theirs = (json.loads(p.read_text()).get("numerics") for p in (summary, other))
+        differ = numerics.differences(mine, theirs)
+        arch = summary.parent.name
+        lines.append(
+            f"hosts of train@{arch}: comparable ({numerics.describe(mine)})"
+            if not differ
+            else f"hosts of train@{arch}: not comparable: {'; '.join(differ)}"
+        )
+    return lines
+
+
 def compare(a: Path, b: Path, report: Report, left: dict[str, str] | None = None) -> None:
     """`left`: a's snapshot when the caller already took it (hashing every output is the slow part)."""
     left, right = left if left is not None else snapshot(a), snapshot(b)
     excluded = {name for name in left.keys() | right.keys() if exclusion(name)}
     report.compared += 1
+    report.hosts = compare_hosts(a, b)
     compare_locks(a, b, excluded, report)
     for name in sorted(left.keys() | right.keys()):
         reason = exclusion(name)

@@ -17,7 +17,7 @@ import yaml
 from conftest import cli_env, run_in, set_params, verdict_reasons
 from PIL import Image
 
-from cifarflow import calibration, registry
+from cifarflow import calibration, numerics, registry
 from cifarflow.contract import DETAILS, read_metrics
 from cifarflow.evaluate import HEADLINE, read_predictions
 
@@ -82,6 +82,9 @@ def test_export_card_and_serving_check(smoke_workspace: Path) -> None:
     # generated data is never blessed, and the card says so where it says why
     assert card["verdict"]["blessed"] is False and any("synthetic data" in r for r in verdict_reasons(card, failed_only=True))
     assert "seconds" not in json.dumps(card) and "hardware" not in card
+    trained = json.loads((smoke_workspace / f"data/models/{card['arch']}/summary.json").read_text())["numerics"]
+    assert card["trained_on"] == trained and trained["cpu"]["isa"]  # the host kind that decided the weights
+    assert f"trained on: {numerics.describe(trained)}" in (smoke_workspace / "data/export/MODEL_CARD.md").read_text()
     assert json.loads((smoke_workspace / "data/export/labels.json").read_text())[:2] == ["airplane", "automobile"]
     assert "# Model card" in (smoke_workspace / "data/export/MODEL_CARD.md").read_text()
     assert json.loads((smoke_workspace / "data/runinfo/export.json").read_text())["arch"] == card["arch"]

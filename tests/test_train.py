@@ -32,7 +32,8 @@ def test_outputs_and_determinism(tiny_shards: Path, verdict: Path, tmp_path: Pat
     assert (tmp_path / "a/history.csv").read_bytes() == (tmp_path / "b/history.csv").read_bytes()
     assert (tmp_path / "a/summary.json").read_bytes() == (tmp_path / "b/summary.json").read_bytes()
     info = json.loads((tmp_path / "run_a/run.json").read_text())
-    assert info["train_images_per_second"] > 0 and info["versions"]["keras"].startswith("3.")
+    assert info["train_images_per_second"] > 0 and info["numerics"]["versions"]["keras"].startswith("3.")
+    assert info["numerics"] == first["numerics"]  # the summary's record of the host, the run info's too
     assert list((tmp_path / "run_a/tensorboard").rglob("*tfevents*")), "TensorBoard logs go to the run-info side"
     assert not list((tmp_path / "a").glob("*tfevents*"))
 

@@ -118,6 +118,8 @@ SPEC: list[tuple[str, str, str, float]] = [
     ("RuntimeParams", "logical_cpus", "le", 64),
     ("RuntimeParams", "oom_min_micro_batch", "ge", 1),
     ("RuntimeParams", "oom_min_micro_batch", "le", 65536),
+    ("RuntimeParams", "threads", "ge", 0),
+    ("RuntimeParams", "threads", "le", 256),
     ("EvaluateParams", "batch_size", "ge", 1),
     ("EvaluateParams", "batch_size", "le", 65536),
     ("RobustnessParams", "images", "ge", 10),

@@ -28,8 +28,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
-from cifarflow import keras_archive
+from cifarflow import keras_archive, numerics
 from cifarflow.contract import (
     HISTORY,
     MANIFEST,
@@ -199,7 +197,9 @@ def history_csv(rows: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def run_info(arch: str, state: RunState, resumed_after: int | None, devices: dict, resume_notes: list[str]) -> dict[str, Any]:
+def run_info(
+    arch: str, state: RunState, resumed_after: int | None, devices: dict, resume_notes: list[str], host: dict
+) -> dict[str, Any]:
     rates = [t["images_per_second"] for t in state.timings]
     return {
         "arch": arch,
@@ -210,18 +210,7 @@ def run_info(arch: str, state: RunState, resumed_after: int | None, devices: dic
         "train_images_per_second": round(float(np.median(rates)), 1) if rates else None,
         "process_seconds": process_seconds(),  # the stage's wall time, less writing this file and exiting
         "runtime": devices,
-        "hardware": {
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-        },
+        "numerics": host,  # the host and libraries that decided the weights' bits
     }
 
 
@@ -602,12 +591,16 @@ def finish(ts: TrainState, out: Path, devices: dict) -> dict[str, Any]:
         "val_loss": best_row["val_loss"],
         "weights_sha256": digest,
         "adaptations": state.adaptations,
+        # where the bits came from: compare-runs names what differs between two hosts' records
+        "numerics": numerics.record(ts.params.runtime.portable),
     }
     write_bytes_atomic(out / WEIGHTS_DIGEST, f"{digest}\n".encode())
     write_bytes_atomic(out / HISTORY, history_csv(state.history).encode())
     write_json_atomic(out / SUMMARY, summary)
     write_json_atomic(out / METRICS, split_headline(summary, HEADLINE)[0])
-    write_json_atomic(ts.runinfo / RUN_INFO, run_info(arch, state, ts.resumed_after, devices, ts.store.notes))
+    write_json_atomic(
+        ts.runinfo / RUN_INFO, run_info(arch, state, ts.resumed_after, devices, ts.store.notes, summary["numerics"])
+    )
     # Every worker waits here for the others (multi_worker); the resume state goes only after: a peer
     # lost in this barrier fails the run, and the restart must still find the last checkpoint.
     ts.steps.done()
