@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -232,8 +233,6 @@ def tree_files(root: Path) -> dict[str, str]:
 
 def cli_env() -> dict[str, str]:
     """The environment for subprocesses: this venv's tools (dvc, cifarflow) first on PATH."""
-    import sys
-
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -311,7 +310,6 @@ def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path
 def smoke_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One smoke-profile workspace per test session, after a full `dvc repro`. Do not modify:
     use the `workspace` fixture for a private copy."""
-
     return built_once(tmp_path_factory, "smoke", build_smoke) / "project" / "runs" / "smoke"
 
 
@@ -326,8 +324,6 @@ MAKES: set[subprocess.Popen[str]] = set()  # `make`s under way: killed if the se
 
 def make(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`make` in a project copy, with this session's venv standing in for the one make would create."""
-    import sys
-
     venv = Path(sys.executable).parent.parent
     cmd = ["make", "-C", str(project), f"VENV={venv}", "-o", f"{venv}/bin/.installed", *args]
     process = subprocess.Popen(
@@ -366,23 +362,23 @@ def workspace(smoke_workspace: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of a tiny synthetic dataset (250 train / 50 val / 50 test), shared by the session."""
-    from cifarflow.data import download, preprocess
+    return built_once(tmp_path_factory, "tiny", build_tiny) / "shards"
 
-    root = tmp_path_factory.mktemp("tiny")
+
+def build_tiny(root: Path) -> None:
+    from cifarflow.data import download, preprocess, validate
+
     params = make_params(source="synth:train=300,test=50,seed=4", md5=None, val_size=50, shards=2)
     download.run(params, root / "raw", root / "cache")
     preprocess.run(params, root / "raw", root / "shards")
-    return root / "shards"
+    checked = root / "validation"
+    validate.run(make_params(), root / "shards", checked / "metrics.json", checked / "report.md", checked / "verdict.json")
 
 
 @pytest.fixture(scope="session")
 def verdict(tiny_shards: Path) -> Path:
-    """Training requires the validate stage's verdict: validate the session's tiny shards (once)."""
-    from cifarflow.data import validate
-
-    path = tiny_shards.parent / "validation" / "verdict.json"
-    validate.run(make_params(), tiny_shards, path.parent / "metrics.json", path.parent / "report.md", path)
-    return path
+    """Training requires the validate stage's verdict: the session's tiny shards', made with them."""
+    return tiny_shards.parent / "validation" / "verdict.json"
 
 
 def train_params(arch: str = "lenet", **recipe: Any) -> Params:
@@ -417,7 +413,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import logging
 
     for process in list(MAKES):
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
     if "prefect" not in sys.modules:
         return
     from prefect.logging.handlers import PrefectConsoleHandler
