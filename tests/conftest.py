@@ -409,11 +409,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     temporary server's atexit `stop`: "Stopping temporary server on ..."), which printed a "Logging
     error ... I/O operation on closed file" traceback after the summary. Point them at the real
     stderr, and keep only warnings and errors: the teardown's INFO chatter is not news. And a smoke
-    build the session did not wait for (-x, Ctrl-C) is stopped, not left running."""
+    build still under way is stopped if the session was (Ctrl-C, -x), and otherwise waited for: this
+    worker may be done while another one waits for the build it started."""
     import logging
 
+    stopped = exitstatus == pytest.ExitCode.INTERRUPTED or session.shouldfail or session.shouldstop
     for process in list(MAKES):
-        os.killpg(process.pid, signal.SIGKILL)
+        if stopped:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     if "prefect" not in sys.modules:
         return
     from prefect.logging.handlers import PrefectConsoleHandler
