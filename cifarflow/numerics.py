@@ -95,17 +95,19 @@ def _tensorflow() -> dict[str, Any]:
     except (ImportError, AttributeError):
         onednn = None
     build = _quietly(tf.sysconfig.get_build_info) or {}
+    details = [(d, _quietly(tf.config.experimental.get_device_details, d) or {}) for d in tf.config.list_physical_devices("GPU")]
     gpus = [
-        {"name": (_quietly(tf.config.experimental.get_device_details, d) or {}).get("device_name", d.device_type)}
-        | {"compute_capability": (_quietly(tf.config.experimental.get_device_details, d) or {}).get("compute_capability")}
-        for d in tf.config.list_physical_devices("GPU")
+        {"name": info.get("device_name", d.device_type), "compute_capability": info.get("compute_capability")}
+        for d, info in details
     ]
     return {
         "onednn": onednn,
         "gpus": gpus,
         "gpu_driver": _quietly(lambda: Path("/proc/driver/nvidia/version").read_text().splitlines()[0]) if gpus else None,
         "versions": {
-            "python": platform.python_version(),
+            # major.minor: a patch release changes no arithmetic, and a container's Python differs
+            # from the host's in the patch level alone (3.11.2 vs 3.11.7 gave the same weights).
+            "python": ".".join(platform.python_version_tuple()[:2]),
             "tensorflow": tf.__version__,
             "tensorflow_git": tf.version.GIT_VERSION,
             "tensorflow_compiler": tf.version.COMPILER_VERSION,

@@ -70,16 +70,39 @@ def prepare(project: Path, profile: str) -> Path:
     set_keys(target / "params.yaml", {"profile": profile})
     # what the snapshot was copied from: the model card names the project's commit, not the snapshot's
     write_json_atomic(target / SNAPSHOT, snapshot_record(project))
-    # A commit of the snapshot, so the copy behaves as a clone (DVC experiments need one).
-    git = ["git", "-c", "user.name=cifarflow", "-c", "user.email=cifarflow@localhost"]
-    subprocess.run([*git, "add", "-A"], cwd=target, check=True)
-    subprocess.run(
-        [*git, "commit", "-q", "--allow-empty", "-m", f"snapshot of {project} for profile {profile}"],
-        cwd=target,
-        check=True,
-        capture_output=True,
-    )
+    commit_snapshot(target, profile)
     return target
+
+
+SNAPSHOT_DATE = "2000-01-01T00:00:00+0000"
+
+
+def commit_snapshot(target: Path, profile: str) -> None:
+    """A commit of the snapshot as HEAD, so the copy behaves as a clone (DVC experiments need one).
+    The model card names it, so it is a function of the copied files alone: a root commit with a fixed
+    author and date, without the marker (it holds this machine's path). A container or another host
+    copying the same files makes the same commit."""
+    exclude = target / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(exist_ok=True)
+    lines = exclude.read_text().splitlines() if exclude.is_file() else []
+    if f"/{SNAPSHOT}" not in lines:
+        exclude.write_text("\n".join([*lines, f"/{SNAPSHOT}"]) + "\n")
+    env = os.environ | {
+        "GIT_AUTHOR_NAME": "cifarflow",
+        "GIT_AUTHOR_EMAIL": "cifarflow@localhost",
+        "GIT_AUTHOR_DATE": SNAPSHOT_DATE,
+        "GIT_COMMITTER_NAME": "cifarflow",
+        "GIT_COMMITTER_EMAIL": "cifarflow@localhost",
+        "GIT_COMMITTER_DATE": SNAPSHOT_DATE,
+    }
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=target, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("rm", "-q", "--cached", "--ignore-unmatch", SNAPSHOT)  # a workspace made before it was excluded
+    git("add", "-A")
+    commit = git("commit-tree", git("write-tree"), "-m", f"snapshot for profile {profile}")
+    git("update-ref", "HEAD", commit)
 
 
 FLOW_LOCK = ".cifarflow/flow.lock"  # in a workspace (git- and DVC-ignored): held by the flow running there

@@ -83,6 +83,25 @@ def test_refreshing_a_profiles_workspace_waits_for_no_flow_but_refuses_under_one
     assert main(["--params", str(project / "params.yaml"), "workspace", "smoke"]) == 0
 
 
+def test_a_workspace_snapshot_is_the_same_commit_wherever_and_whenever_it_is_made(tmp_path: Path) -> None:
+    """The model card names the snapshot's commit: a copy of the same files made in another folder
+    (another host, a container), later, or over an earlier snapshot, is the same commit."""
+    from cifarflow.cli import main
+    from cifarflow.workspace import RUNS
+
+    heads = []
+    for name in ("here", "there"):
+        project = shutil.copytree(new_workspace(tmp_path / "project"), tmp_path / name, symlinks=True)
+        shutil.rmtree(tmp_path / "project")
+        for _ in range(2):  # the second refreshes the first
+            assert main(["--params", str(project / "params.yaml"), "workspace", "smoke"]) == 0
+            heads.append(run_in(project / RUNS / "smoke", "git", "rev-parse", "HEAD").stdout.strip())
+    assert len(set(heads)) == 1, heads
+    private = tmp_path / "there" / RUNS / "smoke"
+    assert run_in(private, "git", "status", "--porcelain").stdout == ""  # the marker is not in it, nor untracked
+    assert run_in(private, "git", "rev-list", "--count", "HEAD").stdout.strip() == "1"
+
+
 def test_a_second_flow_on_the_same_workspace_is_refused_before_it_changes_anything(
     prefect_server: dict[str, str], workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
