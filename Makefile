@@ -6,7 +6,7 @@ PROFILE ?=
 # Stage commands (`cifarflow ...`) run from dvc.yaml: the venv's tools must be on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup setup-gpu pipeline test verify-repro lock clean leaderboard predict mutation
+.PHONY: help setup setup-gpu pipeline test verify-repro lock clean leaderboard predict mutation image image-gpu image-check diagram
 .DEFAULT_GOAL := help
 
 help: ## list the targets (this)
@@ -83,3 +83,20 @@ clean: ## delete .venv
 mutation: setup ## mutation testing of the TensorFlow-free modules (mutation/REPORT.md)
 	@test -x $(BIN)/mutmut || $(BIN)/pip install --quiet -c requirements.lock -e '.[dev,mutation]'
 	BIN=$(BIN) ./mutation/run.sh
+
+# The nodes' container image (README, "The container image"): podman and buildah, as root; offline
+# the base comes from debootstrap (container/make-base.sh). BASE=docker.io/library/python:3.11-slim-bookworm
+# where a registry is reachable.
+image: ## build the container image cifarflow:cpu (podman)
+	container/build.sh cpu
+
+image-gpu: ## build cifarflow:gpu, with the CUDA wheels of requirements-gpu.lock
+	container/build.sh gpu
+
+image-check: setup image ## the smoke pipeline inside cifarflow:cpu; its export must equal this host's
+	BIN=$(abspath $(BIN)) container/check.sh
+
+diagram: docs/cluster.png ## render docs/cluster.png from docs/cluster.dot (Graphviz)
+
+docs/cluster.png: docs/cluster.dot
+	dot -Tpng -Gdpi=110 $< -o $@

@@ -89,7 +89,15 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> int:
+    from cifarflow.cluster import GATHER_ONLY_ENV
+    from cifarflow.errors import ConfigError
+
     params.recipe(args.arch)  # an unknown arch is a config error before TensorFlow loads
+    if os.environ.get(GATHER_ONLY_ENV):
+        raise ConfigError(
+            f"train@{args.arch}: this workspace gathers what the cluster trained and trains nothing; the DVC remote's "
+            "run-cache has no entry for this training (did its child push it?)"
+        )
     from cifarflow.training.trainer import train
 
     train(params, args.arch, args.shards, args.out, args.runinfo, args.checkpoints, args.verdict)
@@ -307,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True, help="the preprocess stage's shards folder")
     p.add_argument("--out", type=Path, required=True, help="model, weight digest, history, summary")
     p.add_argument("--runinfo", type=Path, required=True, help="side folder: timings, hardware, TensorBoard")
-    p.add_argument("--checkpoints", type=Path, required=True, help="resume state (kept until the run completes)")
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        required=True,
+        help="resume state, kept until the run completes (runtime.checkpoint_store, when set, is used instead)",
+    )
     p.add_argument("--verdict", type=Path, required=True, help="the validate stage's verdict on these shards")
     p.set_defaults(func=cmd_train, tensorflow=True)
 

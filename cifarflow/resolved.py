@@ -112,11 +112,16 @@ def code_sha256(stage: str) -> str:
     return digest.hexdigest()
 
 
+# Runtime settings training reads that cannot change its outputs: where the checkpoints live is not
+# what they hold (a run resumed from another store ends with the same bytes).
+RUNTIME_NOT_DECIDING = frozenset({"checkpoint_store"})
+
+
 def _train(params: Params, arch: str) -> dict[str, Any]:
     return {
         "seed": params.seed,
         "data": {"format": params.data.format},
-        "runtime": params.runtime.model_dump(mode="json"),
+        "runtime": params.runtime.model_dump(mode="json", exclude=set(RUNTIME_NOT_DECIDING)),
         "recipe": params.recipe(arch).model_dump(mode="json"),
     }
 

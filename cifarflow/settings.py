@@ -262,6 +262,13 @@ class Recipe(Strict):
     drop_remainder: bool = False
     mixup: MixupParams | None = None
     monitor: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="which epoch is the best checkpoint")
+    gpus: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="GPUs the training asks for where it is placed (cluster: the work pool's request); the strategy "
+        "uses every GPU it is given",
+    )
     validate_every: int = Field(
         1,
         ge=1,
@@ -343,6 +350,28 @@ class RuntimeParams(Strict):
     threads: int = Field(
         0, ge=0, le=256, description="TensorFlow's intra-op threads (0: one per usable CPU); the sums' split follows it"
     )
+    checkpoint_store: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="an absolute path every node mounts (NFS, SMB...): each training's epoch checkpoints and "
+        "resume state live there, keyed by what decides its weights, so a run cut short resumes on any node; "
+        "null: data/checkpoints/<arch> in the workspace",
+    )
+
+    @field_validator("checkpoint_store")
+    @classmethod
+    def _store_is_a_shared_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if URL_SCHEME.match(value):
+            raise ValueError(
+                f"checkpoint_store {short(redact_url(value))} is a URL; give the absolute path where every node mounts "
+                "the shared storage (checkpoints are renamed into place, which object stores cannot do atomically)"
+            )
+        if not Path(value).is_absolute() or "\0" in value:
+            raise ValueError(f"checkpoint_store {short(value)} must be an absolute path that every node mounts")
+        return value
 
     @model_validator(mode="after")
     def _runs_as_written(self) -> RuntimeParams:
@@ -416,6 +445,24 @@ class ExportParams(Strict):
     )
 
 
+class ClusterParams(Strict):
+    """The flow's fan-out: each architecture's training as a child flow run on a GPU work pool."""
+
+    deployment: str = Field(
+        "train-architecture/gpu",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}/[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="the child deployment, flow/deployment (prefect.yaml's train-architecture, deployed on the pool)",
+    )
+    pickup_timeout_s: float = Field(
+        900, gt=0, le=7 * 86_400, description="a child no worker has picked up by then fails the run, naming pool and arch"
+    )
+    lost_after_s: float = Field(
+        60, ge=10, le=86_400, description="a running child whose worker sent no heartbeat for this long is lost: retried"
+    )
+    attempts: int = Field(3, ge=1, le=100, description="runs of one child at most, the first included")
+    poll_s: float = Field(1.0, ge=0.1, le=60, description="how often the parent reads its children's states")
+
+
 class Params(Strict):
     """The whole resolved configuration, after the profile overlay."""
 
@@ -428,6 +475,18 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     robustness: RobustnessParams = RobustnessParams()
     export: ExportParams = ExportParams()
+    cluster: ClusterParams | None = Field(
+        None, description="fan each architecture's training out to a GPU work pool (null: train in this workspace)"
+    )
+
+    @model_validator(mode="after")
+    def _cluster_has_a_checkpoint_store(self) -> Params:
+        if self.cluster is not None and self.runtime.checkpoint_store is None:
+            raise ValueError(
+                "cluster: the fan-out needs runtime.checkpoint_store, a path every node mounts, so that a training "
+                "whose node is lost resumes on another from its last epoch"
+            )
+        return self
 
     @model_validator(mode="after")
     def _archs_have_recipes(self) -> Params:

@@ -142,6 +142,14 @@ def make_params(**data: Any) -> Params:
     return resolve({"data": data})
 
 
+def resolve_raw(changes: dict[str, Any]) -> Params:
+    """The project's params.yaml (its recipes, the full profile) with `changes` merged in, resolved."""
+    from cifarflow.settings import deep_merge
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return resolve(deep_merge({k: v for k, v in raw.items() if k != "profiles"}, changes))
+
+
 def tar_gz(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     """A .tar.gz of hand-made members, for malicious and broken archives."""
     buffer = io.BytesIO()

@@ -196,3 +196,15 @@ def test_the_flow_checks_params_before_anything_parses_them(
     state = run_flow(prefect_server, monkeypatch, workspace)
     assert state.is_failed() and "YAML nodes" in state.message
     assert (workspace / "params.yaml").read_bytes() == before
+
+
+def test_the_same_commit_gives_the_same_snapshot_commit_anywhere(tmp_path: Path) -> None:
+    """The model card names the private workspace's snapshot commit: two copies of the same project
+    commit, in other folders (another machine, a container), must give the same one."""
+    from cifarflow.workspace import prepare
+
+    first = new_workspace(tmp_path / "one" / "project")
+    second = tmp_path / "elsewhere" / "clone"
+    run_in(tmp_path, "git", "clone", "-q", str(first), str(second))
+    snapshots = [run_in(prepare(p, "smoke"), "git", "rev-parse", "HEAD").stdout for p in (first, second)]
+    assert snapshots[0] == snapshots[1]

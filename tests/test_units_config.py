@@ -26,8 +26,6 @@ from cifarflow.errors import ConfigError
 from cifarflow.settings import (
     MAX_LINE,
     DataParams,
-    ExportParams,
-    OptimizerParams,
     Params,
     ScheduleParams,
     check_split_sizes,
@@ -114,6 +112,16 @@ SPEC: list[tuple[str, str, str, float]] = [
     ("Recipe", "label_smoothing", "lt", 1),
     ("Recipe", "validate_every", "ge", 1),
     ("Recipe", "validate_every", "le", 10_000),
+    ("Recipe", "gpus", "ge", 0),
+    ("Recipe", "gpus", "le", 64),
+    ("ClusterParams", "pickup_timeout_s", "gt", 0),
+    ("ClusterParams", "pickup_timeout_s", "le", 7 * 86_400),
+    ("ClusterParams", "lost_after_s", "ge", 10),
+    ("ClusterParams", "lost_after_s", "le", 86_400),
+    ("ClusterParams", "attempts", "ge", 1),
+    ("ClusterParams", "attempts", "le", 100),
+    ("ClusterParams", "poll_s", "ge", 0.1),
+    ("ClusterParams", "poll_s", "le", 60),
     ("RuntimeParams", "logical_cpus", "ge", 0),
     ("RuntimeParams", "logical_cpus", "le", 64),
     ("RuntimeParams", "oom_min_micro_batch", "ge", 1),
@@ -143,22 +151,12 @@ SPEC: list[tuple[str, str, str, float]] = [
     ("SynthSpec", "mislabel", "ge", 0),
     ("SynthSpec", "mislabel", "le", 90),
 ]
+# Every params model the settings module defines (and the synth spec): derived, so a new model's
+# bounds are found without a list to keep up.
 MODELS: dict[str, type[BaseModel]] = {
-    m.__name__: m
-    for m in (
-        DataParams,
-        OptimizerParams,
-        ScheduleParams,
-        c.MixupParams,
-        c.EmaParams,
-        c.Recipe,
-        c.RuntimeParams,
-        c.EvaluateParams,
-        c.RobustnessParams,
-        ExportParams,
-        Params,
-        SynthSpec,
-    )
+    name: obj
+    for name, obj in {**vars(c), "SynthSpec": SynthSpec}.items()
+    if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ in (c.__name__, SynthSpec.__module__)
 }
 REQUIRED: dict[str, dict[str, Any]] = {
     "OptimizerParams": {"name": "adam", "learning_rate": 0.01},

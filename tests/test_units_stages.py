@@ -75,7 +75,8 @@ def test_what_the_cli_writes_decides_the_failure_and_the_retry(
 
 def test_an_up_to_date_stage_is_skipped_without_starting_dvc(fake_dvc, tmp_path: Path) -> None:
     script = fake_dvc(code=1)
-    assert stages.run_dvc_stage("train@x", tmp_path, up_to_date=True) == {"stage": "train@x", "seconds": 0.0, "skipped": True}
+    skipped = {"stage": "train@x", "seconds": 0.0, "skipped": True, "restored": False}
+    assert stages.run_dvc_stage("train@x", tmp_path, up_to_date=True) == skipped
     script.unlink()
 
 

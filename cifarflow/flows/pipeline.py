@@ -30,7 +30,9 @@ from cifarflow import flow_options, leaderboard, policy
 from cifarflow.contract import LEADERBOARD_JSON, LEADERBOARD_MD, read_card, read_json
 from cifarflow.errors import ConfigError
 from cifarflow.flow_options import WEBHOOK_ENV, parameters
+from cifarflow.flows import fanout
 from cifarflow.redact import REDACTED, URL_IN_TEXT, origin, redact_text
+from cifarflow.settings import load_params
 from cifarflow.tasks.stages import params_check, pipeline_order, promote_export, stage_kind_task, stale_stages
 
 # The webhook URL carries its token, so it is never a flow parameter (parameters are stored in
@@ -69,7 +71,7 @@ def workspace_for(project: Path, profile: str | None) -> Path:
     `workspace.prepare` makes): a run of another profile never edits the project's params.yaml or
     replaces its data folder."""
     from cifarflow.bounded_yaml import read_yaml
-    from cifarflow.settings import FULL, load_params
+    from cifarflow.settings import FULL
     from cifarflow.workspace import RUNS
 
     load_params(project / "params.yaml")  # a malformed file (profiles: 5, a list...) is a ConfigError naming it
@@ -305,14 +307,28 @@ def cifar10_pipeline(
         check_webhook_secret(webhook_secret)
     project = Path(workspace).resolve()
     ws = workspace_for(project, profile)
+    fanned_out = None
     with flow_lock(ws, f"prefect flow run {flow_run.id} ({flow_run.name})"):
         if ws != project:  # the private workspace, refreshed from the project under its lock
             prepare(project, str(profile))
         with archs_for_this_run(ws, archs):
             selected = list(read_yaml(ws / "params.yaml").get("archs") or [])
             params_check(str(ws))
+            params = load_params(ws / "params.yaml")
+            if params.cluster is not None and (archs is not None or ws != project):
+                raise ConfigError(
+                    "cluster: the children train the committed params.yaml as it is: run without --archs and "
+                    "--profile (commit the archs and profile you want)"
+                )
             run = StageRunner(ws)
             for stage in pipeline_order(ws):
+                if params.cluster is not None and stage.startswith(f"{fanout.TRAIN}@"):
+                    if fanned_out is None:  # every stale training at once, on the pool; then restored here
+                        stale = [arch for arch in selected if f"{fanout.TRAIN}@{arch}" in run.stale]
+                        fanned_out = fanout.fan_out(ws, params, stale) if stale else {}
+                        fanout.gather(ws, stale)
+                        run.stale = stale_stages(ws)
+                    continue
                 run(stage, timeout_s=stage_timeout_s)
             card = publish(ws)
             verdict = card["verdict"]
@@ -334,6 +350,7 @@ def cifar10_pipeline(
         "promotion": promotion,
         "archs": selected,
         "stages": run.results,
+        "cluster": fanned_out,  # per architecture: its child's runs and their workers (no cluster: null)
         "test_accuracy": card["test"]["accuracy"],
         "val_accuracy": card["val"]["accuracy"],
     }

@@ -149,25 +149,32 @@ def stale_stages(workspace: str | Path) -> set[str]:
         return {name.rpartition(":")[2] for name in repo.status()}  # "dvc.yaml:train@x" -> "train@x"
 
 
+RESTORED = "is cached - skipping run"  # what `dvc repro` says of a stage it restores from the run-cache
+
+
 def run_dvc_stage(
     stage: str,
     workspace: str | Path,
     timeout_s: float | None = None,
     extra_env: dict[str, str] | None = None,
     up_to_date: bool = False,
+    pull: bool = False,
 ) -> dict[str, Any]:
     """`dvc repro --single-item <stage>` in `workspace`, output streamed to the task's log.
-    `up_to_date` (from `stale_stages`) skips it without starting DVC: it would only skip it too."""
+    `up_to_date` (from `stale_stages`) skips it without starting DVC: it would only skip it too.
+    `pull`: `--pull`, so missing dependencies come from the DVC remote, and the stage itself from
+    the remote's run-cache when a run of the same command, dependencies and params is recorded there
+    (the result's `restored`)."""
     log = _logger()
     if up_to_date:
         log.info("%s: up to date (dvc status), not started", stage)
-        return {"stage": stage, "seconds": 0.0, "skipped": True}
+        return {"stage": stage, "seconds": 0.0, "skipped": True, "restored": False}
     workspace = Path(workspace)
     with status_file() as status_path:
         env = {**os.environ, **(extra_env or {}), STATUS_ENV: str(status_path)}
         started = time.monotonic()
         process = subprocess.Popen(
-            [beside_python("dvc"), "repro", "--single-item", stage],
+            [beside_python("dvc"), "repro", "--single-item", *(["--pull"] if pull else []), stage],
             cwd=workspace,
             env=env,
             stdout=subprocess.PIPE,
@@ -189,10 +196,29 @@ def run_dvc_stage(
         seconds = round(time.monotonic() - started, 3)
         if code == 0:
             skipped = any("didn't change, skipping" in line for line in lines)
-            return {"stage": stage, "seconds": seconds, "skipped": skipped}
+            return {"stage": stage, "seconds": seconds, "skipped": skipped, "restored": any(RESTORED in line for line in lines)}
         status = read_status(status_path)
     message = status.get("message") or "".join(lines[-MESSAGE_LINES:]).strip()
     raise stage_failure(code, status, f"{stage} failed ({failure_class(code, status)}): {message}")
+
+
+DVC_TRANSFER_TIMEOUT_S = 6 * 3600  # a push or pull of the whole data set to a slow remote: hours, not forever
+
+
+def run_dvc(workspace: str | Path, *args: str, timeout_s: float = DVC_TRANSFER_TIMEOUT_S) -> str:
+    """A DVC command other than a stage run (`push`, `pull`) in `workspace`; its output, or a
+    RuntimeFailure with its last lines (a remote that cannot be reached is worth a retry)."""
+    try:
+        done = subprocess.run([beside_python("dvc"), *args], cwd=workspace, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"`dvc {' '.join(args)}` in {workspace} did not end within {timeout_s:g} s; stopped") from None
+    output = done.stdout + done.stderr
+    for line in output.splitlines():
+        _logger().debug("dvc %s: %s", args[0], line)
+    if done.returncode != 0:
+        tail = "".join(output.splitlines(keepends=True)[-MESSAGE_LINES:]).strip()
+        raise RuntimeFailure(f"`dvc {' '.join(args)}` in {workspace} failed (exit {done.returncode}): {tail}")
+    return output
 
 
 def check_params(workspace: str | Path) -> None:

@@ -54,6 +54,7 @@ def fingerprint(params: Params, arch: str, shards_manifest: Path) -> str:
 MAX_STATE_BYTES = 64 << 20  # a state holds the history of every epoch: kilobytes, megabytes at most
 PREVIOUS = "state.prev.json"  # the commit before the last: where a damaged last one falls back to
 DAMAGED = "damaged"  # subfolder where unreadable state and checkpoints are set aside, kept for a person to look at
+WRITER_WAIT_LOG_S = 60.0  # while another process writes the folder, a waiting trainer says so this often
 
 
 class ResumeStore:
@@ -66,6 +67,29 @@ class ResumeStore:
     def __init__(self, root: Path, fingerprint: str) -> None:
         self.root, self.fingerprint = Path(root), fingerprint
         self.notes: list[str] = []
+        self._lock: Any = None
+
+    def hold(self) -> None:
+        """Be the folder's only writer until this process ends: a file lock beside it (`<folder>.lock`),
+        waited for with a log line a minute. Two trainings of the same inputs (a retry on another node
+        while the first one's process still runs, orphaned; two parent runs at once) would otherwise
+        write the same checkpoints; the kernel releases the lock when its holder dies."""
+        from filelock import FileLock, Timeout
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(self.root.with_name(f"{self.root.name}.lock"))
+        waited = 0.0
+        while True:
+            try:
+                self._lock.acquire(timeout=WRITER_WAIT_LOG_S)
+                return
+            except Timeout:
+                waited += WRITER_WAIT_LOG_S
+                log.info("%s: another process writes these checkpoints; waiting (%.0f s so far)", self.root, waited)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _set_aside(self, name: str, why: str) -> None:
         source = self.root / name

@@ -420,6 +420,14 @@ def out_of_memory(exc: tf.errors.ResourceExhaustedError, ts: TrainState, epoch: 
     )
 
 
+def checkpoint_folder(params: Params, arch: str, given: Path, mine: str) -> Path:
+    """Where this run's checkpoints live: `given` (the stage's --checkpoints), or with
+    runtime.checkpoint_store, `<store>/<arch>-<fingerprint>`, which any node of the same inputs finds
+    (the fingerprint is what decides the weights, so another run's checkpoints never mix in)."""
+    store = params.runtime.checkpoint_store
+    return given if store is None else Path(store) / f"{arch}-{mine}"
+
+
 def prepare(params: Params, arch: str, shards_dir: Path, runinfo: Path, checkpoints: Path, verdict: Path) -> TrainState:
     """The run's state before its first epoch: strategy and determinism, the resume state every
     process agrees on, the inputs, the schedule and the model it continues from."""
@@ -434,8 +442,11 @@ def prepare(params: Params, arch: str, shards_dir: Path, runinfo: Path, checkpoi
             f"{strategy.num_replicas_in_sync} devices: set runtime.distribution: none, or multi_worker"
         )
     mine = fingerprint(params, arch, data.root / MANIFEST)
-    steps = make_steps(params, arch, strategy, per_replica, Path(checkpoints), mine)
+    checkpoints = checkpoint_folder(params, arch, Path(checkpoints), mine)
+    steps = make_steps(params, arch, strategy, per_replica, checkpoints, mine)
     store = ResumeStore(checkpoints, mine) if steps.writes else None  # other workers never touch the folder
+    if store is not None:
+        store.hold()
     run = steps.agree(store)
     micro = micro_batch(run, recipe, arch, steps, strategy)
 
@@ -477,6 +488,16 @@ def train(
     validate stage passed (its `verdict`) are read, and only if they are still the ones it checked.
     Under multi_worker every node runs this, each on its share of every global batch; only the chief writes."""
     ts = prepare(params, arch, shards_dir, runinfo, checkpoints, verdict)
+    try:
+        return train_prepared(ts, Path(out))
+    finally:
+        if ts.store is not None:
+            ts.store.release()  # the checkpoint folder's writer lock (ResumeStore.hold)
+
+
+def train_prepared(ts: TrainState, out: Path) -> dict[str, Any]:
+    """The prepared run: its epochs, then its outputs (the writer) or the wait for them (another worker)."""
+    params, arch = ts.params, ts.arch
     if ts.resumed_after is not None:
         log.info("train@%s: resuming after epoch %d of %d (micro-batch %d)", arch, ts.resumed_after, ts.recipe.epochs, ts.micro)
     devices = runtime.describe(ts.strategy, params.runtime) | {
@@ -495,7 +516,7 @@ def train(
     if ts.run.best_epoch is None:
         raise CifarflowError(f"train@{arch}: {ts.recipe.monitor} was NaN in every epoch; no model to keep")
     if ts.steps.writes:
-        return finish(ts, Path(out), devices)
+        return finish(ts, out, devices)
     ts.steps.done()  # a worker exits 0 only once the chief has written
     return {"arch": arch, "best_epoch": ts.run.best_epoch, "resumed_after_epoch": ts.resumed_after}
 
