@@ -69,12 +69,14 @@ def test_fan_out_over_two_hosts_survives_a_lost_node(smoke_workspace: Path, tmp_
     with fanout_rig(tmp_path, ARCHS, cluster) as rig:
         print(f"hosts: {rig.hosts.mode} ({', '.join(f'{h.name} {h.address}' for h in rig.hosts.hosts)})")
         running = rig.flow_run(rig.parent, tmp_path / "parent.log")
+
         # A power cut on the host that trains KILLED, once its first epoch is committed to the store.
-        state = wait_for(
-            f"{KILLED}'s first epoch in the checkpoint store",
-            lambda: next(rig.shared.glob(f"checkpoints/{KILLED}-*/state.json"), None),
-            RUN_TIMEOUT_S,
-        )
+        def first_epoch() -> Path | None:
+            if running.poll() is not None:  # the parent ended before the kill: say why at once
+                raise AssertionError(f"the parent ended first:\n{(tmp_path / 'parent.log').read_text()[-5000:]}")
+            return next(rig.shared.glob(f"checkpoints/{KILLED}-*/state.json"), None)
+
+        state = wait_for(f"{KILLED}'s first epoch in the checkpoint store", first_epoch, RUN_TIMEOUT_S)
         assert json.loads(state.read_text())["state"]["epoch"] == 1
         [first] = rig.child_runs(KILLED)
         victim = rig.host_of(first["labels"]["prefect.worker.name"])
