@@ -3,8 +3,9 @@ folder as DVC remote and checkpoint store, two hosts in network namespaces or on
 process worker each). The parent trains two architectures as children, one on each host; one host
 is killed (every process of it, at once) after the first epoch of its training, whose retry on the
 other host resumes from the shared checkpoint store and ends bit-identical; the parent gathers
-without training and exports what one machine exports. Then two parents of one commit at once
-train nothing twice; then, with no worker left, a child nobody takes fails the run."""
+without training and exports what one machine exports, and a fresh clone pulls all of it. Then two
+parents of one commit at once train nothing twice; then, with no worker left, a child nobody takes
+fails the run. These are the README's by-hand run-cache commands ("Several nodes"), run by workers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, run_in, set_params
+from conftest import REPO, run_in, set_params, tree_files
 from fanout_rig import POOL, Rig, fanout_rig, wait_for
 
 from cifarflow import verify
@@ -96,6 +97,18 @@ def test_fan_out_over_two_hosts_survives_a_lost_node(smoke_workspace: Path, tmp_
         messages = [e["message"] for e in rig.logs(retry["id"])]
         assert any(f"train@{KILLED}: resuming after epoch 1 of 2" in m for m in messages), messages
         assert outcomes(rig, other) == [TRAINED] and outcomes(rig, KILLED) == [TRAINED]  # the killed run said nothing
+
+        assert not (rig.parent / "data/runinfo/train").exists()  # no training process ever started there
+
+        # Anyone afterwards, with the parent's dvc.lock pushed: `dvc pull` gets every output, nothing stale.
+        run_in(rig.parent, "dvc", "push")
+        fresh = rig.clone("fresh")
+        shutil.copy2(rig.parent / "dvc.lock", fresh / "dvc.lock")
+        run_in(fresh, "dvc", "pull")
+        status = json.loads(run_in(fresh, "dvc", "status", "--json").stdout or "{}")
+        assert {stage: e for stage, e in status.items() if e != ["always changed"]} == {}, status
+        outputs = {k: v for k, v in tree_files(rig.parent / "data").items() if not k.startswith(("runinfo/", "downloads/"))}
+        assert {k: v for k, v in tree_files(fresh / "data").items() if k in outputs} == outputs
 
         # The same bytes as one machine: every training's weights, and the export and reports.
         for arch in ARCHS:
